@@ -1,0 +1,78 @@
+"""A Hugging Face checkpoint directory read lazily: config.json and safetensors (one or more files).
+
+Only safetensors are ever opened: pickle weights (*.bin, *.pt) are refused with a clear message.
+Every shard's header is checked when the checkpoint is opened, so a missing, truncated or corrupt
+file fails at load time with its name, not halfway through a generation. This module knows
+nothing about model families; the key tables live in models/.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import read_config_json
+from .errors import MoelocalError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class Checkpoint:
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise MoelocalError(f"model directory not found: {self.dir}")
+        self.config = read_config_json(self.dir)
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self._shards = {name: self._open(name) for name in sorted(set(self.weight_map.values()))}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MoelocalError(f"{index}: invalid index ({e})") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (self.dir / shard).is_file():
+                    raise MoelocalError(
+                        f"{self.dir}: shard {shard} named in {INDEX_NAME} is missing"
+                    )
+            return weight_map
+        files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if "model.safetensors" in files:
+            files = ["model.safetensors"]
+        if not files:
+            pickles = [p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise MoelocalError(
+                    f"{self.dir}: weights only in pickle files ({', '.join(sorted(pickles)[:3])}); "
+                    "moelocal loads safetensors only (re-save with transformers' save_pretrained)"
+                )
+            raise MoelocalError(f"{self.dir}: no *.safetensors weights")
+        return {key: name for name in files for key in self._open(name).keys()}
+
+    def _open(self, name: str):
+        try:
+            return safe_open(self.dir / name, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise MoelocalError(
+                f"{self.dir / name}: truncated or corrupt safetensors file ({e})"
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise MoelocalError(f"{self.dir}: checkpoint lacks tensor {name}")
+        try:
+            return self._shards[shard].get_tensor(name)
+        except SafetensorError as e:
+            raise MoelocalError(f"{self.dir / shard}: cannot read {name} ({e})") from None
+
+    def file_bytes(self) -> int:
+        return sum((self.dir / name).stat().st_size for name in self._shards)

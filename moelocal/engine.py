@@ -1,0 +1,207 @@
+"""The public API: load() a model into an Engine; Engine.generate() and Engine.logits().
+
+The engine turns the token generator (generate.py) into text: tokenization, streaming,
+stop strings, end-of-sequence ids and stats. Every command of the CLI goes through it.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import DTYPES, ModelConfig
+from .errors import MoelocalError
+from .generate import Stats, generate
+from .hub import resolve_model
+from .loader import load_model
+from .models.common import KVCache
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # the generated ids only, the end-of-sequence id included when it came
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stats.finish_reason
+
+    @property
+    def timings(self) -> dict:
+        return self.stats.as_dict()
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.timings,
+        }
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoelocalError("--device cuda: no CUDA GPU is available (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise MoelocalError(f"unsupported device '{device}' (supported: auto, cpu, cuda)")
+    return device
+
+
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MoelocalError(f"unsupported dtype '{dtype}' (supported: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    **offload_options,
+) -> "Engine":
+    """Load a model: a local Hugging Face directory, a hub id in the local cache, or None for the
+    embedded default model. dtype None keeps the checkpoint's dtype."""
+    if offload_options:
+        raise TypeError(f"unknown options: {', '.join(offload_options)}")
+    model_dir = resolve_model(model)
+    device = pick_device(device)
+    ckpt = Checkpoint(model_dir)
+    loaded = load_model(ckpt, device, pick_dtype(dtype))
+    tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    return Engine(model_dir, loaded, tokenizer, device)
+
+
+def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
+    """generation_config.json's eos ids (what transformers' generate stops on), else config.json's,
+    else the tokenizer's eos token."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise MoelocalError(f"{path}: invalid JSON ({e})") from None
+        if eos is not None:
+            return {eos} if isinstance(eos, int) else set(eos)
+    if cfg.eos_token_id:
+        return set(cfg.eos_token_id)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return {tokenizer.eos_token_id}
+    return set()
+
+
+class Engine:
+    def __init__(self, model_dir: Path, loaded, tokenizer: Tokenizer | None, device: torch.device):
+        self.model_dir = model_dir
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config: ModelConfig = loaded.cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise MoelocalError(
+                f"{self.model_dir}: no tokenizer.json; pass token ids instead of text"
+            )
+        return self.tokenizer
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self._require_tokenizer().encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise MoelocalError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise MoelocalError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template, ready to generate."""
+        return self._require_tokenizer().encode_chat(messages)
+
+    def check_context(self, n_prompt: int, max_new_tokens: int):
+        if max_new_tokens < 0:
+            raise MoelocalError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if n_prompt + max_new_tokens > self.context_length:
+            raise MoelocalError(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's "
+                f"context of {self.context_length} tokens"
+            )
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Generate a completion. A str prompt is tokenized as is (no chat template); a list is
+        token ids. `stream` receives text pieces as they are final; `stop` strings end the
+        generation and are cut from the text."""
+        ids = self.encode(prompt)
+        self.check_context(len(ids), max_new_tokens)
+        if stop and self.tokenizer is None:
+            self._require_tokenizer()
+        stats = Stats()
+        tokens: list[int] = []
+        text, emitted = "", 0
+        hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may be forming
+        for token in generate(
+            self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop_ids=self.stop_ids, stats=stats,
+        ):  # fmt: skip
+            tokens.append(token)
+            if self.tokenizer is None:
+                continue
+            text = self.tokenizer.decode(tokens)
+            cut = min((i for i in (text.find(s) for s in stop or []) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                stats.finish_reason = "stop"
+                break
+            final = len(text) - hold
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                final = min(final, len(text.rstrip("\ufffd")))
+            if stream and final > emitted:
+                stream(text[emitted:final])
+                emitted = final
+        if stream and len(text) > emitted:
+            stream(text[emitted:])
+        return Generation(text=text, prompt_token_ids=ids, token_ids=tokens, stats=stats)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits at every position: float32 tensor of shape [len(token_ids), vocab]."""
+        ids = self.encode(list(token_ids))
+        self.check_context(len(ids), 0)
+        cache = KVCache(self.config.num_hidden_layers, len(ids))
+        tokens = torch.tensor([ids], device=self.device)
+        return self.model(tokens, cache)[0].float().cpu()

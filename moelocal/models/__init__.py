@@ -1,0 +1,16 @@
+"""Model families by config.json `model_type`."""
+
+from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from .family import Family
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        mixtral.FAMILY,
+        qwen2_moe.FAMILY,
+        qwen3_moe.FAMILY,
+        olmoe.FAMILY,
+        deepseek.V2,
+        deepseek.V3,
+    )
+}

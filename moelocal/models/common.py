@@ -1,0 +1,345 @@
+"""The layers every family shares: norms, RoPE, attention with a KV cache, MLPs, routing, MoE.
+
+A family file (mixtral.py, deepseek.py, ...) holds only what differs: its config names, its key
+table and, for DeepSeek, latent attention. Module and parameter names follow the Hugging Face
+checkpoints (`self_attn.q_proj`, `mlp.gate`), so resident weights load by name. Routed experts are
+not parameters of the model: each MoE block asks its `experts` object (experts.py) for the math.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import MoelocalError
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise MoelocalError(
+            f"unsupported hidden_act '{name}' (supported: {', '.join(ACTIVATIONS)})"
+        )
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---- rotary position embeddings -------------------------------------------------------------
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(dim: int, rope: dict) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for rope_type default, linear, dynamic or yarn."""
+    base, kind = float(rope["rope_theta"]), rope["rope_type"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if kind in ("default", "dynamic"):
+        # dynamic NTK only changes past max_position_embeddings, which moelocal never exceeds
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / rope["factor"], 1.0
+    if kind == "yarn":
+        factor, original = rope["factor"], rope["original_max_position_embeddings"]
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:
+            if mscale and mscale_all_dim:
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = yarn_mscale(factor)
+        beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        return inv_freq, float(attention_factor)
+    raise MoelocalError(
+        f"unsupported rope_type '{kind}' (supported: default, linear, dynamic, yarn)"
+    )
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, rope: dict):
+        super().__init__()
+        inv_freq, self.scale = rope_frequencies(dim, rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin, interleaved: bool = False):
+    """x: (B, H, T, d); cos, sin: (B, T, d). Interleaved pairs (x0, x1), (x2, x3) are DeepSeek's
+    layout: de-interleaving q and k alike leaves every q·k product unchanged."""
+    if interleaved:
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per layer, two preallocated tensors (B, heads, max_len, d) filled left to right.
+
+    Standard attention stores keys and values; DeepSeek's latent attention stores the compressed
+    latent and the shared rotary key. `length` advances once per forward pass, after every layer.
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
+        end = self.length + a.shape[2]
+        assert end <= self.max_len, (end, self.max_len)
+        if self.tensors[layer] is None:
+            self.tensors[layer] = tuple(
+                t.new_zeros(*t.shape[:2], self.max_len, t.shape[3]) for t in (a, b)
+            )
+        ca, cb = self.tensors[layer]
+        ca[:, :, self.length : end] = a
+        cb[:, :, self.length : end] = b
+        return ca[:, :, :end], cb[:, :, :end]
+
+
+def attention_mask(start: int, T: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, start+T): causal, and within the sliding window when there is one."""
+    S = start + T
+    if T == 1 and (window is None or S <= window):
+        return None
+    q = torch.arange(start, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (Mixtral, Qwen2/3-MoE, OLMoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * hd, D, bias=cfg.o_bias)
+        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.H * hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.KV * hd, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, cache: KVCache, mask):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = (t.view(B, T, -1, self.hd) for t in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.H != self.KV)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---- feed-forward ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, D: int, I: int, act: str, bias: bool = False):  # noqa: E741
+        super().__init__()
+        self.gate_proj = nn.Linear(D, I, bias=bias)
+        self.up_proj = nn.Linear(D, I, bias=bias)
+        self.down_proj = nn.Linear(I, D, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """The gate: one logit per routed expert; DeepSeek-V3 adds a score correction bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if cfg.router_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
+        self.fp32 = cfg.router_fp32
+
+    def forward(self, x):
+        if self.fp32:
+            return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight)
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None):
+    """Router logits (N, E) -> expert ids (N, K) and their weights (N, K) in float32.
+
+    A pure function: the MoE block calls it before any expert math, and the prefetcher calls it on
+    the next layer's router to guess which experts to load.
+    """
+    K, E = cfg.num_experts_per_tok, cfg.num_experts
+    if cfg.scoring == "sigmoid":  # DeepSeek-V3: bias picks the experts, the plain scores weigh them
+        scores = logits.float().sigmoid()
+        choice = scores + bias if bias is not None else scores
+        group_scores = choice.view(-1, cfg.n_group, E // cfg.n_group).topk(2, dim=-1)[0].sum(-1)
+        choice = choice.masked_fill(~group_mask(group_scores, cfg), float("-inf"))
+        ids = choice.topk(K, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * cfg.routed_scaling_factor
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: best experts of the best groups
+        group_scores = probs.view(-1, cfg.n_group, E // cfg.n_group).max(dim=-1).values
+        probs = probs.masked_fill(~group_mask(group_scores, cfg), 0.0)
+    weights, ids = probs.topk(K, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights * cfg.routed_scaling_factor
+
+
+def group_mask(group_scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(N, n_group) scores -> (N, E) bool: True for experts of the top `topk_group` groups."""
+    top = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+    return mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=-1)
+
+
+class MoE(nn.Module):
+    """Route, run the selected experts, weigh and sum them (+ the shared experts)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.gate = Router(cfg)
+        self.experts = None  # set by the loader: routed experts live outside the module tree
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(
+                cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
+            )
+        if cfg.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(-1, D)
+        ids, weights = route(
+            self.gate(x), self.cfg, getattr(self.gate, "e_score_correction_bias", None)
+        )
+        y = self.experts(self.layer, x, ids, weights)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        return y.view(B, T, D)
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention):
+        super().__init__()
+        self.window = cfg.sliding_windows[layer]
+        self.self_attn = attention_cls(cfg, layer)
+        if cfg.moe_layers[layer]:
+            self.mlp = MoE(cfg, layer)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, cache, masks):
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, masks[self.window])
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """`model.*` in the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, attention_cls):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, attention_cls) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention_cls=Attention, rope_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg, attention_cls)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(rope_dim or cfg.head_dim, cfg.rope)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
+        """tokens (B, T) at positions cache.length.. -> logits (B, T, V) in float32."""
+        B, T = tokens.shape
+        start = cache.length
+        x = self.model.embed_tokens(tokens)
+        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        rope = self.rotary(positions, x.dtype)
+        masks = {w: attention_mask(start, T, w, x.device) for w in set(self.cfg.sliding_windows)}
+        for layer in self.model.layers:
+            x = layer(x, rope, cache, masks)
+        cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()

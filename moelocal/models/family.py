@@ -1,0 +1,34 @@
+"""What a family file declares: how to read its config.json, its key table, its attention."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig, num_experts
+from .common import Attention, Transformer
+
+
+@dataclass
+class Family:
+    name: str
+    parse_config: Callable[[dict], ModelConfig]
+    # checkpoint key fragment -> module path fragment, for names that differ from ours
+    renames: dict[str, str] = field(default_factory=dict)
+    # per-expert matrix names on disk -> gate / up / down
+    expert_names: dict[str, str] = field(
+        default_factory=lambda: {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    )
+    attention_cls: type = Attention
+    rope_dim: Callable[[ModelConfig], int] = lambda cfg: cfg.head_dim
+    # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
+    ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
+
+    def build(self, cfg: ModelConfig) -> Transformer:
+        return Transformer(cfg, self.attention_cls, self.rope_dim(cfg))
+
+
+def sparse_layers(raw: dict, n_layers: int, default_experts: int) -> list[bool]:
+    """Qwen's rule: MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
+    dense = set(raw.get("mlp_only_layers") or [])
+    step = int(raw.get("decoder_sparse_step", 1) or 1)
+    n_experts = num_experts(raw, default_experts)
+    return [i not in dense and n_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)]

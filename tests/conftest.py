@@ -1,0 +1,34 @@
+import os
+import warnings
+
+import pytest
+from tiny import save_tiny
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def moelocal_home(tmp_path_factory):
+    """Keep the embedded default model and any data of the tests out of the user's directories."""
+    home = tmp_path_factory.mktemp("moelocal_home")
+    os.environ["MOELOCAL_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch, **overrides) -> (checkpoint dir, reference transformers model), made once each."""
+    made = {}
+
+    def make(arch: str, seed: int = 0, **overrides):
+        key = (arch, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(arch)
+            save_tiny(path, arch, seed, **overrides)
+            from tiny import reference
+
+            made[key] = (path, reference(path))
+        return made[key]
+
+    return make

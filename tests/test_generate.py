@@ -1,0 +1,101 @@
+"""Generation through the API and the CLI: default model, streaming, stop strings, EOS, hub ids."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import moelocal
+from moelocal.cli import app
+from moelocal.synthetic import make_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return moelocal.load()
+
+
+def test_generate_default_model_json():
+    result = runner.invoke(app, ["generate", "--prompt", "Hello", "-n", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert isinstance(out["text"], str) and out["text"]
+    assert out["prompt_token_ids"][0] == 1 and len(out["token_ids"]) == 8
+    assert out["stats"]["generated_tokens"] == 8
+    assert out["stats"]["decode_tokens_per_s"] > 0 and out["stats"]["prefill_tokens_per_s"] > 0
+
+
+def test_generate_streams_text():
+    result = runner.invoke(app, ["generate", "--prompt", "Hello", "-n", "6"])
+    assert result.exit_code == 0, result.output
+    engine = moelocal.load()
+    expected = engine.generate(engine.chat_prompt([{"role": "user", "content": "Hello"}]),
+                               max_new_tokens=6).text  # fmt: skip
+    assert result.stdout == expected + "\n"
+    assert "tok/s" in result.stderr
+
+
+def test_chat_template_applied_unless_disabled():
+    with_template = runner.invoke(app, ["generate", "-p", "Hi", "-n", "1", "--json"])
+    raw = runner.invoke(app, ["generate", "-p", "Hi", "-n", "1", "--json", "--no-chat-template"])
+    ids_template = json.loads(with_template.stdout)["prompt_token_ids"]
+    ids_raw = json.loads(raw.stdout)["prompt_token_ids"]
+    engine = moelocal.load()
+    assert ids_raw == engine.tokenizer.encode("Hi")
+    assert ids_template == engine.tokenizer.encode("<s>[INST] Hi [/INST]", add_special_tokens=False)
+
+
+def test_default_model_is_deterministic(tmp_path):
+    a = make_checkpoint(tmp_path / "a")
+    b = make_checkpoint(tmp_path / "b")
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_stream_pieces_make_the_text(default_engine):
+    pieces = []
+    out = default_engine.generate("The", max_new_tokens=12, stream=pieces.append)
+    assert "".join(pieces) == out.text
+    assert out.text == default_engine.tokenizer.decode(out.token_ids)
+
+
+def test_stop_string_cuts_the_text(default_engine):
+    full = default_engine.generate("The", max_new_tokens=16)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop and stop in full.text
+    pieces = []
+    out = default_engine.generate("The", max_new_tokens=16, stop=[stop], stream=pieces.append)
+    assert out.text == full.text[: full.text.find(stop)]
+    assert "".join(pieces) == out.text
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+
+
+def test_stops_on_eos(tmp_path, tiny):
+    import moelocal
+
+    src, _ = tiny("mixtral")
+    path = tmp_path / "m"
+    shutil.copytree(src, path)
+    ids = [5, 6, 7, 8]
+    greedy = moelocal.load(path, device="cpu").generate(ids, max_new_tokens=6).token_ids
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [greedy[2], 999]}))
+    out = moelocal.load(path, device="cpu").generate(ids, max_new_tokens=6)
+    assert out.token_ids == greedy[:3]  # the EOS token is included, as transformers returns it
+    assert out.finish_reason == "stop"
+
+
+def test_hub_id_from_local_cache(tmp_path, monkeypatch, tiny):
+    src, _ = tiny("olmoe")
+    repo = tmp_path / "hub" / "models--acme--tiny-olmoe"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = runner.invoke(app, ["generate", "acme/tiny-olmoe", "-p", "hi", "-n", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["token_ids"]) == 3

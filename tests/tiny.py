@@ -1,0 +1,104 @@
+"""Tiny random checkpoints in real Hugging Face layout, written by transformers (the reference)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+from moelocal.synthetic import CHAT_TEMPLATE, make_tokenizer
+
+VOCAB = 160
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)  # fmt: skip
+
+ARCHS = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=48, num_key_value_heads=2, num_local_experts=6,
+             num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+             num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+             norm_topk_prob=False),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=32, head_dim=24, num_key_value_heads=2,
+             num_experts=6, num_experts_per_tok=3, norm_topk_prob=True),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=32, num_key_value_heads=4, num_experts=6, num_experts_per_tok=2,
+             clip_qkv=2.5),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=24, q_lora_rank=None, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+             topk_method="group_limited_greedy", n_group=4, topk_group=2,
+             routed_scaling_factor=1.5),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=24, q_lora_rank=24, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=4,
+             topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
+    ),
+}  # fmt: skip
+
+
+def randomize(model: torch.nn.Module, seed: int, scale: float = 3.0):
+    """Random weights scaled up so that logits are not flat and greedy choices are stable."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            if t.dim() == 1:
+                base = 1.0 if name.endswith("norm.weight") else 0.0
+                t.copy_(base + 0.1 * torch.randn(t.shape, generator=gen))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * scale * t.shape[-1] ** -0.5)
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    config_cls, model_cls, kwargs = ARCHS[arch]
+    kwargs = COMMON | kwargs | overrides
+    if arch.startswith("deepseek"):  # latent attention has no grouped KV heads
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    randomize(model, seed)
+    return model
+
+
+def save_tiny(path: Path, arch: str, seed: int = 0, max_shard_size=None, **overrides):
+    """Save a tiny random model of `arch`, a tokenizer and chat template; returns the HF model."""
+    model = hf_model(arch, seed, **overrides)
+    shutil.rmtree(path, ignore_errors=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    make_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+    )
+    return model
+
+
+def reference(path: Path):
+    # transformers' default attention (sdpa), as a user of transformers would run it
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
