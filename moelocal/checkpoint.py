@@ -67,12 +67,13 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
-        if shard is None:
+        if shard is None or shard not in self._shards:
             raise MoelocalError(f"{self.dir}: checkpoint lacks tensor {name}")
         try:
             return self._shards[shard].get_tensor(name)
         except SafetensorError as e:
             raise MoelocalError(f"{self.dir / shard}: cannot read {name} ({e})") from None
 
-    def file_bytes(self) -> int:
-        return sum((self.dir / name).stat().st_size for name in self._shards)
+    def close(self):
+        """Drop the memory maps: what is still needed is read by offset (store.py)."""
+        self._shards = {}

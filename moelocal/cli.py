@@ -42,6 +42,36 @@ TopPOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+GpuMemOpt = Annotated[
+    str | None,
+    typer.Option(help="GPU budget (e.g. 6GiB): resident weights, KV cache and expert slots."),
+]
+CpuMemOpt = Annotated[
+    str | None,
+    typer.Option(help="RAM budget (e.g. 12GiB): the host expert store; on a CPU-only machine, "
+                 "everything. Experts that do not fit are read from disk."),
+]  # fmt: skip
+CacheExpertsOpt = Annotated[
+    int | None, typer.Option(help="Expert slots per layer in the fastest tier (overrides budgets).")
+]
+CachePolicyOpt = Annotated[str, typer.Option(help="Expert cache eviction: lru or lfu.")]
+PrefetchOpt = Annotated[
+    bool, typer.Option(help="Load the experts the next layer's router predicts, ahead of time.")
+]
+MissPolicyOpt = Annotated[
+    str,
+    typer.Option(help="CUDA: on a miss, load the expert (load), run it on the CPU (cpu), or "
+                 "choose by a start-up cost model (auto)."),
+]  # fmt: skip
+ContextOpt = Annotated[
+    int | None, typer.Option(help="Tokens of KV cache to plan for (default: 4096 with a budget).")
+]
+
+
+def offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch, miss_policy, context):
+    return dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
+                cache_policy=cache_policy, prefetch=prefetch, miss_policy=miss_policy,
+                context=context)  # fmt: skip
 
 
 @app.callback()
@@ -78,16 +108,26 @@ def generate_cmd(
     no_chat_template: Annotated[
         bool, typer.Option("--no-chat-template", help="Tokenize the prompt as is.")
     ] = False,
+    gpu_mem: GpuMemOpt = None,
+    cpu_mem: CpuMemOpt = None,
+    cache_experts: CacheExpertsOpt = None,
+    cache_policy: CachePolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    miss_policy: MissPolicyOpt = "auto",
+    context: ContextOpt = None,
     as_json: JsonOpt = False,
 ):
     """Generate a completion for one prompt, streamed to stdout.
 
-    Example: moelocal generate --prompt "Write a haiku about experts" -n 64
+    Example: moelocal generate --prompt "Write a haiku about experts" -n 64 --cpu-mem 2GiB
     """
     from .engine import load
 
+    options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
+                              miss_policy, context)  # fmt: skip
+
     def go():
-        engine = load(model, device=device, dtype=dtype)
+        engine = load(model, device=device, dtype=dtype, **options)
         tok = engine.tokenizer
         if tok is not None and tok.chat_template and not no_chat_template:
             ids = engine.chat_prompt([{"role": "user", "content": prompt}])
@@ -107,6 +147,62 @@ def generate_cmd(
                 f"[dim]{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
                 f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s[/]"
             )
+
+    run(go)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: ModelArg = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    cpu_mem: CpuMemOpt = None,
+    cache_experts: CacheExpertsOpt = None,
+    context: ContextOpt = None,
+    hit_rate: Annotated[
+        float, typer.Option(help="Hit rate for the expected bytes moved per token.")
+    ] = 0.8,
+    as_json: JsonOpt = False,
+):
+    """Show where each part of the model would live within the budgets, without loading it.
+
+    Example: moelocal plan ./Mixtral-8x7B --gpu-mem 6GiB --cpu-mem 24GiB
+    """
+    from .engine import plan
+    from .plan import human
+
+    def go():
+        p = plan(model, device=device, dtype=dtype, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+                 cache_experts=cache_experts, context=context)  # fmt: skip
+        moved = p.bytes_moved_per_token(hit_rate)
+        if as_json:
+            print(json.dumps(p.as_dict() | {"hit_rate": hit_rate, "bytes_moved_per_token": moved}))
+            return
+        from rich.table import Table
+
+        device_name = "GPU" if p.device == "cuda" else "RAM"
+        table = Table(title=f"plan ({p.device}, {str(p.dtype).removeprefix('torch.')})")
+        for column in ("part", "bytes", "where"):
+            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for part, n in p.resident.items():
+            if n:
+                table.add_row(part.replace("_", " "), human(n), f"{device_name} (resident)")
+        table.add_row(
+            f"KV cache, {p.context} tokens", human(p.kv_bytes), f"{device_name} (resident)"
+        )
+        table.add_row(
+            f"expert cache: {p.device_slots} of {p.n_experts} slots × {p.moe_layers} layers",
+            human(p.cache_bytes), device_name,
+        )  # fmt: skip
+        if p.device == "cuda":
+            table.add_row(f"host store: {p.host_experts} experts",
+                          human(p.host_experts * p.expert_bytes), "RAM (pinned)")  # fmt: skip
+        table.add_row(f"disk: {p.disk_experts} experts", human(p.disk_experts * p.expert_bytes),
+                      "read on demand")  # fmt: skip
+        Console().print(table)
+        print(f"one expert: {human(p.expert_bytes)}; at a {hit_rate:.0%} hit rate a decoded token "
+              f"moves {human(moved)} of experts")  # fmt: skip
 
     run(go)
 

@@ -5,6 +5,7 @@ stop strings, end-of-sequence ids and stats. Every command of the CLI goes throu
 """
 
 import json
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
 from .generate import Stats, generate
 from .hub import resolve_model
-from .loader import load_model
+from .loader import load_model, plan_model
 from .models.common import KVCache
+from .plan import OffloadOptions
 from .tokenizer import Tokenizer
 
 
@@ -73,13 +75,17 @@ def load(
     **offload_options,
 ) -> "Engine":
     """Load a model: a local Hugging Face directory, a hub id in the local cache, or None for the
-    embedded default model. dtype None keeps the checkpoint's dtype."""
-    if offload_options:
-        raise TypeError(f"unknown options: {', '.join(offload_options)}")
+    embedded default model. dtype None keeps the checkpoint's dtype.
+
+    Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
+    layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, miss_policy
+    ("auto", "load" or "cpu"; CUDA), context (tokens of KV cache to plan for).
+    """
+    options = OffloadOptions(**offload_options)
     model_dir = resolve_model(model)
     device = pick_device(device)
     ckpt = Checkpoint(model_dir)
-    loaded = load_model(ckpt, device, pick_dtype(dtype))
+    loaded = load_model(ckpt, device, pick_dtype(dtype), options)
     tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     return Engine(model_dir, loaded, tokenizer, device)
 
@@ -102,6 +108,32 @@ def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | Non
     return set()
 
 
+def plan(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    **offload_options,
+):
+    """The placement plan load() would follow, without loading any weights."""
+    options = OffloadOptions(**offload_options)
+    ckpt = Checkpoint(resolve_model(model))
+    return plan_model(ckpt, pick_device(device), pick_dtype(dtype), options)[-1]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss survives
+    exec, so a child of a big process would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Engine:
     def __init__(self, model_dir: Path, loaded, tokenizer: Tokenizer | None, device: torch.device):
         self.model_dir = model_dir
@@ -110,11 +142,29 @@ class Engine:
         self.config: ModelConfig = loaded.cfg
         self.tokenizer = tokenizer
         self.device = device
+        self.plan = loaded.plan
+        self.cache = loaded.cache
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
 
     @property
     def context_length(self) -> int:
-        return self.config.max_position_embeddings
+        return self.plan.context
+
+    def memory(self) -> dict:
+        """Peak memory per tier so far (bytes)."""
+        out = {"peak_rss_bytes": peak_rss_bytes()}
+        if self.device.type == "cuda":
+            out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.cache is not None:
+            out["expert_cache_bytes"] = self.cache.cached_bytes()
+            out["host_store_bytes"] = len(self.cache.host) * self.cache.expert_bytes
+        return out
+
+    @property
+    def stats(self) -> dict:
+        """Expert cache figures since load (per layer and total) and peak memory."""
+        cache = self.cache.stats.as_dict(self.cache.expert_bytes) if self.cache else {}
+        return {"experts": cache, "memory": self.memory()}
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -171,6 +221,7 @@ class Engine:
         if stop and self.tokenizer is None:
             self._require_tokenizer()
         stats = Stats()
+        before = self.cache.stats.copy() if self.cache else None
         tokens: list[int] = []
         text, emitted = "", 0
         hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may be forming
@@ -195,6 +246,9 @@ class Engine:
                 emitted = final
         if stream and len(text) > emitted:
             stream(text[emitted:])
+        if self.cache is not None:
+            stats.extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)
+        stats.extra["memory"] = self.memory()
         return Generation(text=text, prompt_token_ids=ids, token_ids=tokens, stats=stats)
 
     @torch.inference_mode()

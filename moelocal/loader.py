@@ -1,8 +1,8 @@
 """Checkpoint -> model: every tensor sorted into resident weights or routed experts by a key table.
 
 The resident model is built on the meta device and its weights are assigned from the lazy reader,
-so nothing is allocated twice. Routed experts never become parameters: they are packed into one
-blob per expert (experts.py). A checkpoint key that the table does not map is an error naming it.
+so nothing is allocated twice. Routed experts never become parameters: the expert cache reads
+them by file offset into its slots. A checkpoint key the table does not map is an error naming it.
 """
 
 import re
@@ -13,10 +13,14 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import MoelocalError
-from .experts import ExpertLayout, ResidentExperts
+from .expert_cache import ExpertCache
+from .experts import ExpertLayout
 from .models import FAMILIES
 from .models.common import Rotary, Transformer, activation
 from .models.family import Family
+from .plan import OffloadOptions, Plan, make_plan
+from .prefetch import Prefetcher
+from .store import DiskReader, check_shapes, expert_pieces
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -30,7 +34,9 @@ class LoadedModel:
     family: Family
     cfg: ModelConfig
     model: Transformer
-    experts: ResidentExperts
+    plan: Plan
+    cache: ExpertCache | None  # None for a model without routed experts
+    prefetcher: Prefetcher | None
 
 
 def family_of(raw_config: dict) -> Family:
@@ -67,9 +73,11 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
     return resident, experts, fused
 
 
-def load_model(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None = None
-) -> LoadedModel:
+def plan_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
+):
+    """Everything decided before a byte of weights is read: family, config, the model on the
+    meta device, the checkpoint keys sorted, and the placement plan within the budgets."""
     family = family_of(ckpt.config)
     cfg = family.parse_config(ckpt.config)
     dtype = dtype or cfg.dtype
@@ -78,12 +86,25 @@ def load_model(
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    resident, expert_keys, fused = sort_keys(ckpt, family, cfg, expected)
-    missing = sorted(expected - set(resident))
+    keys = sort_keys(ckpt, family, cfg, expected)
+    missing = sorted(expected - set(keys[0]))
     if missing:
         raise MoelocalError(
             f"{ckpt.dir}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing)"
         )
+    plan = make_plan(cfg, model, dtype, device, options)
+    return family, cfg, dtype, model, keys, plan
+
+
+def load_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
+) -> LoadedModel:
+    family, cfg, dtype, model, keys, plan = plan_model(ckpt, device, dtype, options)
+    resident, expert_keys, fused = keys
+    moe_layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
+    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size)
+    pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
+    check_shapes(pieces, layout)
 
     state = {name: ckpt.get(key).to(device=device, dtype=dtype) for name, key in resident.items()}
     if cfg.tie_word_embeddings:
@@ -94,44 +115,18 @@ def load_model(
         raise MoelocalError(
             f"{ckpt.dir}: weights do not match config.json ({e})".split("\n")[0]
         ) from None
+    ckpt.close()  # experts are read by offset from here on; drop the memory maps
     model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
 
-    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size)
-    experts = ResidentExperts(layout, activation(cfg.hidden_act))
-    for layer, is_moe in enumerate(cfg.moe_layers):
-        if is_moe:
-            blob = torch.empty(cfg.num_experts, layout.numel, dtype=dtype, device=device)
-            fill_expert_blobs(ckpt, cfg, layer, blob, layout, expert_keys, fused)
-            experts.add_layer(layer, blob)
-            model.model.layers[layer].mlp.experts = experts
-    return LoadedModel(family, cfg, model.eval(), experts)
-
-
-def fill_expert_blobs(ckpt, cfg, layer, blob, layout, expert_keys, fused):
-    """Copy one layer's experts from the checkpoint into their blobs, checking every shape."""
-    I, D = layout.I, layout.D  # noqa: E741
-    if (layer, "gate_up_proj") in fused and (layer, "down_proj") in fused:
-        gate_up = read(ckpt, fused[layer, "gate_up_proj"], (cfg.num_experts, 2 * I, D))
-        layout.gate_up(blob).copy_(gate_up)
-        layout.down(blob).copy_(read(ckpt, fused[layer, "down_proj"], (cfg.num_experts, D, I)))
-        return
-    for e in range(cfg.num_experts):
-        keys = {part: expert_keys.get((layer, e, part)) for part in ("gate", "up", "down")}
-        for part, key in keys.items():
-            if key is None:
-                raise MoelocalError(
-                    f"{ckpt.dir}: checkpoint lacks the {part} matrix of expert {e} in layer {layer}"
-                )
-        gate_up = layout.gate_up(blob[e])
-        gate_up[:I].copy_(read(ckpt, keys["gate"], (I, D)))
-        gate_up[I:].copy_(read(ckpt, keys["up"], (I, D)))
-        layout.down(blob[e]).copy_(read(ckpt, keys["down"], (D, I)))
-
-
-def read(ckpt: Checkpoint, key: str, shape: tuple) -> torch.Tensor:
-    t = ckpt.get(key)
-    if tuple(t.shape) != shape:
-        raise MoelocalError(
-            f"{ckpt.dir}: {key} has shape {tuple(t.shape)}, config.json implies {shape}"
-        )
-    return t
+    cache = prefetcher = None
+    if moe_layers:
+        cache = ExpertCache(
+            layout, activation(cfg.hidden_act), DiskReader(pieces, layout), moe_layers,
+            cfg.num_experts, plan.device_slots, dtype, device, policy=options.cache_policy,
+            host_experts=plan.host_experts, miss_policy=options.miss_policy,
+        )  # fmt: skip
+        for i in moe_layers:
+            model.model.layers[i].mlp.experts = cache
+        if options.prefetch and cache.streaming:
+            prefetcher = Prefetcher(model, cache, options.prefetch_margin)
+    return LoadedModel(family, cfg, model.eval(), plan, cache, prefetcher)

@@ -107,11 +107,12 @@ def random_matrix(shape, gen) -> torch.Tensor:
 
 
 def make_checkpoint(
-    out_dir: Path, preset: str = "default", seed: int = 0, replace: bool = True
+    out_dir: Path, preset: str = "default", seed: int = 0, replace: bool = True, **shape
 ) -> Path:
-    """Write a random Mixtral-shaped checkpoint, tokenizer and chat template; returns out_dir."""
+    """Write a random Mixtral-shaped checkpoint, tokenizer and chat template; returns out_dir.
+    `shape` overrides the preset's config fields (hidden_size=..., num_local_experts=...)."""
     out_dir = Path(out_dir)
-    cfg = mixtral_config(PRESETS[preset])
+    cfg = mixtral_config(PRESETS[preset] | shape)
     dtype = getattr(torch, cfg["dtype"])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -303,9 +303,13 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layer = layer
+        self.after_attention = None  # the prefetcher: sees h before this layer's MoE runs
 
     def forward(self, x, rope, cache, masks):
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, masks[self.window])
+        if self.after_attention is not None:
+            self.after_attention(self.layer, h)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -1,0 +1,211 @@
+"""Budgets -> placement: what stays resident, how many expert slots the device cache gets, what the
+host store holds and what stays on disk. Checked before anything is loaded.
+
+The planner knows sizes, not tensors: it builds the model on the meta device to count the
+resident bytes by component. It does not move anything (store.py and expert_cache.py do).
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .errors import MoelocalError
+
+UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+         "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+         "tib": 1024**4}  # fmt: skip
+# what a disk read needs besides the slots: one aligned staging buffer per I/O thread
+IO_THREADS = 4
+
+
+def parse_size(value: str | int | None, option: str = "size") -> int | None:
+    """'6GiB', '512MB', '1.5g' or a number of bytes -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in UNITS:
+        raise MoelocalError(f"{option} '{value}' is not a size (e.g. 6GiB, 512MB, 1.5GB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def resident_components(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of the resident weights by component, in the compute dtype."""
+    parts = {"embeddings": 0, "lm_head": 0, "attention": 0, "norms": 0, "routers": 0,
+             "shared_experts": 0, "dense_mlp": 0}  # fmt: skip
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(p))
+        if "embed_tokens" in name:
+            part = "embeddings"
+        elif name.startswith("lm_head"):
+            part = "lm_head"
+        elif ".self_attn." in name and "norm" not in name:
+            part = "attention"
+        elif "norm" in name:
+            part = "norms"
+        elif ".mlp.gate." in name:
+            part = "routers"
+        elif ".shared_expert" in name:
+            part = "shared_experts"
+        else:
+            part = "dense_mlp"
+        parts[part] += p.numel() * dtype.itemsize
+    return parts
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    if cfg.kv_lora_rank:  # latent attention caches the latent and the shared rotary key
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
+    return per_layer * cfg.num_hidden_layers * dtype.itemsize
+
+
+@dataclass
+class OffloadOptions:
+    """The offloading knobs of load() and of every command that loads a model."""
+
+    gpu_mem: int | None = None  # bytes; on CUDA: resident weights + KV cache + expert slots
+    cpu_mem: int | None = None  # bytes; on CUDA: the host store; on CPU: everything
+    cache_experts: int | None = None  # expert slots per layer, overriding the budgets
+    cache_policy: str = "lru"
+    prefetch: bool = True
+    prefetch_margin: int = 1  # extra experts guessed beyond the router's top-k
+    miss_policy: str = "auto"  # CUDA: load a missing expert, run it on the CPU, or choose
+    context: int | None = None  # tokens of KV cache to plan for (default: the model's context)
+
+    def __post_init__(self):
+        self.gpu_mem = parse_size(self.gpu_mem, "--gpu-mem")
+        self.cpu_mem = parse_size(self.cpu_mem, "--cpu-mem")
+        if self.cache_policy not in ("lru", "lfu"):
+            raise MoelocalError(f"--cache-policy '{self.cache_policy}': choose lru or lfu")
+        if self.miss_policy not in ("auto", "load", "cpu"):
+            raise MoelocalError(f"--miss-policy '{self.miss_policy}': choose auto, load or cpu")
+        if self.prefetch_margin < 0:
+            raise MoelocalError(f"--prefetch-margin {self.prefetch_margin}: must be >= 0")
+
+
+@dataclass
+class Plan:
+    device: str
+    dtype: torch.dtype
+    resident: dict[str, int]
+    context: int
+    kv_bytes: int
+    expert_bytes: int  # one expert, all its matrices, in the compute dtype
+    n_experts: int  # routed experts per MoE layer
+    moe_layers: int
+    top_k: int
+    device_slots: int  # expert slots per MoE layer in the device cache
+    host_experts: int  # experts kept in host RAM (CUDA); 0 on a CPU-only machine
+    staging_bytes: int
+    gpu_budget: int | None = None
+    cpu_budget: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def total_experts(self) -> int:
+        return self.n_experts * self.moe_layers
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.device_slots * self.moe_layers * self.expert_bytes
+
+    @property
+    def disk_experts(self) -> int:
+        in_memory = (
+            self.host_experts if self.device == "cuda" else self.device_slots * self.moe_layers
+        )
+        return max(0, self.total_experts - in_memory)
+
+    def bytes_moved_per_token(self, hit_rate: float) -> float:
+        """Expected bytes into the device cache per decoded token at a given hit rate."""
+        return self.moe_layers * self.top_k * (1 - hit_rate) * self.expert_bytes
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "resident_bytes": self.resident_bytes,
+            "resident": self.resident,
+            "context": self.context,
+            "kv_cache_bytes": self.kv_bytes,
+            "expert_bytes": self.expert_bytes,
+            "experts_per_layer": self.n_experts,
+            "moe_layers": self.moe_layers,
+            "device_slots_per_layer": self.device_slots,
+            "device_cache_bytes": self.cache_bytes,
+            "host_experts": self.host_experts,
+            "disk_experts": self.disk_experts,
+            "staging_bytes": self.staging_bytes,
+            "gpu_budget": self.gpu_budget,
+            "cpu_budget": self.cpu_budget,
+        }
+
+
+def make_plan(
+    cfg: ModelConfig,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    options: OffloadOptions,
+) -> Plan:
+    """Fit the model into the budgets, or fail with one line naming the minimum."""
+    gpu_mem, cpu_mem, cache_experts = options.gpu_mem, options.cpu_mem, options.cache_experts
+    context = options.context
+    resident = resident_components(model, dtype)
+    cuda = device.type == "cuda"
+    # on CUDA the GPU budget holds the resident part and the slots; on CPU, cpu_mem holds all
+    budget = gpu_mem if cuda else cpu_mem
+    if context is None:  # a budget plans for a llama.cpp-like default context, not 128k
+        context = 4096 if budget is not None else cfg.max_position_embeddings
+    context = min(context, cfg.max_position_embeddings)
+    kv = kv_bytes_per_token(cfg, dtype) * context
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
+    moe_layers, E = sum(cfg.moe_layers), cfg.num_experts
+    staging = IO_THREADS * expert_bytes
+    fixed = sum(resident.values()) + kv
+    name = "--gpu-mem" if cuda else "--cpu-mem"
+    if moe_layers == 0:
+        slots = 0
+    elif cache_experts is not None:
+        if not 1 <= cache_experts <= E:
+            raise MoelocalError(f"--cache-experts {cache_experts}: must be between 1 and {E}")
+        slots = cache_experts
+    elif budget is None:
+        slots = E
+    else:
+        minimum = fixed + moe_layers * expert_bytes + (0 if cuda else staging)
+        if budget < minimum:
+            raise MoelocalError(
+                f"model needs at least {human(minimum)} in {'GPU' if cuda else 'RAM'} (resident "
+                f"{human(sum(resident.values()))}, KV cache for {context} tokens {human(kv)}, one "
+                f"expert slot per layer); {name} {human(budget)} is too small"
+            )
+        free = budget - fixed - (0 if cuda else staging)
+        slots = min(E, free // (moe_layers * expert_bytes))
+    host = 0
+    if cuda:
+        room = (cpu_mem - staging) // expert_bytes if cpu_mem is not None else moe_layers * E
+        host = max(0, min(moe_layers * E, room))
+    return Plan(
+        device=device.type, dtype=dtype, resident=resident, context=context, kv_bytes=kv,
+        expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
+        top_k=cfg.num_experts_per_tok, device_slots=int(slots), host_experts=int(host),
+        staging_bytes=staging, gpu_budget=gpu_mem, cpu_budget=cpu_mem,
+    )  # fmt: skip

@@ -1,0 +1,177 @@
+"""The tiers below the device cache: experts on disk, read by file offset, and (with CUDA) a host
+RAM store of pinned blobs.
+
+Disk reads go straight to the checkpoint's safetensors files through a small thread pool, with
+O_DIRECT where the file system allows it, so that the page cache does not quietly hold a second
+copy of the model; elsewhere each read is followed by a hint to drop its pages. A read lands in
+an aligned staging buffer and is then copied (and cast) into the destination blob. This module
+does not decide what to load; the expert cache does.
+"""
+
+import ctypes
+import json
+import os
+import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoelocalError
+from .experts import ExpertLayout
+
+ALIGN = 4096
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One matrix of one expert (or its slice of a fused tensor) in a checkpoint file."""
+
+    part: str  # gate, up, down or gate_up
+    path: Path
+    offset: int  # of its first byte in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]:
+    """name -> (file offset, bytes, dtype, shape). The safetensors library, which has already
+    validated this file, exposes no offsets; the header is 8 bytes of length and then JSON."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise MoelocalError(f"{path}: {name} has unsupported dtype {info['dtype']}")
+        out[name] = (8 + n + start, end - start, dtype, tuple(info["shape"]))
+    return out
+
+
+def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused) -> dict[tuple, list[Piece]]:
+    """(layer, expert) -> the pieces to read, from per-expert keys or fused (E, ...) tensors."""
+    offsets, pieces = {}, {}
+
+    def where(key):
+        shard = ckpt.dir / ckpt.weight_map[key]
+        if shard not in offsets:
+            offsets[shard] = tensor_offsets(shard)
+        return shard, offsets[shard][key]
+
+    def piece(part, key, e=None):
+        shard, (offset, nbytes, dtype, shape) = where(key)
+        if e is None:
+            return Piece(part, shard, offset, nbytes, dtype, shape)
+        if e >= shape[0]:
+            raise MoelocalError(f"{shard}: {key} holds {shape[0]} experts, config.json more")
+        row = nbytes // shape[0]  # expert e's slice of a fused (E, ...) tensor
+        return Piece(part, shard, offset + e * row, row, dtype, shape[1:])
+
+    for layer in moe_layers:
+        for e in range(n_experts):
+            if (layer, "gate_up_proj") in fused and (layer, "down_proj") in fused:
+                parts = [piece("gate_up", fused[layer, "gate_up_proj"], e),
+                         piece("down", fused[layer, "down_proj"], e)]  # fmt: skip
+            else:
+                parts = []
+                for part in ("gate", "up", "down"):
+                    key = expert_keys.get((layer, e, part))
+                    if key is None:
+                        raise MoelocalError(
+                            f"{ckpt.dir}: checkpoint lacks the {part} matrix of expert {e} in "
+                            f"layer {layer}"
+                        )
+                    parts.append(piece(part, key))
+            pieces[layer, e] = parts
+    return pieces
+
+
+def check_shapes(pieces: dict, layout: ExpertLayout):
+    I, D = layout.I, layout.D
+    want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}
+    for (layer, e), parts in pieces.items():
+        for p in parts:
+            if p.shape != want[p.part]:
+                raise MoelocalError(
+                    f"{p.path}: expert {e} of layer {layer}: {p.part} has shape {p.shape}, "
+                    f"config.json implies {want[p.part]}"
+                )
+
+
+def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
+    """A uint8 tensor with an ALIGN-aligned region of nbytes; returns (tensor, offset of it)."""
+    buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    return buf, (-buf.data_ptr()) % ALIGN
+
+
+class DiskReader:
+    """Reads whole experts from the checkpoint into blobs, by offset."""
+
+    def __init__(self, pieces: dict, layout: ExpertLayout, threads: int = 4):
+        self.pieces, self.layout = pieces, layout
+        self.fds, self.direct = {}, {}
+        for path in {p.path for parts in pieces.values() for p in parts}:
+            try:
+                self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                self.direct[path] = hasattr(os, "O_DIRECT")
+            except OSError:  # e.g. tmpfs: buffered reads, then drop the pages
+                self.fds[path] = os.open(path, os.O_RDONLY)
+                self.direct[path] = False
+        largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
+        self.staging_bytes = largest + 2 * ALIGN
+        self.local = threading.local()  # one staging buffer per I/O thread
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moelocal-io")
+
+    def _staging(self) -> tuple[torch.Tensor, int]:
+        if not hasattr(self.local, "buf"):
+            self.local.buf = aligned_buffer(self.staging_bytes)
+        return self.local.buf
+
+    def _read_piece(self, p: Piece) -> torch.Tensor:
+        buf, base = self._staging()
+        fd = self.fds[p.path]
+        start = p.offset - p.offset % ALIGN if self.direct[p.path] else p.offset
+        length = p.offset + p.nbytes - start
+        if self.direct[p.path]:
+            length += (-length) % ALIGN
+        view = (ctypes.c_char * length).from_address(buf.data_ptr() + base)
+        got = 0
+        while got < p.offset + p.nbytes - start:
+            n = os.preadv(fd, [memoryview(view)[got:]], start + got)
+            if n <= 0:
+                raise MoelocalError(f"{p.path}: file ends before offset {p.offset + p.nbytes}")
+            got += n
+        if not self.direct[p.path]:
+            os.posix_fadvise(fd, p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
+        lo = base + p.offset - start
+        raw = buf[lo : lo + p.nbytes]
+        if (raw.data_ptr() % p.dtype.itemsize) != 0:
+            raw = raw.clone()
+        return raw.view(p.dtype).view(p.shape)
+
+    def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
+        """Fill dest (one expert blob, any dtype, on the CPU) with expert e of layer."""
+        gate_up, down = self.layout.gate_up(dest), self.layout.down(dest)
+        I = self.layout.I
+        targets = {"gate": gate_up[:I], "up": gate_up[I:], "gate_up": gate_up, "down": down}
+        for p in self.pieces[layer, e]:
+            targets[p.part].copy_(self._read_piece(p))
+        return dest
+
+    def submit(self, fn, *args) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}

@@ -1,0 +1,78 @@
+"""The CUDA path: device slots, pinned host store, copies on a side stream, miss policies.
+
+Skipped without a GPU (this project's CI has none); run on a lent accelerator.
+"""
+
+import pytest
+import torch
+from tiny import VOCAB
+
+import moelocal
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def prompt(n, seed=2):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def resident(tiny):
+    path = tiny("mixtral")[0]
+    engine = moelocal.load(path, device="cuda")
+    ids = prompt(20)
+    return path, ids, engine.logits(ids), engine.generate(ids, max_new_tokens=12).token_ids
+
+
+class TestCuda:
+    def test_resident_matches_cpu(self, tiny, resident):
+        path, ids, logits, tokens = resident
+        cpu = moelocal.load(path, device="cpu")
+        assert (cpu.logits(ids) - logits).abs().max() < 1e-3
+        assert cpu.generate(ids, max_new_tokens=12).token_ids == tokens
+
+    @pytest.mark.parametrize("prefetch", [True, False])
+    def test_streamed_from_host_store_is_identical(self, resident, prefetch):
+        path, ids, logits, tokens = resident
+        engine = moelocal.load(path, device="cuda", cache_experts=1, prefetch=prefetch,
+                               miss_policy="load")  # fmt: skip
+        cache = engine.cache
+        assert cache.host and all(blob.is_pinned() for blob in cache.host.values())
+        assert cache.copy_stream is not None
+        assert cache.copy_stream != torch.cuda.current_stream()
+        assert torch.equal(engine.logits(ids), logits)
+        out = engine.generate(ids, max_new_tokens=12)
+        assert out.token_ids == tokens
+        assert out.stats.extra["experts"]["bytes_from_host"] > 0
+
+    def test_disk_tier_behind_host_store(self, resident):
+        path, ids, logits, tokens = resident
+        plan = moelocal.engine.plan(path, device="cuda", cache_experts=1)
+        engine = moelocal.load(path, device="cuda", cache_experts=1, miss_policy="load",
+                               cpu_mem=plan.staging_bytes + 2 * plan.expert_bytes)  # fmt: skip
+        assert 0 < len(engine.cache.host) < plan.total_experts
+        assert torch.equal(engine.logits(ids), logits)
+        out = engine.generate(ids, max_new_tokens=12)
+        assert out.token_ids == tokens
+        assert out.stats.extra["experts"]["bytes_from_disk"] > 0
+
+    @pytest.mark.parametrize("miss_policy", ["cpu", "auto"])
+    def test_cpu_miss_policy_gives_the_same_tokens(self, resident, miss_policy):
+        path, ids, logits, tokens = resident
+        engine = moelocal.load(path, device="cuda", cache_experts=1, miss_policy=miss_policy)
+        assert (engine.logits(ids) - logits).abs().max() < 1e-3
+        out = engine.generate(ids, max_new_tokens=12)
+        assert out.token_ids == tokens
+        if miss_policy == "cpu":
+            assert out.stats.extra["experts"]["cpu_computed"] > 0
+
+    def test_gpu_budget_is_honoured(self, resident):
+        path, ids, _, tokens = resident
+        plan = moelocal.engine.plan(path, device="cuda", cache_experts=1, context=256)
+        budget = plan.resident_bytes + plan.kv_bytes + 2 * plan.moe_layers * plan.expert_bytes
+        torch.cuda.reset_peak_memory_stats()
+        engine = moelocal.load(path, device="cuda", gpu_mem=budget, context=256)
+        assert engine.plan.device_slots == 2
+        assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+        # activations and the CUDA allocator's rounding are the stated overhead
+        assert torch.cuda.max_memory_allocated() <= budget + 16 * 2**20

@@ -1,0 +1,190 @@
+"""Offloading never changes the math: same logits and tokens for every budget, policy and prefetch
+setting, on every architecture; budgets are honoured; stats add up."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import ARCHS, VOCAB
+from typer.testing import CliRunner
+
+import moelocal
+from moelocal.cli import app
+from moelocal.errors import MoelocalError
+from moelocal.synthetic import make_checkpoint
+
+SETTINGS = [
+    dict(cache_experts=1),
+    dict(cache_experts=1, prefetch=False),
+    dict(cache_experts=2, cache_policy="lfu"),
+    dict(cache_experts=3, cache_policy="lfu", prefetch=False, prefetch_margin=0),
+    dict(cache_experts=2, prefetch_margin=3),
+]
+
+
+def prompt(n, seed=1):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def resident_runs(tiny):
+    """Per architecture: the all-resident logits and greedy tokens to compare with."""
+    runs = {}
+
+    def get(arch):
+        if arch not in runs:
+            engine = moelocal.load(tiny(arch)[0], device="cpu")
+            assert engine.cache.n_slots == engine.config.num_experts
+            ids = prompt(20)
+            runs[arch] = (
+                ids,
+                engine.logits(ids),
+                engine.generate(ids, max_new_tokens=12).token_ids,
+            )
+        return runs[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(
+    "setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items())
+)
+def test_streaming_gives_identical_results(tiny, resident_runs, arch, setting):
+    ids, logits, tokens = resident_runs(arch)
+    engine = moelocal.load(tiny(arch)[0], device="cpu", **setting)
+    assert engine.cache.streaming
+    assert torch.equal(engine.logits(ids), logits)
+    out = engine.generate(ids, max_new_tokens=12)
+    assert out.token_ids == tokens
+    experts = out.stats.extra["experts"]
+    assert experts["misses"] > 0  # it really streamed
+    if setting.get("prefetch", True):
+        assert experts["prefetch_issued"] > 0
+    else:
+        assert experts["prefetch_issued"] == 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
+    path = tiny(arch)[0]
+    full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB")
+    assert full.device_slots == full.n_experts
+    # room for the resident part, the KV cache and two slots per layer
+    fixed = full.resident_bytes + full.kv_bytes + full.staging_bytes
+    budget = fixed + 2 * full.moe_layers * full.expert_bytes + 100
+    engine = moelocal.load(path, device="cpu", cpu_mem=budget)
+    assert engine.plan.device_slots == 2 and engine.plan.disk_experts > 0
+    ids, logits, tokens = resident_runs(arch)
+    assert torch.equal(engine.logits(ids), logits)
+    out = engine.generate(ids, max_new_tokens=12)
+    assert out.token_ids == tokens
+    assert out.stats.extra["experts"]["bytes_from_disk"] > 0
+
+
+def test_sharded_checkpoint_streams_the_same(tmp_path, resident_runs):
+    from tiny import save_tiny
+
+    save_tiny(tmp_path / "sharded", "qwen2_moe", seed=0, max_shard_size="50KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 3
+    ids, logits, tokens = resident_runs("qwen2_moe")
+    engine = moelocal.load(tmp_path / "sharded", device="cpu", cache_experts=1)
+    assert torch.equal(engine.logits(ids), logits)
+    assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+
+
+def test_budget_holding_every_expert_never_misses(tiny):
+    engine = moelocal.load(tiny("olmoe")[0], device="cpu", cpu_mem="512MiB")
+    assert not engine.cache.streaming
+    for seed in range(3):
+        out = engine.generate(prompt(10, seed), max_new_tokens=8)
+        assert out.stats.extra["experts"]["misses"] == 0
+        assert out.stats.extra["experts"]["hits"] == out.stats.extra["experts"]["expert_uses"] > 0
+
+
+def test_impossible_budget_is_one_line(tiny):
+    path = tiny("mixtral")[0]
+    with pytest.raises(MoelocalError, match="model needs at least .* --cpu-mem .* is too small"):
+        moelocal.load(path, device="cpu", cpu_mem="100KB")
+    result = CliRunner().invoke(app, ["generate", str(path), "-p", "hi", "--cpu-mem", "100KB"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "needs at least" in result.stderr
+
+
+@pytest.mark.parametrize("bad", [["--cpu-mem", "lots"], ["--cache-policy", "fifo"],
+                                 ["--cache-experts", "0"], ["--miss-policy", "never"]])  # fmt: skip
+def test_bad_offload_options_are_one_line(bad):
+    result = CliRunner().invoke(app, ["generate", "-p", "hi", "-n", "1", *bad])
+    assert result.exit_code == 1 and result.stderr.startswith("error:"), result.output
+
+
+def test_stats_add_up(tiny):
+    engine = moelocal.load(tiny("qwen3_moe")[0], device="cpu", cache_experts=2)
+    out = engine.generate(prompt(16), max_new_tokens=10)
+    s = out.stats.extra["experts"]
+    assert s["hits"] + s["misses"] == s["expert_uses"]
+    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["recall"] <= 1
+    assert 0 <= s["prefetch_recall"] <= 1
+    assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+    per_layer = s["per_layer"].values()
+    assert sum(layer["misses"] for layer in per_layer) == s["misses"]
+    assert sum(layer["expert_uses"] for layer in per_layer) == s["expert_uses"]
+    # the engine's running totals include this generation
+    assert engine.stats["experts"]["expert_uses"] >= s["expert_uses"]
+    no_prefetch = moelocal.load(tiny("qwen3_moe")[0], device="cpu", cache_experts=2, prefetch=False)
+    s = no_prefetch.generate(prompt(16), max_new_tokens=10).stats.extra["experts"]
+    assert s["bytes_moved"] == s["misses"] * s["expert_bytes"]
+
+
+def test_generate_cli_reports_offload_stats():
+    result = CliRunner().invoke(
+        app, ["generate", "-p", "Hi", "-n", "6", "--cache-experts", "2", "--cache-policy", "lfu",
+              "--no-prefetch", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["experts"]["misses"] > 0 and stats["experts"]["prefetch_issued"] == 0
+    assert stats["memory"]["peak_rss_bytes"] > 0
+
+
+def test_plan_cli(tiny):
+    path = tiny("deepseek_v2")[0]
+    result = CliRunner().invoke(app, ["plan", str(path), "--cache-experts", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["device_slots_per_layer"] == 3 and plan["moe_layers"] == 2
+    assert plan["disk_experts"] == 2 * (8 - 3)
+    assert plan["resident"]["dense_mlp"] > 0 and plan["resident"]["shared_experts"] > 0
+    assert plan["bytes_moved_per_token"] == pytest.approx(2 * 2 * 0.2 * plan["expert_bytes"])
+    table = CliRunner().invoke(app, ["plan", str(path), "--cache-experts", "3"])
+    assert "expert cache" in table.stdout and "disk: 10 experts" in table.stdout
+
+
+def test_peak_memory_stays_within_budget(tmp_path):
+    """Peak RSS over a warmed-up process stays within --cpu-mem plus the stated fixed overhead
+    (README: 64 MiB for kernels' scratch, allocator slack, threads and the tokenizer)."""
+    path = make_checkpoint(tmp_path / "m", hidden_size=512, intermediate_size=1536,
+                           num_hidden_layers=4, vocab_size=2048)  # fmt: skip
+    experts_bytes = 4 * 8 * 3 * 512 * 1536 * 2  # 144 MiB of experts on disk
+    budget = 72 * 2**20
+    script = """
+import json, sys, psutil, torch, moelocal
+path, budget = sys.argv[1], int(sys.argv[2])
+moelocal.engine.plan(path, device="cpu", cpu_mem=budget, context=512)  # imports, meta model
+torch.nn.functional.linear(torch.randn(2, 512, dtype=torch.bfloat16),
+                           torch.randn(64, 512, dtype=torch.bfloat16))  # kernels
+base = psutil.Process().memory_info().rss
+engine = moelocal.load(path, device="cpu", cpu_mem=budget, context=512)
+out = engine.generate("hello " * 60, max_new_tokens=48)
+peak = engine.memory()["peak_rss_bytes"]
+print(json.dumps(dict(base=base, peak=peak, slots=engine.plan.device_slots,
+                      misses=out.stats.extra["experts"]["misses"])))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(budget)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert budget < experts_bytes and 1 <= m["slots"] < 8 and m["misses"] > 0
+    assert m["peak"] - m["base"] <= budget + 64 * 2**20, (m["peak"] / 2**20, m["base"] / 2**20)
