@@ -77,7 +77,7 @@ def plan_model(
     ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
 ):
     """Everything decided before a byte of weights is read: family, config, the model on the
-    meta device, the checkpoint keys sorted, and the placement plan within the budgets."""
+    meta device, resident keys, each expert's pieces on disk, and the plan within the budgets."""
     family = family_of(ckpt.config)
     cfg = family.parse_config(ckpt.config)
     dtype = dtype or cfg.dtype
@@ -86,25 +86,26 @@ def plan_model(
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    keys = sort_keys(ckpt, family, cfg, expected)
-    missing = sorted(expected - set(keys[0]))
+    resident, expert_keys, fused = sort_keys(ckpt, family, cfg, expected)
+    missing = sorted(expected - set(resident))
     if missing:
         raise MoelocalError(
             f"{ckpt.dir}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing)"
         )
-    plan = make_plan(cfg, model, dtype, device, options)
-    return family, cfg, dtype, model, keys, plan
+    moe_layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
+    pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
+    check_shapes(pieces, ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size))
+    largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
+    plan = make_plan(cfg, model, dtype, device, options, largest)
+    return family, cfg, dtype, model, resident, pieces, plan
 
 
 def load_model(
     ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
 ) -> LoadedModel:
-    family, cfg, dtype, model, keys, plan = plan_model(ckpt, device, dtype, options)
-    resident, expert_keys, fused = keys
-    moe_layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
+    family, cfg, dtype, model, resident, pieces, plan = plan_model(ckpt, device, dtype, options)
+    moe_layers = sorted({layer for layer, _ in pieces})
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size)
-    pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
-    check_shapes(pieces, layout)
 
     state = {name: ckpt.get(key).to(device=device, dtype=dtype) for name, key in resident.items()}
     if cfg.tie_word_embeddings:

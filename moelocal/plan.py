@@ -12,11 +12,12 @@ import torch
 
 from .config import ModelConfig
 from .errors import MoelocalError
+from .store import ALIGN
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
          "tib": 1024**4}  # fmt: skip
-# what a disk read needs besides the slots: one aligned staging buffer per I/O thread
+# disk reads run on this many threads, each with an aligned staging buffer for one matrix
 IO_THREADS = 4
 
 
@@ -164,8 +165,10 @@ def make_plan(
     dtype: torch.dtype,
     device: torch.device,
     options: OffloadOptions,
+    largest_read: int,
 ) -> Plan:
-    """Fit the model into the budgets, or fail with one line naming the minimum."""
+    """Fit the model into the budgets, or fail with one line naming the minimum.
+    largest_read: bytes of the largest single matrix read from disk (one staging buffer)."""
     gpu_mem, cpu_mem, cache_experts = options.gpu_mem, options.cpu_mem, options.cache_experts
     context = options.context
     resident = resident_components(model, dtype)
@@ -178,7 +181,8 @@ def make_plan(
     kv = kv_bytes_per_token(cfg, dtype) * context
     expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
     moe_layers, E = sum(cfg.moe_layers), cfg.num_experts
-    staging = IO_THREADS * expert_bytes
+    # CUDA also stages each expert whole in pinned memory before its copy to the GPU
+    staging = IO_THREADS * (largest_read + 2 * ALIGN + (expert_bytes if cuda else 0))
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
     if moe_layers == 0:
