@@ -15,7 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
-from .generate import Stats, generate
+from .generate import Request, Stats, generate
 from .hub import resolve_model
 from .loader import load_model, plan_model
 from .models.common import KVCache
@@ -134,6 +134,40 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class TextStream:
+    """Generated ids -> text: incremental decoding, stop strings, pieces to a stream callback
+    once they are final (not part of a stop string being formed, no half UTF-8 character)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: list[str] | None, stream=None):
+        self.tokenizer, self.stop, self.stream = tokenizer, stop or [], stream
+        self.text, self.emitted = "", 0
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def feed(self, tokens: list[int]) -> bool:
+        """The ids so far; True when a stop string has appeared (the text is cut before it)."""
+        if self.tokenizer is None:
+            return False
+        self.text = self.tokenizer.decode(tokens)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return True
+        final = len(self.text) - self.hold
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            final = min(final, len(self.text.rstrip("\ufffd")))
+        self._emit(final)
+        return False
+
+    def _emit(self, upto: int):
+        if self.stream and upto > self.emitted:
+            self.stream(self.text[self.emitted : upto])
+            self.emitted = upto
+
+    def finish(self) -> str:
+        self._emit(len(self.text))
+        return self.text
+
+
 class Engine:
     def __init__(self, model_dir: Path, loaded, tokenizer: Tokenizer | None, device: torch.device):
         self.model_dir = model_dir
@@ -216,40 +250,58 @@ class Engine:
         """Generate a completion. A str prompt is tokenized as is (no chat template); a list is
         token ids. `stream` receives text pieces as they are final; `stop` strings end the
         generation and are cut from the text."""
-        ids = self.encode(prompt)
-        self.check_context(len(ids), max_new_tokens)
+        request = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed)  # fmt: skip
+        return self.generate_batch([prompt], stop=stop, streams=[stream], **request)[0]
+
+    def generate_batch(
+        self,
+        prompts: list[str | list[int]],
+        *,
+        max_new_tokens: int | list[int] = 128,
+        temperature: float | list[float] = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None | list[int | None] = None,
+        stop: list[str] | None = None,
+        streams: list[Callable[[str], None] | None] | None = None,
+    ) -> list[Generation]:
+        """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
+        max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time."""
+        B = len(prompts)
+
+        def each(value):
+            return list(value) if isinstance(value, list) else [value] * B
+
+        requests = []
+        for prompt, n, t, s in zip(prompts, each(max_new_tokens), each(temperature), each(seed),
+                                   strict=True):  # fmt: skip
+            ids = self.encode(prompt)
+            self.check_context(len(ids), n)
+            requests.append(Request(ids, n, t, top_k, top_p, s))
         if stop and self.tokenizer is None:
             self._require_tokenizer()
-        stats = Stats()
+        texts = [TextStream(self.tokenizer, stop, fn) for fn in (streams or [None] * B)]
+        stats = [Stats() for _ in prompts]
+        finished = [False] * B
         before = self.cache.stats.copy() if self.cache else None
-        tokens: list[int] = []
-        text, emitted = "", 0
-        hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may be forming
-        for token in generate(
-            self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, stop_ids=self.stop_ids, stats=stats,
-        ):  # fmt: skip
-            tokens.append(token)
-            if self.tokenizer is None:
-                continue
-            text = self.tokenizer.decode(tokens)
-            cut = min((i for i in (text.find(s) for s in stop or []) if i >= 0), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                stats.finish_reason = "stop"
-                break
-            final = len(text) - hold
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-                final = min(final, len(text.rstrip("\ufffd")))
-            if stream and final > emitted:
-                stream(text[emitted:final])
-                emitted = final
-        if stream and len(text) > emitted:
-            stream(text[emitted:])
-        if self.cache is not None:
-            stats.extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)
-        stats.extra["memory"] = self.memory()
-        return Generation(text=text, prompt_token_ids=ids, token_ids=tokens, stats=stats)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for step in generate(self.model, requests, stop_ids=self.stop_ids, stats=stats,
+                             finished=finished):  # fmt: skip
+            for b, token in enumerate(step):
+                if token is None:
+                    continue
+                tokens[b].append(token)
+                if texts[b].feed(tokens[b]):  # a stop string
+                    stats[b].finish_reason, finished[b] = "stop", True
+        extra = {"memory": self.memory()}
+        if self.cache is not None:  # a batch shares its experts: the figures are the batch's
+            extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)
+        out = []
+        for b in range(B):
+            stats[b].extra.update(extra)
+            out.append(Generation(texts[b].finish(), requests[b].prompt, tokens[b], stats[b]))
+        return out
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

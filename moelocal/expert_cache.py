@@ -337,7 +337,20 @@ class ExpertCache:
             stats.predicted_needed += len(lc.guess.intersection(needed))
             lc.guess = None
         lc.pinned.update(hits)
-        routed = {e: torch.nonzero(ids == e, as_tuple=True) for e in needed}  # (token, k)
+        try:
+            outputs = self._run(layer, lc, x, ids, weights, hits, misses)
+        finally:
+            lc.pinned.clear()  # an interrupted step (Ctrl-C) leaves nothing pinned
+        out = torch.zeros_like(x)
+        for e in needed:  # a fixed order of summation: same result whatever was cached
+            token, y = outputs[e]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out
+
+    def _run(self, layer, lc, x, ids, weights, hits, misses) -> dict:
+        """Each needed expert's weighted output, hits first while the misses load."""
+        stats = self.stats.layer(layer)
+        routed = {e: torch.nonzero(ids == e, as_tuple=True) for e in hits + misses}  # (token, k)
         on_cpu = [e for e in misses if self._on_cpu(layer, e, len(routed[e][0]))]
         stats.cpu_computed += len(on_cpu)
         queue = [e for e in misses if e not in on_cpu]
@@ -374,11 +387,7 @@ class ExpertCache:
             lc.pinned.discard(e)
             lc.policy.touch(e)
             start_queued(wait=False)
-        out = torch.zeros_like(x)
-        for e in needed:  # a fixed order of summation: same result whatever was cached
-            token, y = outputs[e]
-            out.index_add_(0, token, y.to(x.dtype))
-        return out
+        return outputs
 
     # ---- prefetch ------------------------------------------------------------------------
 

@@ -56,41 +56,69 @@ def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache) ->
     return model(token, cache)[:, -1]
 
 
+@dataclass
+class Request:
+    """One prompt to continue, with its own sampling settings."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
-    prompt: list[int],
-    max_new_tokens: int,
+    requests: list[Request],
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
     stop_ids: set[int] = frozenset(),
-    stats: Stats | None = None,
-) -> Iterator[int]:
-    """Yield up to max_new_tokens ids; an id in stop_ids is yielded, then generation ends."""
-    stats = stats if stats is not None else Stats()
+    stats: list[Stats] | None = None,
+    finished: list[bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Decode the requests together; yield, each step, every row's new token (None once a row is
+    done). A row ends after its max_new_tokens, after an id in stop_ids (which it yields), or
+    when the consumer sets finished[row] (a stop string)."""
+    B = len(requests)
+    stats = stats if stats is not None else [Stats() for _ in requests]
+    finished = finished if finished is not None else [False] * B
     device = model.lm_head.weight.device
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.cfg.num_hidden_layers, len(prompt) + max_new_tokens)
-    stats.prompt_tokens = len(prompt)
-    stats.finish_reason = "length"
-    if max_new_tokens <= 0:
+    generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+                  for r in requests]  # fmt: skip
+    T = max(len(r.prompt) for r in requests)
+    steps = max(r.max_new_tokens for r in requests)
+    pads = [T - len(r.prompt) for r in requests]  # prompts are left-padded to a common length
+    decode_start = [0.0] * B
+    cache = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
+    for r, s, b in zip(requests, stats, range(B), strict=True):
+        s.prompt_tokens, s.finish_reason = len(r.prompt), "length"
+        finished[b] = finished[b] or r.max_new_tokens <= 0
+    if all(finished):
         return
     start = time.perf_counter()
-    logits = prefill(model, torch.tensor([prompt], device=device), cache)
-    for i in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)
-        token_id = int(token[0])
-        now = time.perf_counter()
-        if i == 0:
-            stats.prefill_s, decode_start = now - start, now
-        stats.decode_s = now - decode_start
-        stats.generated_tokens += 1
-        yield token_id
-        if token_id in stop_ids:
-            stats.finish_reason = "stop"
-            return
-        if i + 1 < max_new_tokens:
-            logits = decode_one_token(model, token.view(1, 1), cache)
+    tokens = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, requests, strict=True)])
+    logits = prefill(model, tokens.to(device), cache)
+    for i in range(steps):
+        new: list[int | None] = [None] * B
+        for b, r in enumerate(requests):
+            if finished[b]:
+                continue
+            token = int(sample(logits[b : b + 1], r.temperature, r.top_k, r.top_p, generators[b]))
+            new[b] = token
+            s = stats[b]
+            now = time.perf_counter()
+            if s.generated_tokens == 0:
+                s.prefill_s, decode_start[b] = now - start, now
+            s.decode_s = now - decode_start[b]
+            s.generated_tokens += 1
+            if token in stop_ids:
+                s.finish_reason, finished[b] = "stop", True
+            elif s.generated_tokens >= r.max_new_tokens:
+                finished[b] = True
+        yield new
+        if all(finished) or i + 1 == steps:
+            break
+        # finished rows keep a place in the batch; what they decode is never read
+        step = torch.tensor([[t if t is not None else 0] for t in new], device=device)
+        logits = decode_one_token(model, step, cache)

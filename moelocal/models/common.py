@@ -125,11 +125,14 @@ class KVCache:
 
     Standard attention stores keys and values; DeepSeek's latent attention stores the compressed
     latent and the shared rotary key. `length` advances once per forward pass, after every layer.
+    A batch of prompts of different lengths is left-padded: `pads[b]` leading positions of row b
+    are padding, never attended to, and row b's positions count from its first real token.
     """
 
-    def __init__(self, n_layers: int, max_len: int):
+    def __init__(self, n_layers: int, max_len: int, pads: list[int] | None = None):
         self.max_len = max_len
         self.length = 0
+        self.pads = torch.tensor(pads) if pads and any(pads) else None
         self.tensors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
@@ -145,16 +148,22 @@ class KVCache:
         return ca[:, :, :end], cb[:, :, :end]
 
 
-def attention_mask(start: int, T: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean (T, start+T): causal, and within the sliding window when there is one."""
+def attention_mask(start: int, T: int, window: int | None, pads, device) -> torch.Tensor | None:
+    """Boolean (T, start+T), or (B, 1, T, start+T) with left padding: causal, within the sliding
+    window when there is one, and never onto padding."""
     S = start + T
-    if T == 1 and (window is None or S <= window):
+    if T == 1 and (window is None or S <= window) and pads is None:
         return None
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     mask = k <= q
     if window is not None:
         mask &= q - k < window
+    if pads is not None:
+        real = k[None] >= pads.to(device)[:, None, None]  # (B, 1, S)
+        # a padding query attends to itself only: its output is unused, and never NaN
+        mask = (mask[None] & real) | (q == k)[None]
+        mask = mask[:, None]
     return mask
 
 
@@ -339,8 +348,11 @@ class Transformer(nn.Module):
         start = cache.length
         x = self.model.embed_tokens(tokens)
         positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if cache.pads is not None:
+            positions = (positions - cache.pads.to(tokens.device)[:, None]).clamp(min=0)
         rope = self.rotary(positions, x.dtype)
-        masks = {w: attention_mask(start, T, w, x.device) for w in set(self.cfg.sliding_windows)}
+        masks = {w: attention_mask(start, T, w, cache.pads, x.device)
+                 for w in set(self.cfg.sliding_windows)}  # fmt: skip
         for layer in self.model.layers:
             x = layer(x, rope, cache, masks)
         cache.length += T
