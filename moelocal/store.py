@@ -164,7 +164,13 @@ class DiskReader:
         I = self.layout.I
         targets = {"gate": gate_up[:I], "up": gate_up[I:], "gate_up": gate_up, "down": down}
         for p in self.pieces[layer, e]:
-            targets[p.part].copy_(self._read_piece(p))
+            src, dst = self._read_piece(p), targets[p.part]
+            if src.dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
+                # a plain memcpy: a torch copy from an I/O thread starts an OpenMP team of its
+                # own, and the idle teams of these threads slow the compute threads down
+                ctypes.memmove(dst.data_ptr(), src.data_ptr(), p.nbytes)
+            else:
+                dst.copy_(src)
         return dest
 
     def submit(self, fn, *args) -> Future:
