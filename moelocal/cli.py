@@ -6,6 +6,7 @@ A MoelocalError is printed as one line and exits 1; MOELOCAL_DEBUG=1 shows the t
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -97,7 +98,28 @@ def run(fn):
 @app.command("generate")
 def generate_cmd(
     model: ModelArg = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")] = ...,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt text.")] = None,
+    input_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help='JSONL of {"id", "prompt"} or {"id", "messages"}, '
+            "optionally with max_new_tokens, temperature, seed; - for stdin.",
+        ),
+    ] = None,
+    output_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="JSONL results, appended as each prompt finishes; "
+            "ids already there are skipped (default: stdout).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts decoded together: each expert loaded serves them all.")
+    ] = 1,
     max_new_tokens: MaxNewTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
@@ -117,22 +139,30 @@ def generate_cmd(
     context: ContextOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Generate a completion for one prompt, streamed to stdout.
+    """Generate a completion for one prompt, streamed to stdout, or for every line of a JSONL file.
 
     Example: moelocal generate --prompt "Write a haiku about experts" -n 64 --cpu-mem 2GiB
+    Example: moelocal generate --input prompts.jsonl --output results.jsonl --batch-size 8
     """
     from .engine import load
 
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
                               miss_policy, context)  # fmt: skip
+    if (prompt is None) == (input_path is None):
+        fail("give either --prompt or --input")
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size}: must be at least 1")
+    if input_path is not None:
+        defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        batch_kwargs = dict(batch_size=batch_size, defaults=defaults, top_k=top_k, top_p=top_p,
+                            chat=not no_chat_template)  # fmt: skip
+        load_kwargs = dict(device=device, dtype=dtype, **options)
+        raise typer.Exit(run(lambda: batch_generate(model, input_path, output_path, load_kwargs,
+                                                    batch_kwargs)))  # fmt: skip
 
     def go():
         engine = load(model, device=device, dtype=dtype, **options)
-        tok = engine.tokenizer
-        if tok is not None and tok.chat_template and not no_chat_template:
-            ids = engine.chat_prompt([{"role": "user", "content": prompt}])
-        else:
-            ids = engine.encode(prompt)
+        ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
         stream = None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
         out = engine.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -147,6 +177,86 @@ def generate_cmd(
                 f"[dim]{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
                 f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s[/]"
             )
+
+    run(go)
+
+
+def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):
+    """--input mode of generate: returns the exit code (1 if any line failed)."""
+    from .batch import JsonlWriter, finished_keys, run_batch
+    from .engine import load
+
+    if str(input_path) != "-" and not input_path.is_file():
+        raise MoelocalError(f"--input {input_path}: no such file")
+    lines = sys.stdin if str(input_path) == "-" else input_path.read_text().splitlines()
+    skip = finished_keys(output_path) if output_path else set()
+    engine = load(model, **load_kwargs)
+    writer = JsonlWriter(output_path)
+    total = None if lines is sys.stdin else sum(1 for line in lines if line.strip())
+    progress_bar = None
+    if err.is_terminal and total is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress_bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[speed]}"), console=err)  # fmt: skip
+        task = progress_bar.add_task("", total=total, completed=len(skip), speed="")
+        progress_bar.start()
+
+    def progress(s):
+        if progress_bar is not None:
+            speed = f"{s.generated_tokens / s.seconds:.1f} tok/s" if s.seconds else ""
+            progress_bar.update(task, completed=s.skipped + s.done + s.failed, speed=speed)
+
+    try:
+        summary = run_batch(engine, lines, writer, skip=skip, progress=progress, **batch_kwargs)
+    except KeyboardInterrupt:
+        where = f"in {output_path}; rerun the same command to resume" if output_path else "above"
+        fail(f"interrupted: the results finished so far are {where}", code=130)
+    finally:
+        if progress_bar is not None:
+            progress_bar.stop()
+        writer.close()
+    speed = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
+    err.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already in the "
+              f"output; {summary.generated_tokens} tokens at {speed:.1f} tok/s", soft_wrap=True,
+              highlight=False)  # fmt: skip
+    return 1 if summary.failed else 0
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelArg = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    cpu_mem: CpuMemOpt = None,
+    cache_experts: CacheExpertsOpt = None,
+    cache_policy: CachePolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    miss_policy: MissPolicyOpt = "auto",
+    context: ContextOpt = None,
+):
+    """Chat in the terminal: replies stream as they are generated; /help lists the commands.
+
+    Reads lines from stdin when it is not a terminal, one reply per line.
+    Example: moelocal chat --system "You are terse." --temperature 0.7
+    """
+    from .chat import Chat
+    from .engine import load
+
+    options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
+                              miss_policy, context)  # fmt: skip
+
+    def go():
+        engine = load(model, device=device, dtype=dtype, **options)
+        Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
 
     run(go)
 
@@ -205,6 +315,147 @@ def plan_cmd(
               f"moves {human(moved)} of experts")  # fmt: skip
 
     run(go)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: ModelArg = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", "-p", help="Prompt length.")
+    ] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-n", help="Tokens to decode.")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs per row.")] = 3,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU budgets, comma-separated.")] = None,
+    cpu_mem: Annotated[str | None, typer.Option(help="RAM budgets, comma-separated.")] = None,
+    cache_experts: Annotated[
+        str | None, typer.Option(help="Expert slots per layer, comma-separated.")
+    ] = None,
+    cache_policy: Annotated[str | None, typer.Option(help="lru, lfu or lru,lfu.")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV for scripts.")] = False,
+):
+    """Measure prefill and decode speed and the expert cache, one row per configuration.
+
+    Comma-separated values sweep: every combination gets a row.
+    Example: moelocal bench --cache-experts 2,4,8 --prefetch on,off -p 256 -n 64
+    """
+    from .bench import bench_config, configurations
+
+    if min(prompt_tokens, gen_tokens, repetitions) < 1 or gen_tokens < 2:
+        fail("--prompt-tokens and --repetitions must be at least 1, --gen-tokens at least 2")
+
+    def go():
+        sweeps = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
+                      cache_policy=cache_policy, prefetch=prefetch)  # fmt: skip
+        return [
+            bench_config(model, config, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
+                         gen_tokens=gen_tokens, repetitions=repetitions)
+            for config in configurations(sweeps)
+        ]  # fmt: skip
+
+    rows = run(go)
+    if as_json:
+        print(json.dumps(rows))
+    elif as_csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:  # piped: as wide as the table needs, not 80 columns
+        Console(width=None if sys.stdout.isatty() else 200).print(bench_table(rows))
+
+
+def bench_table(rows: list[dict]):
+    """Configuration columns that vary or were set, then the measurements."""
+    from rich.table import Table
+
+    from .plan import human
+
+    first = rows[0]
+    table = Table(title=f"{first['model']} ({first['device']}, {first['dtype']}): "
+                  f"pp{first['prompt_tokens']} tg{first['gen_tokens']}")  # fmt: skip
+    config = [("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"), ("slots", "cache_experts"),
+              ("policy", "cache_policy"), ("prefetch", "prefetch")]  # fmt: skip
+    config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
+              or first[key] not in (None, "lru", True)]  # fmt: skip
+
+    def pct(row, key):
+        return f"{row[key]:.0%}" if row.get(key) is not None else "-"
+
+    def size(row, key):
+        return human(row[key]) if row.get(key) else "-"
+
+    measures = {
+        "pp tok/s": lambda r: f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_std']:.1f}",
+        "tg tok/s": lambda r: f"{r['decode_tok_s']:.2f} ± {r['decode_tok_s_std']:.2f}",
+        "ttft": lambda r: f"{r['ttft_ms']:.0f} ms",
+        "hit": lambda r: pct(r, "hit_rate"),
+        "prefetch prec/recall": lambda r: (
+            f"{pct(r, 'prefetch_precision')} / {pct(r, 'prefetch_recall')}"
+        ),
+        "moved/tok": lambda r: size(r, "bytes_moved_per_token") if "hit_rate" in r else "-",
+        "stalled": lambda r: pct(r, "stall_share"),
+        "peak RAM": lambda r: size(r, "peak_rss_bytes"),
+        "floor tg": lambda r: f"{r['floor_tok_s']:.1f}" if r.get("floor_tok_s") else "-",
+    }
+    if first["device"] == "cuda":
+        measures["peak GPU"] = lambda r: size(r, "peak_gpu_bytes")
+    for name in [name for name, _ in config] + list(measures):
+        table.add_column(name, justify="right")
+    for r in rows:
+        cells = [str({True: "on", False: "off"}.get(r[key], r[key]) or "-") for _, key in config]
+        table.add_row(*cells, *(fn(r) for fn in measures.values()))
+    return table
+
+
+@app.command("pull")
+def pull_cmd(
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. Qwen/Qwen3-30B-A3B.")],
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
+):
+    """Download a model's config, safetensors and tokenizer into the Hugging Face cache.
+
+    Interrupted downloads resume. Example: moelocal pull allenai/OLMoE-1B-7B-0924
+    """
+    from .hub import pull
+
+    def go():
+        path = pull(repo_id, revision)
+        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        print(f"{repo_id}: {size / 1e9:.2f} GB in {path}")
+
+    run(go)
+
+
+@app.command("list")
+def list_cmd(as_json: JsonOpt = False):
+    """List the MoE models found locally: the Hugging Face cache and moelocal's data directory.
+
+    Example: moelocal list
+    """
+    from .hub import local_models
+
+    rows = run(local_models)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        err.print("no MoE models found locally; moelocal pull REPO_ID downloads one")
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("model", "architecture", "size", "experts", "quantization", "source"):
+        table.add_column(column, justify="right" if column in ("size", "experts") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["architecture"], f"{r['size_bytes'] / 1e9:.2f} GB",
+                      f"{r['experts_per_token']} of {r['experts']}", r["quantization"],
+                      r["source"])  # fmt: skip
+    Console().print(table)
 
 
 def main():

@@ -223,7 +223,15 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ready to generate."""
-        return self._require_tokenizer().encode_chat(messages)
+        return self.encode(self._require_tokenizer().encode_chat(messages))
+
+    def prompt_ids(self, prompt: str, chat_template: bool = True) -> list[int]:
+        """A user prompt as token ids: wrapped in the chat template when the tokenizer has one
+        and chat_template is set (as mlx-lm does), else tokenized as is."""
+        tok = self._require_tokenizer()
+        if chat_template and tok.chat_template:
+            return self.chat_prompt([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
 
     def check_context(self, n_prompt: int, max_new_tokens: int):
         if max_new_tokens < 0:

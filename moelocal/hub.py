@@ -75,3 +75,95 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
             f"model '{repo_id}' is not a local directory nor in the Hugging Face cache; "
             f"download it with: moelocal pull {repo_id}"
         ) from None
+
+
+# the files moelocal reads; everything else in a repository (pickles, GGUF, ONNX) stays remote
+PULL_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def pull(repo_id: str, revision: str | None = None) -> Path:
+    """Download what moelocal needs of a hub repository into the Hugging Face cache (resumable)."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=PULL_PATTERNS,
+            local_files_only=offline,
+        ))  # fmt: skip
+    except hf.HFValidationError:
+        raise MoelocalError(f"'{repo_id}' is not a hub repository id (owner/name)") from None
+    except hf.GatedRepoError:
+        raise MoelocalError(
+            f"{repo_id} is gated: accept its terms on the hub and set HF_TOKEN"
+        ) from None
+    except hf.RepositoryNotFoundError:
+        raise MoelocalError(f"no repository {repo_id} on the hub (private? set HF_TOKEN)") from None
+    except hf.RevisionNotFoundError:
+        raise MoelocalError(f"{repo_id} has no revision {revision}") from None
+    except hf.LocalEntryNotFoundError:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise MoelocalError(f"{reason} and {where} is not in the local cache") from None
+    except (hf.HfHubHTTPError, OSError) as e:
+        raise MoelocalError(f"download of {where} failed: {str(e).splitlines()[0]}") from None
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise MoelocalError(f"{where} has no config.json and safetensors weights to run")
+    return path
+
+
+def describe(model_dir: Path, name: str, source: str) -> dict | None:
+    """One row of `moelocal list`, or None for a directory that is not a supported MoE model."""
+    import json
+
+    from .models import FAMILIES
+
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+        family = FAMILIES[raw.get("model_type")]
+        cfg = family.parse_config(raw)
+    except (OSError, ValueError, KeyError, TypeError, MoelocalError):
+        return None
+    quant = (raw.get("quantization_config") or {}).get("quant_method") or cfg.torch_dtype or "-"
+    return {
+        "name": name,
+        "source": source,
+        "architecture": cfg.model_type,
+        "size_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+        "experts": cfg.num_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "layers": cfg.num_hidden_layers,
+        "quantization": quant,
+        "path": str(model_dir),
+    }
+
+
+def local_models() -> list[dict]:
+    """Supported MoE models in moelocal's data directory and in the Hugging Face cache."""
+    rows = []
+    for config in sorted((data_dir() / "models").glob("*/config.json")):
+        rows.append(describe(config.parent, config.parent.name, "moelocal"))
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        repos = scan_cache_dir(hub_cache_dir()).repos
+    except CacheNotFound:
+        repos = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        newest = max(repo.revisions, key=lambda r: r.last_modified)
+        rows.append(describe(newest.snapshot_path, repo.repo_id, "hf cache"))
+    return [row for row in rows if row is not None]

@@ -1,0 +1,146 @@
+"""`moelocal bench`: llama-bench's rows (prefill and decode tokens/s, mean ± std over repetitions)
+plus what only an offloading engine can show: hit rate, prefetch precision and recall, bytes moved
+per token, the share of time stalled on experts, peak memory, and the floor of DESIGN.md's
+performance model: time per token >= max(compute time, bytes moved ÷ measured bandwidth).
+"""
+
+import itertools
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .engine import Engine, load
+from .errors import MoelocalError
+from .generate import Request, Stats, generate
+from .plan import IO_THREADS
+
+SWEEPS = ("gpu_mem", "cpu_mem", "cache_experts", "cache_policy", "prefetch")
+
+
+def parse_sweep(name: str, value: str | None) -> list:
+    """'1,2,4' -> [1, 2, 4]; 'on,off' -> [True, False]; None -> [None] (the default)."""
+    if value is None:
+        return [None]
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if name == "cache_experts":
+        try:
+            return [int(v) for v in items]
+        except ValueError:
+            raise MoelocalError(
+                f"--cache-experts '{value}': whole numbers, comma-separated"
+            ) from None
+    if name == "prefetch":
+        flags = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+        if any(v.lower() not in flags for v in items):
+            raise MoelocalError(f"--prefetch '{value}': on or off, comma-separated")
+        return [flags[v.lower()] for v in items]
+    return items
+
+
+def configurations(sweeps: dict[str, str | None]) -> list[dict]:
+    """The cartesian product of every swept option: one bench row each."""
+    names = list(sweeps)
+    values = [parse_sweep(name, sweeps[name]) for name in names]
+    return [
+        {k: v for k, v in zip(names, combo, strict=True) if v is not None}
+        for combo in itertools.product(*values)
+    ]
+
+
+def disk_bandwidth(engine: Engine, n_experts: int = 8) -> float:
+    """Bytes/s of whole-expert reads from disk through the engine's own reader, IO_THREADS at a
+    time: what a miss costs, staging copy included."""
+    cache = engine.cache
+    keys = sorted(cache.reader.pieces)[:: max(1, len(cache.reader.pieces) // n_experts)][:n_experts]
+    blobs = [torch.empty(cache.layout.numel, dtype=cache.dtype) for _ in keys]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        list(pool.map(lambda a: cache.reader.read(*a[0], a[1]), zip(keys, blobs, strict=True)))
+    return len(keys) * cache.expert_bytes / (time.perf_counter() - start)
+
+
+def host_to_device_bandwidth(engine: Engine) -> float:
+    cache = engine.cache
+    src = torch.empty(cache.layout.numel, dtype=cache.dtype).pin_memory()
+    dst = torch.empty_like(src, device=engine.device)
+    dst.copy_(src)
+    torch.cuda.synchronize(engine.device)  # start-up measurement, not the decode path
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(engine.device)
+    return 5 * cache.expert_bytes / (time.perf_counter() - start)
+
+
+def one_run(engine: Engine, ids: list[int], gen_tokens: int) -> dict:
+    """One prefill + decode; expert figures for the decode alone (the prefill sees every expert)."""
+    stats = Stats()
+    cache = engine.cache
+    after_prefill = None
+    for i, _ in enumerate(generate(engine.model, [Request(ids, gen_tokens)], stats=[stats])):
+        if i == 0 and cache is not None:
+            after_prefill = cache.stats.copy()
+    decode = cache.stats.since(after_prefill).total() if cache is not None else None
+    return {"stats": stats, "decode": decode}
+
+
+def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_tokens, repetitions,
+                 context=None) -> dict:  # fmt: skip
+    options = dict(config)
+    options.setdefault("context", context or prompt_tokens + gen_tokens)
+    engine = load(model, device=device, dtype=dtype, **options)
+    engine.check_context(prompt_tokens, gen_tokens)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, engine.config.vocab_size, (prompt_tokens,), generator=gen).tolist()
+    one_run(engine, ids[:16], 2)  # warm-up: kernels, allocator, the cache's first fill
+    runs = [one_run(engine, ids, gen_tokens) for _ in range(repetitions)]
+
+    def mean_std(values):
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    prefill = mean_std([r["stats"].prefill_tokens_per_s for r in runs])
+    decode = mean_std([r["stats"].decode_tokens_per_s for r in runs])
+    row = {
+        "model": str(engine.model_dir.name),
+        "device": engine.device.type,
+        "dtype": str(engine.plan.dtype).removeprefix("torch."),
+        "gpu_mem": config.get("gpu_mem"),
+        "cpu_mem": config.get("cpu_mem"),
+        "cache_experts": engine.plan.device_slots,
+        "cache_policy": config.get("cache_policy", "lru"),
+        "prefetch": config.get("prefetch", True),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "prefill_tok_s": prefill[0],
+        "prefill_tok_s_std": prefill[1],
+        "decode_tok_s": decode[0],
+        "decode_tok_s_std": decode[1],
+        "ttft_ms": statistics.fmean(r["stats"].prefill_s for r in runs) * 1000,
+        "peak_rss_bytes": engine.memory()["peak_rss_bytes"],
+        "peak_gpu_bytes": engine.memory().get("peak_gpu_bytes"),
+    }
+    steps = sum(r["stats"].generated_tokens - 1 for r in runs)
+    decode_s = sum(r["stats"].decode_s for r in runs)
+    if engine.cache is None or steps == 0:
+        return row | {"floor_tok_s": None}
+    d = runs[0]["decode"]
+    for r in runs[1:]:
+        d.add(r["decode"])
+    disk_bytes, host_bytes = d.bytes_from_disk / steps, d.bytes_from_host / steps
+    io_s = 0.0
+    if disk_bytes:
+        io_s += disk_bytes / disk_bandwidth(engine)
+    if host_bytes:
+        io_s += host_bytes / host_to_device_bandwidth(engine)
+    compute_s = max(0.0, decode_s - d.stall_s) / steps  # decode time not spent waiting
+    floor_s = max(compute_s, io_s)
+    return row | {
+        "hit_rate": d.hits / d.uses if d.uses else 0.0,
+        "prefetch_precision": d.prefetch_used / d.prefetch_issued if d.prefetch_issued else 0.0,
+        "prefetch_recall": d.predicted_needed / d.needed_with_guess if d.needed_with_guess else 0.0,
+        "bytes_moved_per_token": disk_bytes + host_bytes,
+        "stall_share": d.stall_s / decode_s if decode_s else 0.0,
+        "floor_tok_s": 1 / floor_s if floor_s else None,
+    }

@@ -1,0 +1,123 @@
+"""`moelocal generate --input`: JSONL in, a line per finished prompt out, resumable, batched."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from typer.testing import CliRunner
+
+import moelocal
+from moelocal.cli import app
+
+runner = CliRunner()
+
+
+def write_jsonl(path, items):
+    lines = [item if isinstance(item, str) else json.dumps(item) for item in items]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_with_a_malformed_line(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [
+        {"id": "a", "prompt": "Hello"},
+        "{not json",
+        {"id": "b", "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 3},
+        {"id": "c"},
+        {"id": "d", "prompt": "x", "temperature": "hot"},
+        {"id": "e", "prompt": "Bye", "seed": 1, "temperature": 0.9},
+    ])  # fmt: skip
+    result = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out), "-n", "5"])
+    assert result.exit_code == 1  # some lines failed
+    records = read_jsonl(out)
+    errors = {r["line"]: r for r in records if "error" in r}
+    assert set(errors) == {2, 4, 5}
+    assert errors[2]["id"] is None and "invalid JSON" in errors[2]["error"]
+    assert errors[4]["id"] == "c" and "prompt" in errors[4]["error"]
+    assert "temperature" in errors[5]["error"]
+    done = {r["id"]: r for r in records if "error" not in r}
+    assert set(done) == {"a", "b", "e"}
+    assert done["b"]["generated_tokens"] == 3 and done["a"]["generated_tokens"] == 5
+    assert isinstance(done["a"]["text"], str) and done["a"]["prompt_tokens"] > 0
+    assert "3 done, 3 failed" in result.stderr
+
+
+def test_rerun_skips_what_is_done_and_keeps_it(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": i, "prompt": f"prompt {i}"} for i in range(4)])
+    # a previous run finished ids 0 and 2, and was killed while writing a third line
+    engine = moelocal.load()
+    earlier = [{"id": i, "text": "kept", "generated_tokens": 0} for i in (0, 2)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in earlier) + '{"id": 1, "te')
+    result = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out), "-n", "4"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [0, 2, 1, 3]  # no duplicates, nothing lost
+    assert records[0]["text"] == "kept"
+    expected = engine.generate(engine.prompt_ids("prompt 1"), max_new_tokens=4)
+    assert records[2]["token_ids"] == expected.token_ids
+
+
+def test_batched_results_equal_single_results(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    prompts = ["a", "a much longer prompt than the others", "mid length one", "b", "ccc"]
+    write_jsonl(
+        inp, [{"id": i, "prompt": p, "max_new_tokens": 6 + i} for i, p in enumerate(prompts)]
+    )
+    outs = {}
+    for batch in (1, 3):
+        out = tmp_path / f"out{batch}.jsonl"
+        args = ["generate", "-i", str(inp), "-o", str(out), "--batch-size", str(batch),
+                "--cache-experts", "3"]  # fmt: skip
+        assert runner.invoke(app, args).exit_code == 0
+        outs[batch] = {r["id"]: r["token_ids"] for r in read_jsonl(out)}
+    assert outs[1] == outs[3]
+    assert [len(outs[1][i]) for i in range(5)] == [6, 7, 8, 9, 10]
+
+
+def test_interrupted_run_resumes_without_loss(tmp_path):
+    """A real process killed with SIGINT mid-run; the rerun completes the rest exactly once."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": i, "prompt": f"p{i}", "max_new_tokens": 48} for i in range(30)])
+    cmd = [sys.executable, "-m", "moelocal.cli", "generate", "-i", str(inp), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "rerun" in stderr
+    partial = read_jsonl(out)
+    assert 3 <= len(partial) < 30
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == list(range(30)) and len(ids) == 30
+    assert read_jsonl(out)[: len(partial)] == partial
+
+
+def test_missing_input_file(tmp_path):
+    result = runner.invoke(app, ["generate", "-i", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 1 and "no such file" in result.stderr
+
+
+def test_prompt_and_input_are_exclusive(tmp_path):
+    result = runner.invoke(app, ["generate", "-p", "x", "-i", str(tmp_path / "in.jsonl")])
+    assert result.exit_code == 1 and "either --prompt or --input" in result.stderr
+
+
+def test_stdout_when_no_output(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"id": 7, "prompt": "Hi", "max_new_tokens": 2}])
+    result = runner.invoke(app, ["generate", "-i", str(inp)])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout.splitlines()[0])["id"] == 7
+    assert os.path.exists(inp)

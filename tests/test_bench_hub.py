@@ -1,0 +1,109 @@
+"""`moelocal bench`, `pull` and `list`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from moelocal.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_json_on_the_default_model():
+    result = runner.invoke(app, ["bench", "-p", "48", "-n", "12", "-r", "2", "--cache-experts",
+                                 "2,8", "--prefetch", "on,off", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["cache_experts"], r["prefetch"]) for r in rows] == [
+        (2, True),
+        (2, False),
+        (8, True),
+        (8, False),
+    ]
+    for r in rows:
+        assert r["prompt_tokens"] == 48 and r["gen_tokens"] == 12
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ttft_ms"] > 0
+        assert r["prefill_tok_s_std"] >= 0 and r["decode_tok_s_std"] >= 0
+        assert 0 <= r["hit_rate"] <= 1 and 0 <= r["stall_share"] <= 1
+        assert 0 <= r["prefetch_precision"] <= 1 and 0 <= r["prefetch_recall"] <= 1
+        assert r["peak_rss_bytes"] > 0 and r["floor_tok_s"] > 0
+    streamed, resident = rows[0], rows[2]
+    assert streamed["bytes_moved_per_token"] > 0 and streamed["hit_rate"] < 1
+    assert resident["hit_rate"] == 1 and resident["bytes_moved_per_token"] == 0
+    assert resident["stall_share"] == 0
+    # all resident, the floor is the compute time: nothing runs faster than it
+    assert resident["floor_tok_s"] >= resident["decode_tok_s"] * 0.99
+    assert rows[1]["prefetch_precision"] == 0 and rows[1]["prefetch_recall"] == 0
+
+
+def test_bench_table_and_csv():
+    table = runner.invoke(app, ["bench", "-p", "16", "-n", "4", "-r", "1"])
+    assert table.exit_code == 0 and "tg tok/s" in table.stdout and "pp16 tg4" in table.stdout
+    csv = runner.invoke(app, ["bench", "-p", "16", "-n", "4", "-r", "1", "--csv"])
+    header, row = csv.stdout.splitlines()[:2]
+    assert "decode_tok_s" in header.split(",") and len(row.split(",")) == len(header.split(","))
+
+
+def test_bench_bad_sweep_is_one_line():
+    result = runner.invoke(app, ["bench", "--prefetch", "maybe"])
+    assert result.exit_code == 1 and result.stderr.startswith("error:")
+
+
+def hub_cache(tmp_path, src, repo="acme/tiny-moe"):
+    """A Hugging Face cache holding `repo` at refs/main, as huggingface_hub lays it out."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    (root / "blobs").mkdir()
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def offline_env(tmp_path, tiny):
+    cache = hub_cache(tmp_path, tiny("deepseek_v3")[0])
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1",
+               MOELOCAL_HOME=str(tmp_path / "home"))  # fmt: skip
+    return env
+
+
+def cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "moelocal.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_pull_from_the_local_cache_offline(offline_env):
+    proc = cli(offline_env, "pull", "acme/tiny-moe")
+    assert proc.returncode == 0, proc.stderr
+    assert "acme/tiny-moe" in proc.stdout and "snapshots" in proc.stdout
+    generated = cli(offline_env, "generate", "acme/tiny-moe", "-p", "hi", "-n", "2", "--json")
+    assert generated.returncode == 0 and len(json.loads(generated.stdout)["token_ids"]) == 2
+
+
+def test_pull_of_a_missing_repo_is_one_line(offline_env):
+    proc = cli(offline_env, "pull", "acme/not-there")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "acme/not-there" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    bad = cli(offline_env, "pull", "not a repo id!")
+    assert bad.returncode == 1 and "not a hub repository id" in bad.stderr
+
+
+def test_list_shows_hub_and_converted_models(offline_env, tmp_path, tiny):
+    shutil.copytree(tiny("mixtral")[0], tmp_path / "home" / "models" / "mine")
+    (tmp_path / "home" / "models" / "broken").mkdir(parents=True)
+    proc = cli(offline_env, "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert set(rows) == {"acme/tiny-moe", "mine"}
+    assert rows["acme/tiny-moe"]["architecture"] == "deepseek_v3"
+    assert rows["acme/tiny-moe"]["experts"] == 8 and rows["acme/tiny-moe"]["source"] == "hf cache"
+    assert rows["mine"]["experts"] == 6 and rows["mine"]["size_bytes"] > 0
+    table = cli(offline_env, "list")
+    assert "acme/tiny-moe" in table.stdout and "deepseek_v3" in table.stdout
