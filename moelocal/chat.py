@@ -123,7 +123,8 @@ class Chat:
             reply = ls.extra.get("experts", {}) if ls else {}
             for name, fmt in (("hit_rate", "{:.0%}"), ("misses", "{}"),
                               ("prefetch_precision", "{:.0%}"), ("prefetch_recall", "{:.0%}"),
-                              ("bytes_moved", "{:,}"), ("stall_s", "{:.2f} s")):  # fmt: skip
+                              ("bytes_moved", "{:,}"), ("prefetch_bytes", "{:,}"),
+                              ("stall_s", "{:.2f} s")):  # fmt: skip
                 mine = fmt.format(reply[name]) if name in reply else "-"
                 rows.append((name.replace("_", " "), mine, fmt.format(session[name])))
         for row in rows:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from .checkpoint import Checkpoint
@@ -84,10 +85,13 @@ def load(
     options = OffloadOptions(**offload_options)
     model_dir = resolve_model(model)
     device = pick_device(device)
+    baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
     ckpt = Checkpoint(model_dir)
     loaded = load_model(ckpt, device, pick_dtype(dtype), options)
     tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    return Engine(model_dir, loaded, tokenizer, device)
+    engine = Engine(model_dir, loaded, tokenizer, device)
+    engine.baseline_rss_bytes = baseline_rss
+    return engine
 
 
 def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
@@ -178,6 +182,7 @@ class Engine:
         self.device = device
         self.plan = loaded.plan
         self.cache = loaded.cache
+        self.baseline_rss_bytes = 0  # RSS before loading: Python, torch; set by load()
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
 
     @property
@@ -186,7 +191,7 @@ class Engine:
 
     def memory(self) -> dict:
         """Peak memory per tier so far (bytes)."""
-        out = {"peak_rss_bytes": peak_rss_bytes()}
+        out = {"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": self.baseline_rss_bytes}
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.cache is not None:

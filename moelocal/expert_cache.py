@@ -120,9 +120,12 @@ class CacheStats:
                 "prefetch_used": s.prefetch_used,
                 "prefetch_precision": ratio(s.prefetch_used, s.prefetch_issued),
                 "prefetch_recall": ratio(s.predicted_needed, s.needed_with_guess),
+                # bytes_moved: what misses loaded (misses × expert size); prefetch_bytes: what
+                # the prefetcher loaded; bytes_from_*: both, by the tier they came from
+                "bytes_moved": (s.misses - s.cpu_computed) * expert_bytes,
+                "prefetch_bytes": s.prefetch_issued * expert_bytes,
                 "bytes_from_disk": s.bytes_from_disk,
                 "bytes_from_host": s.bytes_from_host,
-                "bytes_moved": s.bytes_from_disk + s.bytes_from_host,
                 "stall_s": round(s.stall_s, 6),
             }
 

@@ -24,6 +24,15 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
     @property
+    def experts(self) -> dict:
+        """Expert-cache figures of this generation (see ExpertCache.stats)."""
+        return self.extra.get("experts", {})
+
+    @property
+    def memory(self) -> dict:
+        return self.extra.get("memory", {})
+
+    @property
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
 

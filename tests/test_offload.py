@@ -127,7 +127,9 @@ def test_stats_add_up(tiny):
     assert s["hits"] + s["misses"] == s["expert_uses"]
     assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["recall"] <= 1
     assert 0 <= s["prefetch_recall"] <= 1
-    assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+    assert s["bytes_moved"] == s["misses"] * s["expert_bytes"]
+    assert s["prefetch_bytes"] == s["prefetch_issued"] * s["expert_bytes"]
+    assert s["bytes_from_disk"] == s["bytes_moved"] + s["prefetch_bytes"]
     per_layer = s["per_layer"].values()
     assert sum(layer["misses"] for layer in per_layer) == s["misses"]
     assert sum(layer["expert_uses"] for layer in per_layer) == s["expert_uses"]
