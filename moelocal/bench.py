@@ -16,8 +16,6 @@ from .errors import MoelocalError
 from .generate import Request, Stats, generate
 from .plan import IO_THREADS
 
-SWEEPS = ("gpu_mem", "cpu_mem", "cache_experts", "cache_policy", "prefetch")
-
 
 def parse_sweep(name: str, value: str | None) -> list:
     """'1,2,4' -> [1, 2, 4]; 'on,off' -> [True, False]; None -> [None] (the default)."""
@@ -54,7 +52,7 @@ def disk_bandwidth(engine: Engine, n_experts: int = 8) -> float:
     time: what a miss costs, staging copy included."""
     cache = engine.cache
     keys = sorted(cache.reader.pieces)[:: max(1, len(cache.reader.pieces) // n_experts)][:n_experts]
-    blobs = [torch.empty(cache.layout.numel, dtype=cache.dtype) for _ in keys]
+    blobs = [torch.empty(cache.expert_bytes, dtype=torch.uint8) for _ in keys]
     start = time.perf_counter()
     with ThreadPoolExecutor(IO_THREADS) as pool:
         list(pool.map(lambda a: cache.reader.read(*a[0], a[1]), zip(keys, blobs, strict=True)))
@@ -63,7 +61,7 @@ def disk_bandwidth(engine: Engine, n_experts: int = 8) -> float:
 
 def host_to_device_bandwidth(engine: Engine) -> float:
     cache = engine.cache
-    src = torch.empty(cache.layout.numel, dtype=cache.dtype).pin_memory()
+    src = torch.empty(cache.expert_bytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty_like(src, device=engine.device)
     dst.copy_(src)
     torch.cuda.synchronize(engine.device)  # start-up measurement, not the decode path
@@ -106,6 +104,7 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
         "model": str(engine.model_dir.name),
         "device": engine.device.type,
         "dtype": str(engine.plan.dtype).removeprefix("torch."),
+        "quant": engine.plan.quant,
         "gpu_mem": config.get("gpu_mem"),
         "cpu_mem": config.get("cpu_mem"),
         "cache_experts": engine.plan.device_slots,

@@ -43,6 +43,10 @@ TopPOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option(help="Quantize on load the experts and Linear layers: none, int8 or int4 (CPU)."),
+]
 GpuMemOpt = Annotated[
     str | None,
     typer.Option(help="GPU budget (e.g. 6GiB): resident weights, KV cache and expert slots."),
@@ -130,6 +134,7 @@ def generate_cmd(
     no_chat_template: Annotated[
         bool, typer.Option("--no-chat-template", help="Tokenize the prompt as is.")
     ] = False,
+    quant: QuantOpt = None,
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
@@ -156,12 +161,12 @@ def generate_cmd(
         defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         batch_kwargs = dict(batch_size=batch_size, defaults=defaults, top_k=top_k, top_p=top_p,
                             chat=not no_chat_template)  # fmt: skip
-        load_kwargs = dict(device=device, dtype=dtype, **options)
+        load_kwargs = dict(device=device, dtype=dtype, quant=quant, **options)
         raise typer.Exit(run(lambda: batch_generate(model, input_path, output_path, load_kwargs,
                                                     batch_kwargs)))  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, **options)
+        engine = load(model, device=device, dtype=dtype, quant=quant, **options)
         ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
         stream = None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
         out = engine.generate(
@@ -234,6 +239,7 @@ def chat_cmd(
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    quant: QuantOpt = None,
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
@@ -254,7 +260,7 @@ def chat_cmd(
                               miss_policy, context)  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, **options)
+        engine = load(model, device=device, dtype=dtype, quant=quant, **options)
         Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
 
@@ -266,6 +272,7 @@ def plan_cmd(
     model: ModelArg = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    quant: QuantOpt = None,
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
@@ -283,7 +290,7 @@ def plan_cmd(
     from .plan import human
 
     def go():
-        p = plan(model, device=device, dtype=dtype, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+        p = plan(model, device=device, dtype=dtype, quant=quant, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
                  cache_experts=cache_experts, context=context)  # fmt: skip
         moved = p.bytes_moved_per_token(hit_rate)
         if as_json:
@@ -292,7 +299,8 @@ def plan_cmd(
         from rich.table import Table
 
         device_name = "GPU" if p.device == "cuda" else "RAM"
-        table = Table(title=f"plan ({p.device}, {str(p.dtype).removeprefix('torch.')})")
+        table = Table(title=f"plan ({p.device}, {str(p.dtype).removeprefix('torch.')}, "
+                      f"quant {p.quant})")  # fmt: skip
         for column in ("part", "bytes", "where"):
             table.add_column(column, justify="right" if column == "bytes" else "left")
         for part, n in p.resident.items():
@@ -334,6 +342,7 @@ def bench_cmd(
     ] = None,
     cache_policy: Annotated[str | None, typer.Option(help="lru, lfu or lru,lfu.")] = None,
     prefetch: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
+    quant: Annotated[str | None, typer.Option(help="none, int8, int4, comma-separated.")] = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV for scripts.")] = False,
 ):
@@ -349,7 +358,7 @@ def bench_cmd(
 
     def go():
         sweeps = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
-                      cache_policy=cache_policy, prefetch=prefetch)  # fmt: skip
+                      cache_policy=cache_policy, prefetch=prefetch, quant=quant)  # fmt: skip
         return [
             bench_config(model, config, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
                          gen_tokens=gen_tokens, repetitions=repetitions)
@@ -378,10 +387,11 @@ def bench_table(rows: list[dict]):
     first = rows[0]
     table = Table(title=f"{first['model']} ({first['device']}, {first['dtype']}): "
                   f"pp{first['prompt_tokens']} tg{first['gen_tokens']}")  # fmt: skip
-    config = [("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"), ("slots", "cache_experts"),
-              ("policy", "cache_policy"), ("prefetch", "prefetch")]  # fmt: skip
+    config = [("quant", "quant"), ("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"),
+              ("slots", "cache_experts"), ("policy", "cache_policy"),
+              ("prefetch", "prefetch")]  # fmt: skip
     config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
-              or first[key] not in (None, "lru", True)]  # fmt: skip
+              or first[key] not in (None, "lru", True, "none")]  # fmt: skip
 
     def pct(row, key):
         return f"{row[key]:.0%}" if row.get(key) is not None else "-"

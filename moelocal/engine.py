@@ -21,6 +21,7 @@ from .hub import resolve_model
 from .loader import load_model, plan_model
 from .models.common import KVCache
 from .plan import OffloadOptions
+from .quant import check_mode
 from .tokenizer import Tokenizer
 
 
@@ -73,10 +74,12 @@ def load(
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    quant: str | None = None,
     **offload_options,
 ) -> "Engine":
     """Load a model: a local Hugging Face directory, a hub id in the local cache, or None for the
-    embedded default model. dtype None keeps the checkpoint's dtype.
+    embedded default model. dtype None keeps the checkpoint's dtype; quant "int8" or "int4"
+    quantizes on load the experts and the Linear layers (not routers, norms, embeddings).
 
     Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
     layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, miss_policy
@@ -85,9 +88,10 @@ def load(
     options = OffloadOptions(**offload_options)
     model_dir = resolve_model(model)
     device = pick_device(device)
+    quant = check_mode(quant, device)
     baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
     ckpt = Checkpoint(model_dir)
-    loaded = load_model(ckpt, device, pick_dtype(dtype), options)
+    loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
     tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     engine = Engine(model_dir, loaded, tokenizer, device)
     engine.baseline_rss_bytes = baseline_rss
@@ -117,12 +121,14 @@ def plan(
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    quant: str | None = None,
     **offload_options,
 ):
     """The placement plan load() would follow, without loading any weights."""
     options = OffloadOptions(**offload_options)
     ckpt = Checkpoint(resolve_model(model))
-    return plan_model(ckpt, pick_device(device), pick_dtype(dtype), options)[-1]
+    device = pick_device(device)
+    return plan_model(ckpt, device, pick_dtype(dtype), options, check_mode(quant, device))[-2]
 
 
 def peak_rss_bytes() -> int:

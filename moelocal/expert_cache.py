@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .experts import ExpertLayout, expert_forward
+from .experts import ExpertLayout
 from .store import DiskReader
 
 
@@ -163,8 +163,9 @@ class Load:
 
 
 class LayerCache:
-    def __init__(self, n_slots: int, numel: int, dtype, device, policy: str):
-        self.slots = torch.empty(n_slots, numel, dtype=dtype, device=device)
+    def __init__(self, n_slots: int, layout: ExpertLayout, device, policy: str):
+        self.slots = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=device)
+        self.views = [layout.views(slot) for slot in self.slots]  # typed segments, per slot
         self.expert_in: list[int | None] = [None] * n_slots
         self.slot_of: dict[int, int] = {}
         self.loading: dict[int, Load] = {}
@@ -179,15 +180,13 @@ class ExpertCache:
 
     def __init__(
         self, layout: ExpertLayout, act, reader: DiskReader, moe_layers: list[int],
-        n_experts: int, n_slots: int, dtype: torch.dtype, device: torch.device,
-        policy: str = "lru", host_experts: int = 0, miss_policy: str = "load",
+        n_experts: int, n_slots: int, device: torch.device, policy: str = "lru",
+        host_experts: int = 0, miss_policy: str = "load",
     ):  # fmt: skip
         self.layout, self.act, self.reader = layout, act, reader
-        self.n_experts, self.n_slots, self.dtype, self.device = n_experts, n_slots, dtype, device
-        self.expert_bytes = layout.numel * dtype.itemsize
-        self.layers = {
-            i: LayerCache(n_slots, layout.numel, dtype, device, policy) for i in moe_layers
-        }
+        self.n_experts, self.n_slots, self.device = n_experts, n_slots, device
+        self.expert_bytes = layout.nbytes
+        self.layers = {i: LayerCache(n_slots, layout, device, policy) for i in moe_layers}
         self.stats = CacheStats()
         self.cuda = device.type == "cuda"
         # CUDA: experts kept in pinned host RAM, copied on their own stream
@@ -210,7 +209,7 @@ class ExpertCache:
         per_layer = host_experts // max(1, len(self.layers)) if self.cuda else 0
         for layer in self.layers:
             for e in range(min(per_layer, self.n_experts)):
-                blob = torch.empty(self.layout.numel, dtype=self.dtype).pin_memory()
+                blob = torch.empty(self.layout.nbytes, dtype=torch.uint8).pin_memory()
                 self.host[layer, e] = self.reader.read(layer, e, blob)
                 self.stats.preload_bytes += self.expert_bytes
         for layer, lc in self.layers.items():
@@ -232,14 +231,15 @@ class ExpertCache:
         GPU, and seconds for the CPU to run one expert on one token."""
         blob = next(iter(self.host.values()))
         on_device = torch.empty_like(blob, device=self.device)
-        x = torch.randn(1, self.layout.D, dtype=self.dtype)
+        x = torch.randn(1, self.layout.D, dtype=self.layout.dtype)
+        views = self.layout.views(blob)
 
         def copy():
             on_device.copy_(blob)
             torch.cuda.synchronize(self.device)  # start-up only: measures the copy
 
         def compute():
-            expert_forward(x, self.layout.gate_up(blob), self.layout.down(blob), self.act)
+            self.layout.forward(x, views, self.act)
 
         timings = []
         for fn in (copy, compute):
@@ -319,7 +319,7 @@ class ExpertCache:
     def _pinned_staging(self) -> torch.Tensor:
         local = self.reader.local
         if not hasattr(local, "pinned"):
-            local.pinned = torch.empty(self.layout.numel, dtype=self.dtype).pin_memory()
+            local.pinned = torch.empty(self.layout.nbytes, dtype=torch.uint8).pin_memory()
         return local.pinned
 
     # ---- the MoE layer -------------------------------------------------------------------
@@ -371,8 +371,8 @@ class ExpertCache:
         for e in on_cpu:  # CUDA: where the weights are, while the GPU works on the rest
             token, k = routed[e]
             blob = self.host[layer, e]
-            y = expert_forward(x[token].cpu(), self.layout.gate_up(blob), self.layout.down(blob),
-                               self.act).to(x.device, non_blocking=True)  # fmt: skip
+            y = self.layout.forward(x[token].cpu(), self.layout.views(blob), self.act)
+            y = y.to(x.device, non_blocking=True)
             outputs[e] = (token, y * weights[token, k, None])
         for e in hits + [e for e in misses if e not in on_cpu]:  # hits compute while misses load
             if e not in lc.slot_of:
@@ -382,10 +382,7 @@ class ExpertCache:
                 self._finish(lc, e)
                 stats.stall_s += time.perf_counter() - t0
             token, k = routed[e]
-            blob = lc.slots[lc.slot_of[e]]
-            y = expert_forward(
-                x[token], self.layout.gate_up(blob), self.layout.down(blob), self.act
-            )
+            y = self.layout.forward(x[token], lc.views[lc.slot_of[e]], self.act)
             outputs[e] = (token, y * weights[token, k, None])
             lc.pinned.discard(e)
             lc.policy.touch(e)

@@ -1,29 +1,53 @@
-"""One routed expert as one contiguous blob, and the math of one expert.
+"""One routed expert as one contiguous blob of bytes, and the math of one expert.
 
-A blob holds the expert's gate and up projections (2I, D) followed by its down projection (D, I),
-so moving an expert between tiers is a single copy, and a stack of blobs (n, 3·I·D) is a layer's
-worth of slots. This module does not route (models/common.py) nor cache (expert_cache.py).
+A blob holds the expert's gate and up projections (2I, D), then its down projection (D, I), each
+in the layout its matmul takes (quant.py: plain, int8 or int4 segments), so moving an expert
+between tiers is a single copy and a stack of blobs (n, bytes) is a layer's worth of slots.
+This module does not route (models/common.py) nor cache (expert_cache.py).
 """
 
 import torch
-import torch.nn.functional as F
+
+from .quant import MatrixFormat, matmul, quantize
+
+ALIGN = 64  # every segment starts on a cache line, so that its dtype view is aligned
 
 
 class ExpertLayout:
-    """Shapes of one expert's matrices inside its blob."""
+    """Where each segment of each matrix lies in an expert's blob."""
 
-    def __init__(self, hidden: int, intermediate: int):
-        self.D, self.I = hidden, intermediate
-        self.numel = 3 * intermediate * hidden
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, mode: str = "none"):
+        self.D, self.I, self.dtype, self.mode = hidden, intermediate, dtype, mode
+        self.formats = {
+            "gate_up": MatrixFormat(mode, 2 * intermediate, hidden, dtype),
+            "down": MatrixFormat(mode, hidden, intermediate, dtype),
+        }
+        self.segments = []  # (matrix, segment, dtype, shape, byte offset)
+        offset = 0
+        for matrix, fmt in self.formats.items():
+            for name, seg_dtype, shape in fmt.segments:
+                self.segments.append((matrix, name, seg_dtype, shape, offset))
+                offset += seg_dtype.itemsize * torch.Size(shape).numel()
+                offset += (-offset) % ALIGN
+        self.nbytes = offset
 
-    def gate_up(self, blob: torch.Tensor) -> torch.Tensor:
-        return blob[..., : 2 * self.I * self.D].unflatten(-1, (2 * self.I, self.D))
+    def views(self, blob: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Typed views of a blob's segments: {"gate_up": {"q": ..., ...}, "down": {...}}."""
+        out = {matrix: {} for matrix in self.formats}
+        for matrix, name, dtype, shape, offset in self.segments:
+            n = dtype.itemsize * torch.Size(shape).numel()
+            out[matrix][name] = blob[offset : offset + n].view(dtype).view(shape)
+        return out
 
-    def down(self, blob: torch.Tensor) -> torch.Tensor:
-        return blob[..., 2 * self.I * self.D :].unflatten(-1, (self.D, self.I))
+    def fill(self, blob: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Write an expert's float matrices into a blob, quantizing them as the layout says."""
+        views = self.views(blob)
+        for matrix, w in (("gate_up", gate_up), ("down", down)):
+            for name, t in quantize(w, self.formats[matrix]).items():
+                views[matrix][name].copy_(t)
+        return blob
 
-
-def expert_forward(x, gate_up, down, act):
-    """One SwiGLU expert on the tokens routed to it: x (n, D) -> (n, D)."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act(gate) * up, down)
+    def forward(self, x: torch.Tensor, views: dict, act) -> torch.Tensor:
+        """One SwiGLU expert on the tokens routed to it: x (n, D) -> (n, D)."""
+        gate, up = matmul(x, views["gate_up"], self.formats["gate_up"]).chunk(2, dim=-1)
+        return matmul(act(gate) * up, views["down"], self.formats["down"])

@@ -18,8 +18,9 @@ from .experts import ExpertLayout
 from .models import FAMILIES
 from .models.common import Rotary, Transformer, activation
 from .models.family import Family
-from .plan import OffloadOptions, Plan, make_plan
+from .plan import OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
+from .quant import quantize_linears
 from .store import DiskReader, check_shapes, expert_pieces
 
 # per-expert matrices, as transformers saves them
@@ -74,7 +75,11 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
 
 
 def plan_model(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    options: OffloadOptions,
+    quant: str = "none",
 ):
     """Everything decided before a byte of weights is read: family, config, the model on the
     meta device, resident keys, each expert's pieces on disk, and the plan within the budgets."""
@@ -94,18 +99,33 @@ def plan_model(
         )
     moe_layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
     pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
-    check_shapes(pieces, ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size))
+    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
+    check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
-    plan = make_plan(cfg, model, dtype, device, options, largest)
-    return family, cfg, dtype, model, resident, pieces, plan
+    sizes = resident_components(model, dtype, quant, lambda name: keep_dense(name, cfg))
+    plan = make_plan(cfg, sizes, dtype, device, options, largest, layout.nbytes, quant)
+    return family, cfg, dtype, model, resident, pieces, plan, layout
+
+
+def keep_dense(linear_name: str, cfg: ModelConfig) -> bool:
+    """Linear layers that stay unquantized: Qwen2-MoE's one-output shared-expert gate, and a
+    head tied to the embeddings (which must stay as they are)."""
+    return linear_name.endswith("shared_expert_gate") or (
+        linear_name == "lm_head" and cfg.tie_word_embeddings
+    )
 
 
 def load_model(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None, options: OffloadOptions
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    options: OffloadOptions,
+    quant: str = "none",
 ) -> LoadedModel:
-    family, cfg, dtype, model, resident, pieces, plan = plan_model(ckpt, device, dtype, options)
+    family, cfg, dtype, model, resident, pieces, plan, layout = plan_model(
+        ckpt, device, dtype, options, quant
+    )
     moe_layers = sorted({layer for layer, _ in pieces})
-    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size)
 
     state = {name: ckpt.get(key).to(device=device, dtype=dtype) for name, key in resident.items()}
     if cfg.tie_word_embeddings:
@@ -118,12 +138,13 @@ def load_model(
         ) from None
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
     model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
+    quantize_linears(model, quant, lambda name: keep_dense(name, cfg))
 
     cache = prefetcher = None
     if moe_layers:
         cache = ExpertCache(
             layout, activation(cfg.hidden_act), DiskReader(pieces, layout), moe_layers,
-            cfg.num_experts, plan.device_slots, dtype, device, policy=options.cache_policy,
+            cfg.num_experts, plan.device_slots, device, policy=options.cache_policy,
             host_experts=plan.host_experts, miss_policy=options.miss_policy,
         )  # fmt: skip
         for i in moe_layers:

@@ -12,6 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import MoelocalError
+from .quant import MatrixFormat
 from .store import ALIGN
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -38,8 +39,16 @@ def human(n: float) -> str:
         n /= 1024
 
 
-def resident_components(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of the resident weights by component, in the compute dtype."""
+def resident_components(
+    model: torch.nn.Module, dtype: torch.dtype, quant: str = "none", keep_dense=lambda name: False
+) -> dict[str, int]:
+    """Bytes of the resident weights by component, in the compute dtype or, for the Linear
+    layers that get quantized, in their quantized format."""
+    quantized = {
+        f"{name}.weight": MatrixFormat(quant, *m.weight.shape, dtype).nbytes
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and quant != "none" and not keep_dense(name)
+    }
     parts = {"embeddings": 0, "lm_head": 0, "attention": 0, "norms": 0, "routers": 0,
              "shared_experts": 0, "dense_mlp": 0}  # fmt: skip
     seen = set()
@@ -61,7 +70,7 @@ def resident_components(model: torch.nn.Module, dtype: torch.dtype) -> dict[str,
             part = "shared_experts"
         else:
             part = "dense_mlp"
-        parts[part] += p.numel() * dtype.itemsize
+        parts[part] += quantized.get(name, p.numel() * dtype.itemsize)
     return parts
 
 
@@ -101,6 +110,7 @@ class OffloadOptions:
 class Plan:
     device: str
     dtype: torch.dtype
+    quant: str
     resident: dict[str, int]
     context: int
     kv_bytes: int
@@ -142,6 +152,7 @@ class Plan:
         return {
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quant": self.quant,
             "resident_bytes": self.resident_bytes,
             "resident": self.resident,
             "context": self.context,
@@ -161,17 +172,19 @@ class Plan:
 
 def make_plan(
     cfg: ModelConfig,
-    model: torch.nn.Module,
+    resident: dict[str, int],
     dtype: torch.dtype,
     device: torch.device,
     options: OffloadOptions,
     largest_read: int,
+    expert_bytes: int,
+    quant: str = "none",
 ) -> Plan:
     """Fit the model into the budgets, or fail with one line naming the minimum.
-    largest_read: bytes of the largest single matrix read from disk (one staging buffer)."""
+    resident: bytes by component (resident_components); largest_read: bytes of the largest
+    matrix read from disk (one staging buffer); expert_bytes: one expert's blob."""
     gpu_mem, cpu_mem, cache_experts = options.gpu_mem, options.cpu_mem, options.cache_experts
     context = options.context
-    resident = resident_components(model, dtype)
     cuda = device.type == "cuda"
     # on CUDA the GPU budget holds the resident part and the slots; on CPU, cpu_mem holds all
     budget = gpu_mem if cuda else cpu_mem
@@ -179,10 +192,11 @@ def make_plan(
         context = 4096 if budget is not None else cfg.max_position_embeddings
     context = min(context, cfg.max_position_embeddings)
     kv = kv_bytes_per_token(cfg, dtype) * context
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
     moe_layers, E = sum(cfg.moe_layers), cfg.num_experts
     # CUDA also stages each expert whole in pinned memory before its copy to the GPU
     staging = IO_THREADS * (largest_read + 2 * ALIGN + (expert_bytes if cuda else 0))
+    if quant != "none":  # quantizing on load works on float32 copies of a matrix pair
+        staging += IO_THREADS * 4 * 2 * cfg.moe_intermediate_size * cfg.hidden_size * 4
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
     if moe_layers == 0:
@@ -208,8 +222,8 @@ def make_plan(
         room = (cpu_mem - staging) // expert_bytes if cpu_mem is not None else moe_layers * E
         host = max(0, min(moe_layers * E, room))
     return Plan(
-        device=device.type, dtype=dtype, resident=resident, context=context, kv_bytes=kv,
-        expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
+        device=device.type, dtype=dtype, quant=quant, resident=resident, context=context,
+        kv_bytes=kv, expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
         top_k=cfg.num_experts_per_tok, device_slots=int(slots), host_experts=int(host),
         staging_bytes=staging, gpu_budget=gpu_mem, cpu_budget=cpu_mem,
     )  # fmt: skip

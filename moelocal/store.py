@@ -159,9 +159,17 @@ class DiskReader:
         return raw.view(p.dtype).view(p.shape)
 
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
-        """Fill dest (one expert blob, any dtype, on the CPU) with expert e of layer."""
-        gate_up, down = self.layout.gate_up(dest), self.layout.down(dest)
-        I = self.layout.I
+        """Fill dest (one expert blob on the CPU) with expert e of layer, in dest's layout."""
+        layout = self.layout
+        if layout.mode != "none":  # quantize on load: the float matrices, then their segments
+            mats = {p.part: self._read_piece(p).clone() for p in self.pieces[layer, e]}
+            gate_up = mats.get("gate_up")
+            if gate_up is None:
+                gate_up = torch.cat([mats["gate"], mats["up"]])
+            return layout.fill(dest, gate_up, mats["down"])
+        views = layout.views(dest)
+        gate_up, down = views["gate_up"]["w"], views["down"]["w"]
+        I = layout.I
         targets = {"gate": gate_up[:I], "up": gate_up[I:], "gate_up": gate_up, "down": down}
         for p in self.pieces[layer, e]:
             src, dst = self._read_piece(p), targets[p.part]

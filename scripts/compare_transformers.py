@@ -50,7 +50,7 @@ def main():
 
     engine = moelocal.load(model_dir, device="cpu", dtype=args.dtype)
     engine.stop_ids = set()  # always decode the full count
-    dtype = engine.model.lm_head.weight.dtype
+    dtype = engine.plan.dtype
     vocab = engine.config.vocab_size
     prompt = torch.randint(
         3, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)

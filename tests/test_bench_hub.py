@@ -36,8 +36,9 @@ def test_bench_json_on_the_default_model():
     assert streamed["bytes_moved_per_token"] > 0 and streamed["hit_rate"] < 1
     assert resident["hit_rate"] == 1 and resident["bytes_moved_per_token"] == 0
     assert resident["stall_share"] == 0
-    # all resident, the floor is the compute time: nothing runs faster than it
-    assert resident["floor_tok_s"] >= resident["decode_tok_s"] * 0.99
+    # all resident, the floor is the compute time: nothing runs faster than it (the floor comes
+    # from total times, the speed is a mean of per-run rates: a little slack between the two)
+    assert resident["floor_tok_s"] >= resident["decode_tok_s"] * 0.9
     assert rows[1]["prefetch_precision"] == 0 and rows[1]["prefetch_recall"] == 0
 
 

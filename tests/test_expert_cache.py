@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from moelocal.expert_cache import ExpertCache
-from moelocal.experts import ExpertLayout, expert_forward
+from moelocal.experts import ExpertLayout
 
 D, I, E = 8, 4, 6
+LAYOUT = ExpertLayout(D, I, torch.float32)
 
 
 class FakeReader:
@@ -19,11 +20,12 @@ class FakeReader:
         self.local = type("Local", (), {})()
 
     def weights(self, layer, e):
-        return torch.randn(3 * I * D, generator=torch.Generator().manual_seed(100 * layer + e))
+        gen = torch.Generator().manual_seed(100 * layer + e)
+        return torch.randn(2 * I, D, generator=gen), torch.randn(D, I, generator=gen)
 
     def read(self, layer, e, dest):
         self.reads.append((layer, e))
-        return dest.copy_(self.weights(layer, e))
+        return LAYOUT.fill(dest, *self.weights(layer, e))
 
     def submit(self, fn, *args):
         future = Future()
@@ -44,8 +46,8 @@ class FakeReader:
 
 def make_cache(n_slots, policy="lru", reader=None):
     reader = reader or FakeReader()
-    cache = ExpertCache(ExpertLayout(D, I), torch.nn.functional.silu, reader, [0], E, n_slots,
-                        torch.float32, torch.device("cpu"), policy=policy)  # fmt: skip
+    cache = ExpertCache(LAYOUT, torch.nn.functional.silu, reader, [0], E, n_slots,
+                        torch.device("cpu"), policy=policy)  # fmt: skip
     return cache, reader
 
 
@@ -91,9 +93,9 @@ def test_one_slot_serves_a_top_two_layer():
     out, x, ids, weights = step(cache, [4, 2], n_tokens=3)
     expected = torch.zeros_like(x)
     for k, e in enumerate([4, 2]):
-        blob = reader.weights(0, e)
-        layout = ExpertLayout(D, I)
-        y = expert_forward(x, layout.gate_up(blob), layout.down(blob), torch.nn.functional.silu)
+        gate_up, down = reader.weights(0, e)
+        gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ down.t()
         expected += y * weights[:, k, None]
     assert torch.allclose(out, expected, atol=1e-6)
     assert cache.stats.total().misses == 2

@@ -1,0 +1,125 @@
+"""Quantized weight formats and their matmuls.
+
+A matrix (N, K) in a format is a few named segments (packed weights, scales); `MatrixFormat`
+says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with them. On the CPU:
+  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm
+  int4  groups of 32 with scale and zero, torch's _weight_int4pack_mm_for_cpu (packed layout)
+Both take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
+The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
+int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MoelocalError
+
+MODES = ("none", "int8", "int4")
+INT4_GROUP = 32
+ACT_DTYPE = torch.bfloat16  # the activations the CPU kernels take
+
+
+def check_mode(mode: str | None, device: torch.device) -> str:
+    mode = mode or "none"
+    if mode not in MODES:
+        raise MoelocalError(f"--quant '{mode}': choose one of {', '.join(MODES)}")
+    if mode != "none" and device.type != "cpu":
+        raise MoelocalError(f"--quant {mode} runs on the CPU for now (--device cpu)")
+    return mode
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class MatrixFormat:
+    """How one (N, K) matrix is stored in `mode`: named segments of given dtype and shape."""
+
+    mode: str
+    N: int
+    K: int
+    dtype: torch.dtype  # of an unquantized matrix
+
+    @property
+    def segments(self) -> list[tuple[str, torch.dtype, tuple]]:
+        N, K = self.N, self.K
+        if self.mode == "int8":
+            return [("q", torch.int8, (N, round_up(K, 32))), ("scale", ACT_DTYPE, (N,))]
+        if self.mode == "int4":
+            Np, Kp = round_up(N, 16), round_up(K, INT4_GROUP)
+            return [("q", torch.uint8, (Np, Kp // 2)),
+                    ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
+        return [("w", self.dtype, (N, K))]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.itemsize * torch.Size(s).numel() for _, d, s in self.segments)
+
+
+def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
+    """(N, K) float weights -> the segments of `fmt`."""
+    if fmt.mode == "none":
+        return {"w": w.to(fmt.dtype)}
+    w = w.float()
+    if fmt.mode == "int8":
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        return {"q": F.pad(q, (0, round_up(fmt.K, 32) - fmt.K)), "scale": scale.to(ACT_DTYPE)}
+    Np, Kp = round_up(fmt.N, 16), round_up(fmt.K, INT4_GROUP)
+    w = F.pad(w, (0, Kp - fmt.K, 0, Np - fmt.N)).view(Np, Kp // INT4_GROUP, INT4_GROUP)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(Np, Kp), 2)
+    # the kernel computes (q - 8) * scale + zero
+    zero = lo + 8 * scale
+    scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(ACT_DTYPE).contiguous()
+    return {"q": packed, "scale_zero": scale_zero}
+
+
+def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> torch.Tensor:
+    """x (M, K) @ W.T -> (M, N), in x's dtype."""
+    if fmt.mode == "none":
+        return F.linear(x, seg["w"])
+    xa = x.to(ACT_DTYPE)
+    Kp = round_up(fmt.K, 32)
+    if Kp != fmt.K:
+        xa = F.pad(xa, (0, Kp - fmt.K))
+    if fmt.mode == "int8":
+        y = torch._weight_int8pack_mm(xa, seg["q"], seg["scale"])
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, seg["q"], INT4_GROUP, seg["scale_zero"])
+        y = y[:, : fmt.N]
+    return y.to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is stored quantized; the bias stays as it was."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        N, K = linear.weight.shape
+        self.fmt = MatrixFormat(mode, N, K, linear.weight.dtype)
+        for name, t in quantize(linear.weight.detach(), self.fmt).items():
+            self.register_buffer(name, t)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        segs = {name: getattr(self, name) for name, _, _ in self.fmt.segments}
+        y = matmul(x.reshape(-1, self.fmt.K), segs, self.fmt).view(*x.shape[:-1], self.fmt.N)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantize_linears(model: nn.Module, mode: str, skip=lambda name: False):
+    """Swap every nn.Linear (but the skipped ones) for a QuantLinear, in place."""
+    if mode == "none":
+        return
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not skip(full):
+                setattr(module, child_name, QuantLinear(child, mode))
