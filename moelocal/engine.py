@@ -93,9 +93,7 @@ def load(
     ckpt = Checkpoint(model_dir)
     loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
     tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    engine = Engine(model_dir, loaded, tokenizer, device)
-    engine.baseline_rss_bytes = baseline_rss
-    return engine
+    return Engine(model_dir, loaded, tokenizer, device, baseline_rss)
 
 
 def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
@@ -128,7 +126,7 @@ def plan(
     options = OffloadOptions(**offload_options)
     ckpt = Checkpoint(resolve_model(model))
     device = pick_device(device)
-    return plan_model(ckpt, device, pick_dtype(dtype), options, check_mode(quant, device))[-2]
+    return plan_model(ckpt, device, pick_dtype(dtype), options, check_mode(quant, device)).plan
 
 
 def peak_rss_bytes() -> int:
@@ -179,7 +177,14 @@ class TextStream:
 
 
 class Engine:
-    def __init__(self, model_dir: Path, loaded, tokenizer: Tokenizer | None, device: torch.device):
+    def __init__(
+        self,
+        model_dir: Path,
+        loaded,
+        tokenizer: Tokenizer | None,
+        device: torch.device,
+        baseline_rss_bytes: int = 0,  # RSS before loading: Python, torch
+    ):
         self.model_dir = model_dir
         self.loaded = loaded
         self.model = loaded.model
@@ -188,7 +193,7 @@ class Engine:
         self.device = device
         self.plan = loaded.plan
         self.cache = loaded.cache
-        self.baseline_rss_bytes = 0  # RSS before loading: Python, torch; set by load()
+        self.baseline_rss_bytes = baseline_rss_bytes
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
 
     @property

@@ -7,6 +7,7 @@ them by file offset into its slots. A checkpoint key the table does not map is a
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -74,15 +75,28 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
     return resident, experts, fused
 
 
+class Planned(NamedTuple):
+    """Everything decided before a byte of weights is read."""
+
+    family: Family
+    cfg: ModelConfig
+    dtype: torch.dtype
+    model: Transformer  # on the meta device
+    resident: dict[str, str]  # module name -> checkpoint key
+    pieces: dict  # (layer, expert) -> its pieces on disk
+    plan: Plan
+    layout: ExpertLayout
+
+
 def plan_model(
     ckpt: Checkpoint,
     device: torch.device,
     dtype: torch.dtype | None,
     options: OffloadOptions,
     quant: str = "none",
-):
-    """Everything decided before a byte of weights is read: family, config, the model on the
-    meta device, resident keys, each expert's pieces on disk, and the plan within the budgets."""
+) -> Planned:
+    """Family, config, the model on the meta device, resident keys, each expert's pieces on
+    disk, and the placement within the budgets: checked before anything is loaded."""
     family = family_of(ckpt.config)
     cfg = family.parse_config(ckpt.config)
     dtype = dtype or cfg.dtype
@@ -104,7 +118,7 @@ def plan_model(
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
     sizes = resident_components(model, dtype, quant, lambda name: keep_dense(name, cfg))
     plan = make_plan(cfg, sizes, dtype, device, options, largest, layout.nbytes, quant)
-    return family, cfg, dtype, model, resident, pieces, plan, layout
+    return Planned(family, cfg, dtype, model, resident, pieces, plan, layout)
 
 
 def keep_dense(linear_name: str, cfg: ModelConfig) -> bool:
@@ -124,7 +138,7 @@ def load_model(
 ) -> LoadedModel:
     family, cfg, dtype, model, resident, pieces, plan, layout = plan_model(
         ckpt, device, dtype, options, quant
-    )
+    )  # fmt: skip
     moe_layers = sorted({layer for layer, _ in pieces})
 
     state = {name: ckpt.get(key).to(device=device, dtype=dtype) for name, key in resident.items()}
