@@ -14,7 +14,7 @@ import torch
 from .engine import Engine, load
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
-from .plan import IO_THREADS
+from .store import IO_THREADS
 
 
 def parse_sweep(name: str, value: str | None) -> list:

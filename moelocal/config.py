@@ -6,7 +6,7 @@ This module knows nothing about weights or tokenizers.
 """
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,9 +70,6 @@ class ModelConfig:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES.get(self.torch_dtype or "float32", torch.float32)
-
-    def describe(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def read_config_json(model_dir: Path) -> dict:

@@ -13,13 +13,11 @@ import torch
 from .config import ModelConfig
 from .errors import MoelocalError
 from .quant import MatrixFormat
-from .store import ALIGN
+from .store import ALIGN, IO_THREADS
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
          "tib": 1024**4}  # fmt: skip
-# disk reads run on this many threads, each with an aligned staging buffer for one matrix
-IO_THREADS = 4
 
 
 def parse_size(value: str | int | None, option: str = "size") -> int | None:

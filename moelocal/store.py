@@ -23,6 +23,7 @@ from .errors import MoelocalError
 from .experts import ExpertLayout
 
 ALIGN = 4096
+IO_THREADS = 4  # disk reads in flight at once, each with a staging buffer for one matrix
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8}  # fmt: skip
 
@@ -116,7 +117,7 @@ def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
 class DiskReader:
     """Reads whole experts from the checkpoint into blobs, by offset."""
 
-    def __init__(self, pieces: dict, layout: ExpertLayout, threads: int = 4):
+    def __init__(self, pieces: dict, layout: ExpertLayout, threads: int = IO_THREADS):
         self.pieces, self.layout = pieces, layout
         self.fds, self.direct = {}, {}
         for path in {p.path for parts in pieces.values() for p in parts}:

@@ -83,8 +83,7 @@ def disk_bandwidth(model_dir: Path, read_bytes: int) -> float:
     no engine can beat, so it takes the most the disk gave."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from moelocal.plan import IO_THREADS
-    from moelocal.store import ALIGN, aligned_buffer
+    from moelocal.store import ALIGN, IO_THREADS, aligned_buffer
 
     path = max(model_dir.glob("*.safetensors"), key=lambda p: p.stat().st_size)
     chunk = read_bytes - read_bytes % ALIGN
