@@ -16,6 +16,8 @@ from .config import read_config_json
 from .errors import MoelocalError
 
 INDEX_NAME = "model.safetensors.index.json"
+MANIFEST = "moelocal.json"  # a model packed by `moelocal convert`
+PARTIAL = "moelocal.partial"  # a convert that has not finished
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -24,11 +26,31 @@ class Checkpoint:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise MoelocalError(f"model directory not found: {self.dir}")
+        if (self.dir / PARTIAL).exists():
+            raise MoelocalError(f"{self.dir}: an interrupted `moelocal convert`; run it again")
+        self.manifest = self._manifest()  # None for a Hugging Face checkpoint
         self.config = read_config_json(self.dir)
         self.weight_map = self._weight_map()  # tensor name -> shard file name
         self._shards = {name: self._open(name) for name in sorted(set(self.weight_map.values()))}
 
+    def _manifest(self) -> dict | None:
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+            manifest["experts"], manifest["quant"], manifest["dtype"]  # noqa: B018
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MoelocalError(
+                f"{path}: invalid manifest ({e}); run moelocal convert again"
+            ) from None
+        return manifest
+
     def _weight_map(self) -> dict[str, str]:
+        if self.manifest is not None:
+            return {
+                key: "resident.safetensors" for key in self._open("resident.safetensors").keys()
+            }
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:

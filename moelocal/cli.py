@@ -422,6 +422,44 @@ def bench_table(rows: list[dict]):
     return table
 
 
+@app.command("convert")
+def convert_cmd(
+    model: ModelArg = None,
+    quant: Annotated[str, typer.Option(help="none, int8 or int4.")] = "int4",
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: the data directory).")
+    ] = None,
+    dtype: DtypeOpt = None,
+):
+    """Pack a checkpoint for moelocal: each expert one aligned, checksummed blob, quantized.
+
+    A converted model loads fast and its disk tier streams experts straight from the file.
+    Example: moelocal convert ./Mixtral-8x7B --quant int4
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from .convert import convert
+    from .engine import pick_dtype
+
+    columns = (TextColumn("converting experts"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done, total):
+            bar.update(task, completed=done, total=total)
+
+        path = run(lambda: convert(model, quant, out, pick_dtype(dtype), progress))
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"{path}: {size / 1e9:.2f} GB")
+
+
 @app.command("pull")
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. Qwen/Qwen3-30B-A3B.")],

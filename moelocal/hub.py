@@ -136,11 +136,15 @@ def describe(model_dir: Path, name: str, source: str) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError, MoelocalError):
         return None
     quant = (raw.get("quantization_config") or {}).get("quant_method") or cfg.torch_dtype or "-"
+    manifest = model_dir / "moelocal.json"
+    if manifest.is_file():  # converted by moelocal
+        quant = json.loads(manifest.read_text()).get("quant", quant)
+    weights = [*model_dir.glob("*.safetensors"), *model_dir.glob("experts.bin")]
     return {
         "name": name,
         "source": source,
         "architecture": cfg.model_type,
-        "size_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+        "size_bytes": sum(p.stat().st_size for p in weights),
         "experts": cfg.num_experts,
         "experts_per_token": cfg.num_experts_per_tok,
         "layers": cfg.num_hidden_layers,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import Checkpoint
-from .config import ModelConfig
+from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout
@@ -22,7 +22,7 @@ from .models.family import Family
 from .plan import OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import quantize_linears
-from .store import DiskReader, check_shapes, expert_pieces
+from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -93,13 +93,22 @@ def plan_model(
     device: torch.device,
     dtype: torch.dtype | None,
     options: OffloadOptions,
-    quant: str = "none",
+    quant: str | None = None,
 ) -> Planned:
     """Family, config, the model on the meta device, resident keys, each expert's pieces on
     disk, and the placement within the budgets: checked before anything is loaded."""
     family = family_of(ckpt.config)
     cfg = family.parse_config(ckpt.config)
-    dtype = dtype or cfg.dtype
+    if ckpt.manifest is not None:  # a converted model fixes its dtype and quantization
+        packed = (DTYPES[ckpt.manifest["dtype"]], ckpt.manifest["quant"])
+        if (dtype or packed[0], quant or packed[1]) != packed:
+            raise MoelocalError(
+                f"{ckpt.dir} was converted for {ckpt.manifest['dtype']} and --quant {packed[1]}: "
+                "load it "
+                "without --dtype/--quant, or convert again"
+            )
+        dtype, quant = packed
+    dtype, quant = dtype or cfg.dtype, quant or "none"
     with torch.device("meta"):
         model = family.build(cfg)
     expected = set(model.state_dict())
@@ -112,7 +121,10 @@ def plan_model(
             f"{ckpt.dir}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing)"
         )
     moe_layers = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
-    pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
+    if ckpt.manifest is not None:
+        pieces = packed_pieces(ckpt, moe_layers, cfg.num_experts)
+    else:
+        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
@@ -134,7 +146,7 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype | None,
     options: OffloadOptions,
-    quant: str = "none",
+    quant: str | None = None,
 ) -> LoadedModel:
     family, cfg, dtype, model, resident, pieces, plan, layout = plan_model(
         ckpt, device, dtype, options, quant
@@ -152,7 +164,7 @@ def load_model(
         ) from None
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
     model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
-    quantize_linears(model, quant, lambda name: keep_dense(name, cfg))
+    quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
 
     cache = prefetcher = None
     if moe_layers:

@@ -22,8 +22,10 @@ INT4_GROUP = 32
 ACT_DTYPE = torch.bfloat16  # the activations the CPU kernels take
 
 
-def check_mode(mode: str | None, device: torch.device) -> str:
-    mode = mode or "none"
+def check_mode(mode: str | None, device: torch.device) -> str | None:
+    """A valid --quant for this device; None (not given) stays None."""
+    if mode is None:
+        return None
     if mode not in MODES:
         raise MoelocalError(f"--quant '{mode}': choose one of {', '.join(MODES)}")
     if mode != "none" and device.type != "cpu":

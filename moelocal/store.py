@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,13 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 class Piece:
     """One matrix of one expert (or its slice of a fused tensor) in a checkpoint file."""
 
-    part: str  # gate, up, down or gate_up
+    part: str  # gate, up, down, gate_up, or blob (a whole expert of a converted model)
     path: Path
     offset: int  # of its first byte in the file
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    crc32: int | None = None  # converted models check every read
 
 
 def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]:
@@ -96,9 +98,27 @@ def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused) -> dict[tuple
     return pieces
 
 
+def packed_pieces(ckpt, moe_layers, n_experts) -> dict[tuple, list[Piece]]:
+    """(layer, expert) -> its blob in a converted model's experts.bin."""
+    entries, path = ckpt.manifest["experts"], ckpt.dir / "experts.bin"
+    size = ckpt.manifest["expert_bytes"]
+    pieces = {}
+    for layer in moe_layers:
+        for e in range(n_experts):
+            entry = entries.get(f"{layer}.{e}")
+            if entry is None:
+                raise MoelocalError(f"{ckpt.dir}: the manifest lacks expert {e} of layer {layer}")
+            pieces[layer, e] = [Piece("blob", path, entry["offset"], size, torch.uint8, (size,),
+                                      entry["crc32"])]  # fmt: skip
+    if not path.is_file() or path.stat().st_size < max(p[0].offset + size for p in pieces.values()):
+        raise MoelocalError(f"{path}: missing or truncated; run moelocal convert again")
+    return pieces
+
+
 def check_shapes(pieces: dict, layout: ExpertLayout):
     I, D = layout.I, layout.D
-    want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}
+    want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D),
+            "blob": (layout.nbytes,)}  # fmt: skip
     for (layer, e), parts in pieces.items():
         for p in parts:
             if p.shape != want[p.part]:
@@ -162,6 +182,17 @@ class DiskReader:
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
         """Fill dest (one expert blob on the CPU) with expert e of layer, in dest's layout."""
         layout = self.layout
+        first = self.pieces[layer, e][0]
+        if first.part == "blob":  # a converted model: the blob is stored as it is computed with
+            raw = self._read_piece(first)
+            data = (ctypes.c_char * first.nbytes).from_address(raw.data_ptr())
+            if zlib.crc32(data) != first.crc32:
+                raise MoelocalError(
+                    f"{first.path}: expert {e} of layer {layer} fails its checksum (corrupt "
+                    "file); run moelocal convert again"
+                )
+            ctypes.memmove(dest.data_ptr(), raw.data_ptr(), first.nbytes)
+            return dest
         if layout.mode != "none":  # quantize on load: the float matrices, then their segments
             mats = {p.part: self._read_piece(p).clone() for p in self.pieces[layer, e]}
             gate_up = mats.get("gate_up")

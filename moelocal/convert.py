@@ -1,0 +1,106 @@
+"""Checkpoint -> moelocal's packed model, in the data directory.
+
+    resident.safetensors   the weights every token needs, under their checkpoint names
+    experts.bin            every routed expert as one blob in its compute layout (quantized or
+                           not), each starting on a 4 KiB boundary: a miss is one direct read
+    moelocal.json          the manifest: format, dtype, quant, blob size, and per expert its
+                           offset and CRC32 (checked on every read)
+    config.json, tokenizer files, generation config, chat template: copied
+
+The model is written into a temporary directory marked `moelocal.partial` and renamed into place
+at the end, so an interrupted convert never leaves something that later looks valid.
+"""
+
+import ctypes
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import MANIFEST, PARTIAL, Checkpoint
+from .errors import MoelocalError
+from .hub import data_dir, resolve_model
+from .loader import plan_model
+from .plan import OffloadOptions
+from .quant import check_mode, round_up
+from .store import ALIGN, DiskReader, aligned_buffer
+
+FORMAT = 1
+EXPERTS = "experts.bin"
+RESIDENT = "resident.safetensors"
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+
+
+def default_out(model: str | None, model_dir: Path, quant: str) -> Path:
+    """data dir/models/NAME-QUANT: a directory's name, or a hub id as owner--name."""
+    local = model is None or Path(model).expanduser().exists()
+    name = model_dir.name if local else str(model).replace("/", "--")
+    return data_dir() / "models" / f"{name}-{quant}"
+
+
+def convert(
+    model: str | None,
+    quant: str,
+    out: Path | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> Path:
+    """Write the packed model; returns its directory."""
+    model_dir = resolve_model(model)
+    ckpt = Checkpoint(model_dir)
+    if ckpt.manifest is not None:
+        raise MoelocalError(f"{model_dir} is already a converted model")
+    quant = check_mode(quant, torch.device("cpu")) or "none"
+    planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant)
+    out = Path(out) if out else default_out(model, model_dir, quant)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL).touch()
+
+    resident = {key: ckpt.get(key).to(planned.dtype) for key in planned.resident.values()}
+    save_file(resident, tmp / RESIDENT, metadata={"format": "pt"})
+    del resident
+
+    layout, keys = planned.layout, sorted(planned.pieces)
+    stride = round_up(layout.nbytes, ALIGN)
+    buf, base = aligned_buffer(stride)
+    blob = buf[base : base + stride]
+    reader = DiskReader(planned.pieces, layout)
+    entries = {}
+    try:
+        with open(tmp / EXPERTS, "wb") as f:
+            for i, (layer, e) in enumerate(keys):
+                blob.zero_()  # the padding between blobs is zeros, deterministically
+                reader.read(layer, e, blob[: layout.nbytes])
+                data = memoryview((ctypes.c_char * stride).from_address(blob.data_ptr()))
+                f.write(data)
+                entries[f"{layer}.{e}"] = {"offset": i * stride,
+                                           "crc32": zlib.crc32(data[: layout.nbytes])}  # fmt: skip
+                progress(i + 1, len(keys))
+    finally:
+        reader.close()
+    for name in COPIED:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, tmp / name)
+    manifest = {
+        "format": FORMAT,
+        "source": str(model_dir),
+        "dtype": str(planned.dtype).removeprefix("torch."),
+        "quant": quant,
+        "expert_bytes": layout.nbytes,
+        "stride": stride,
+        "experts": entries,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (tmp / PARTIAL).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,100 @@
+"""`moelocal convert`: the packed model gives what quantizing on load gives, every blob is
+checked on read, and an interrupted convert never looks like a model."""
+
+import json
+
+import pytest
+import torch
+from tiny import VOCAB
+from typer.testing import CliRunner
+
+import moelocal
+from moelocal.cli import app
+from moelocal.convert import convert
+from moelocal.errors import MoelocalError
+
+runner = CliRunner()
+
+
+def prompt(n=14, seed=3):
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_converted_equals_quantized_on_load(tiny, tmp_path, arch, quant):
+    src = tiny(arch)[0]
+    out = convert(str(src), quant, tmp_path / "packed")
+    manifest = json.loads((out / "moelocal.json").read_text())
+    assert manifest["quant"] == quant and all(e["offset"] % 4096 == 0
+                                              for e in manifest["experts"].values())  # fmt: skip
+    ids = prompt()
+    on_load = moelocal.load(src, device="cpu", quant=quant)
+    packed = moelocal.load(out, device="cpu")
+    assert packed.plan.quant == quant
+    assert torch.equal(packed.logits(ids), on_load.logits(ids))
+    tokens = on_load.generate(ids, max_new_tokens=8).token_ids
+    assert packed.generate(ids, max_new_tokens=8).token_ids == tokens
+    streamed = moelocal.load(out, device="cpu", cache_experts=1)
+    assert streamed.generate(ids, max_new_tokens=8).token_ids == tokens
+
+
+def test_cli_convert_into_the_data_directory(tiny):
+    result = runner.invoke(app, ["convert", str(tiny("olmoe")[0]), "--quant", "int8"])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(app, ["list", "--json"])
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    name = f"{tiny('olmoe')[0].name}-int8"
+    assert rows[name]["quantization"] == "int8"
+    ran = runner.invoke(app, ["generate", name, "-p", "hi", "-n", "3", "--json"])
+    assert ran.exit_code == 0 and len(json.loads(ran.stdout)["token_ids"]) == 3
+
+
+def test_a_flipped_byte_is_caught_naming_the_expert(tiny, tmp_path):
+    out = convert(str(tiny("mixtral")[0]), "int4", tmp_path / "packed")
+    manifest = json.loads((out / "moelocal.json").read_text())
+    target = manifest["experts"]["1.3"]["offset"] + 100
+    data = bytearray((out / "experts.bin").read_bytes())
+    data[target] ^= 0x01
+    (out / "experts.bin").write_bytes(bytes(data))
+    result = runner.invoke(app, ["generate", str(out), "-p", "hi", "-n", "2"])
+    assert result.exit_code == 1
+    assert "expert 3 of layer 1 fails its checksum" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    # streaming finds it too, on the read that brings the expert in
+    engine = moelocal.load(out, device="cpu", cache_experts=1)
+    with pytest.raises(MoelocalError, match="fails its checksum"):
+        for seed in range(20):
+            engine.generate(prompt(seed=seed), max_new_tokens=4)
+
+
+def test_an_interrupted_convert_is_detected(tiny, tmp_path):
+    def interrupt(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "packed"
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tiny("mixtral")[0]), "int8", out, progress=interrupt)
+    assert not out.exists()  # nothing under the final name
+    (partial,) = tmp_path.glob(".packed.tmp-*")
+    with pytest.raises(MoelocalError, match="interrupted"):
+        moelocal.load(partial, device="cpu")
+    # and the next convert to the same place succeeds
+    assert convert(str(tiny("mixtral")[0]), "int8", out).exists()
+
+
+def test_truncated_experts_file(tiny, tmp_path):
+    out = convert(str(tiny("mixtral")[0]), "int8", tmp_path / "packed")
+    data = (out / "experts.bin").read_bytes()
+    (out / "experts.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MoelocalError, match="truncated"):
+        moelocal.load(out, device="cpu")
+
+
+def test_converted_model_keeps_its_quantization(tiny, tmp_path):
+    out = convert(str(tiny("mixtral")[0]), "int4", tmp_path / "packed")
+    with pytest.raises(MoelocalError, match="converted for"):
+        moelocal.load(out, device="cpu", quant="int8")
+    with pytest.raises(MoelocalError, match="already a converted model"):
+        convert(str(out), "int8", tmp_path / "again")
