@@ -129,7 +129,10 @@ def plan_model(
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
     sizes = resident_components(model, dtype, quant, lambda name: keep_dense(name, cfg))
-    plan = make_plan(cfg, sizes, dtype, device, options, largest, layout.nbytes, quant)
+    quantize_on_read = quant != "none" and ckpt.manifest is None
+    plan = make_plan(
+        cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
+    )
     return Planned(family, cfg, dtype, model, resident, pieces, plan, layout)
 
 

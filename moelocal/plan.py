@@ -177,6 +177,7 @@ def make_plan(
     largest_read: int,
     expert_bytes: int,
     quant: str = "none",
+    quantize_on_read: bool = False,
 ) -> Plan:
     """Fit the model into the budgets, or fail with one line naming the minimum.
     resident: bytes by component (resident_components); largest_read: bytes of the largest
@@ -193,7 +194,7 @@ def make_plan(
     moe_layers, E = sum(cfg.moe_layers), cfg.num_experts
     # CUDA also stages each expert whole in pinned memory before its copy to the GPU
     staging = IO_THREADS * (largest_read + 2 * ALIGN + (expert_bytes if cuda else 0))
-    if quant != "none":  # quantizing on load works on float32 copies of a matrix pair
+    if quantize_on_read:  # quantizing on load works on float32 copies of a matrix pair
         staging += IO_THREADS * 4 * 2 * cfg.moe_intermediate_size * cfg.hidden_size * 4
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
