@@ -21,7 +21,7 @@ from .models.common import Rotary, Transformer, activation
 from .models.family import Family
 from .plan import OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
-from .quant import quantize_linears
+from .quant import check_mode, dequantize_checkpoint, quantize_linears
 from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
 
 # per-expert matrices, as transformers saves them
@@ -29,6 +29,11 @@ EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weig
 # experts already stacked on disk: gate_up_proj (E, 2I, D) and down_proj (E, D, I)
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 UNUSED_KEY = re.compile(r".*rotary_emb\.inv_freq")
+# bitsandbytes' quant state beside a quantized weight X.weight (transformers' load_in_4bit/8bit)
+BNB_AUX = re.compile(
+    r"(.*)\.(?:weight\.(absmax|quant_map|nested_absmax|nested_quant_map|"
+    r"quant_state\.bitsandbytes__(?:nf4|fp4))|(SCB)|(weight_format))"
+)
 
 
 @dataclass
@@ -51,9 +56,15 @@ def family_of(raw_config: dict) -> Family:
 
 
 def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[str]):
-    """-> (resident: our name -> checkpoint key, experts: (layer, expert, part) -> key, fused)."""
-    resident, experts, fused = {}, {}, {}
+    """-> (resident: our name -> checkpoint key, experts: (layer, expert, part) -> key, fused,
+    bnb: weight key -> {quant-state suffix: key} for bitsandbytes-quantized weights)."""
+    resident, experts, fused, bnb = {}, {}, {}, {}
     for key in ckpt.keys():
+        if m := BNB_AUX.fullmatch(key):
+            suffix = m.group(2) or m.group(3)
+            if suffix:  # weight_format is a label, nothing to read
+                bnb.setdefault(f"{m.group(1)}.weight", {})[suffix] = key
+            continue
         name = key
         for old, new in family.renames.items():
             name = name.replace(old, new)
@@ -72,7 +83,25 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             raise MoelocalError(f"unexpected tensor {key}: not in the {family.name} key table")
-    return resident, experts, fused
+    return resident, experts, fused, bnb
+
+
+def bnb_quant(raw_config: dict) -> str | None:
+    """The format of a bitsandbytes-quantized checkpoint: nf4, fp4 or int8 (LLM.int8)."""
+    q = raw_config.get("quantization_config") or {}
+    if q.get("quant_method") != "bitsandbytes":
+        return None
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        return "int8"
+    return q.get("bnb_4bit_quant_type", "fp4")
+
+
+def read_weight(ckpt: Checkpoint, key: str, bnb: dict) -> torch.Tensor:
+    """A tensor by key; a bitsandbytes-quantized weight comes back dequantized."""
+    if key not in bnb:
+        return ckpt.get(key)
+    aux = {suffix: ckpt.get(k) for suffix, k in bnb[key].items()}
+    return dequantize_checkpoint(ckpt.get(key), aux)
 
 
 class Planned(NamedTuple):
@@ -86,6 +115,7 @@ class Planned(NamedTuple):
     pieces: dict  # (layer, expert) -> its pieces on disk
     plan: Plan
     layout: ExpertLayout
+    bnb: dict  # bitsandbytes-quantized weight key -> its quant-state keys
 
 
 def plan_model(
@@ -108,13 +138,15 @@ def plan_model(
                 "without --dtype/--quant, or convert again"
             )
         dtype, quant = packed
-    dtype, quant = dtype or cfg.dtype, quant or "none"
+    # a bitsandbytes checkpoint runs in its own format unless told otherwise
+    dtype = dtype or cfg.dtype
+    quant = check_mode(quant or bnb_quant(ckpt.config), device) or "none"
     with torch.device("meta"):
         model = family.build(cfg)
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    resident, expert_keys, fused = sort_keys(ckpt, family, cfg, expected)
+    resident, expert_keys, fused, bnb = sort_keys(ckpt, family, cfg, expected)
     missing = sorted(expected - set(resident))
     if missing:
         raise MoelocalError(
@@ -124,16 +156,17 @@ def plan_model(
     if ckpt.manifest is not None:
         pieces = packed_pieces(ckpt, moe_layers, cfg.num_experts)
     else:
-        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused)
+        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused, bnb)
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
     sizes = resident_components(model, dtype, quant, lambda name: keep_dense(name, cfg))
-    quantize_on_read = quant != "none" and ckpt.manifest is None
+    # experts read from a Hugging Face checkpoint are converted as they are read
+    quantize_on_read = ckpt.manifest is None and (quant != "none" or bool(bnb))
     plan = make_plan(
         cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
     )
-    return Planned(family, cfg, dtype, model, resident, pieces, plan, layout)
+    return Planned(family, cfg, dtype, model, resident, pieces, plan, layout, bnb)
 
 
 def keep_dense(linear_name: str, cfg: ModelConfig) -> bool:
@@ -151,12 +184,15 @@ def load_model(
     options: OffloadOptions,
     quant: str | None = None,
 ) -> LoadedModel:
-    family, cfg, dtype, model, resident, pieces, plan, layout = plan_model(
+    family, cfg, dtype, model, resident, pieces, plan, layout, bnb = plan_model(
         ckpt, device, dtype, options, quant
     )  # fmt: skip
     moe_layers = sorted({layer for layer, _ in pieces})
 
-    state = {name: ckpt.get(key).to(device=device, dtype=dtype) for name, key in resident.items()}
+    state = {
+        name: read_weight(ckpt, key, bnb).to(device=device, dtype=dtype)
+        for name, key in resident.items()
+    }
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     try:

@@ -1,10 +1,12 @@
 """Quantized weight formats and their matmuls.
 
 A matrix (N, K) in a format is a few named segments (packed weights, scales); `MatrixFormat`
-says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with them. On the CPU:
-  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm
-  int4  groups of 32 with scale and zero, torch's _weight_int4pack_mm_for_cpu (packed layout)
-Both take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
+says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with them:
+  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU)
+  int4  groups of 32 with scale and zero, torch's _weight_int4pack_mm_for_cpu (CPU)
+  nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it):
+        dequantized, then multiplied; slow on the CPU, bitsandbytes' kernels on CUDA
+They take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
 The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
 int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
 """
@@ -17,8 +19,9 @@ from torch import nn
 
 from .errors import MoelocalError
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "nf4", "fp4")
 INT4_GROUP = 32
+BNB_BLOCK = 64  # bitsandbytes' 4-bit block, as transformers writes it
 ACT_DTYPE = torch.bfloat16  # the activations the CPU kernels take
 
 
@@ -28,8 +31,8 @@ def check_mode(mode: str | None, device: torch.device) -> str | None:
         return None
     if mode not in MODES:
         raise MoelocalError(f"--quant '{mode}': choose one of {', '.join(MODES)}")
-    if mode != "none" and device.type != "cpu":
-        raise MoelocalError(f"--quant {mode} runs on the CPU for now (--device cpu)")
+    if mode in ("int8", "int4") and device.type != "cpu":
+        raise MoelocalError(f"--quant {mode} runs on the CPU (--device cpu); on CUDA use nf4")
     return mode
 
 
@@ -55,6 +58,10 @@ class MatrixFormat:
             Np, Kp = round_up(N, 16), round_up(K, INT4_GROUP)
             return [("q", torch.uint8, (Np, Kp // 2)),
                     ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
+        if self.mode in ("nf4", "fp4"):
+            n = N * K
+            return [("q", torch.uint8, ((n + 1) // 2, 1)),
+                    ("absmax", torch.float32, (-(-n // BNB_BLOCK),))]  # fmt: skip
         return [("w", self.dtype, (N, K))]
 
     @property
@@ -66,6 +73,12 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
     """(N, K) float weights -> the segments of `fmt`."""
     if fmt.mode == "none":
         return {"w": w.to(fmt.dtype)}
+    if fmt.mode in ("nf4", "fp4"):
+        from bitsandbytes.functional import quantize_4bit
+
+        q, state = quantize_4bit(w.to(ACT_DTYPE).contiguous(), blocksize=BNB_BLOCK,
+                                 quant_type=fmt.mode)  # fmt: skip
+        return {"q": q, "absmax": state.absmax}
     w = w.float()
     if fmt.mode == "int8":
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -87,6 +100,8 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
     """x (M, K) @ W.T -> (M, N), in x's dtype."""
     if fmt.mode == "none":
         return F.linear(x, seg["w"])
+    if fmt.mode in ("nf4", "fp4"):
+        return F.linear(x, dequantize_bnb(seg["q"], seg["absmax"], fmt).to(x.dtype))
     xa = x.to(ACT_DTYPE)
     Kp = round_up(fmt.K, 32)
     if Kp != fmt.K:
@@ -97,6 +112,26 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, seg["q"], INT4_GROUP, seg["scale_zero"])
         y = y[:, : fmt.N]
     return y.to(x.dtype)
+
+
+def dequantize_bnb(q: torch.Tensor, absmax: torch.Tensor, fmt: MatrixFormat) -> torch.Tensor:
+    from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type
+
+    state = QuantState(absmax=absmax, shape=torch.Size((fmt.N, fmt.K)), blocksize=BNB_BLOCK,
+                       code=get_4bit_type(fmt.mode, device=q.device), quant_type=fmt.mode,
+                       dtype=ACT_DTYPE)  # fmt: skip
+    return dequantize_4bit(q, state)
+
+
+def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A weight as bitsandbytes wrote it (transformers' load_in_4bit / load_in_8bit), with its
+    quant-state tensors by key suffix (absmax, quant_map, nested_*, quant_state.*, SCB) -> float."""
+    if "SCB" in aux:  # LLM.int8: int8 rows and their absmax
+        return weight.float() * (aux["SCB"].float()[:, None] / 127)
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    state = QuantState.from_dict(aux, device=weight.device)
+    return dequantize_4bit(weight, state).float()
 
 
 class QuantLinear(nn.Module):

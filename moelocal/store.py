@@ -15,13 +15,14 @@ import struct
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import MoelocalError
 from .experts import ExpertLayout
+from .quant import dequantize_checkpoint
 
 ALIGN = 4096
 IO_THREADS = 4  # disk reads in flight at once, each with a staging buffer for one matrix
@@ -40,6 +41,7 @@ class Piece:
     dtype: torch.dtype
     shape: tuple[int, ...]
     crc32: int | None = None  # converted models check every read
+    bnb: dict | None = field(default=None, compare=False)  # bitsandbytes quant state, if any
 
 
 def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]:
@@ -60,8 +62,13 @@ def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]
     return out
 
 
-def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused) -> dict[tuple, list[Piece]]:
-    """(layer, expert) -> the pieces to read, from per-expert keys or fused (E, ...) tensors."""
+def expert_pieces(
+    ckpt, moe_layers, n_experts, expert_keys, fused, bnb=None
+) -> dict[tuple, list[Piece]]:
+    """(layer, expert) -> the pieces to read, from per-expert keys or fused (E, ...) tensors.
+    bnb: weight key -> quant-state keys, for experts quantized by bitsandbytes (their small
+    quant-state tensors are read now, the packed weights by offset when needed)."""
+    bnb = bnb or {}
     offsets, pieces = {}, {}
 
     def where(key):
@@ -72,6 +79,9 @@ def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused) -> dict[tuple
 
     def piece(part, key, e=None):
         shard, (offset, nbytes, dtype, shape) = where(key)
+        if key in bnb:
+            aux = {suffix: ckpt.get(k) for suffix, k in bnb[key].items()}
+            return Piece(part, shard, offset, nbytes, dtype, shape, bnb=aux)
         if e is None:
             return Piece(part, shard, offset, nbytes, dtype, shape)
         if e >= shape[0]:
@@ -121,7 +131,7 @@ def check_shapes(pieces: dict, layout: ExpertLayout):
             "blob": (layout.nbytes,)}  # fmt: skip
     for (layer, e), parts in pieces.items():
         for p in parts:
-            if p.shape != want[p.part]:
+            if p.shape != want[p.part] and p.bnb is None:  # a packed one is checked once read
                 raise MoelocalError(
                     f"{p.path}: expert {e} of layer {layer}: {p.part} has shape {p.shape}, "
                     f"config.json implies {want[p.part]}"
@@ -179,10 +189,23 @@ class DiskReader:
             raw = raw.clone()
         return raw.view(p.dtype).view(p.shape)
 
+    def _float_matrix(self, p: Piece, layer: int, e: int) -> torch.Tensor:
+        raw = self._read_piece(p).clone()  # the staging buffer is reused by the next piece
+        if p.bnb is None:
+            return raw
+        w = dequantize_checkpoint(raw, p.bnb)
+        I, D = self.layout.I, self.layout.D
+        want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}[p.part]
+        if tuple(w.shape) != want:
+            raise MoelocalError(f"{p.path}: expert {e} of layer {layer}: {p.part} has shape "
+                                f"{tuple(w.shape)}, config.json implies {want}")  # fmt: skip
+        return w
+
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
         """Fill dest (one expert blob on the CPU) with expert e of layer, in dest's layout."""
         layout = self.layout
-        first = self.pieces[layer, e][0]
+        parts = self.pieces[layer, e]
+        first = parts[0]
         if first.part == "blob":  # a converted model: the blob is stored as it is computed with
             raw = self._read_piece(first)
             data = (ctypes.c_char * first.nbytes).from_address(raw.data_ptr())
@@ -193,8 +216,9 @@ class DiskReader:
                 )
             ctypes.memmove(dest.data_ptr(), raw.data_ptr(), first.nbytes)
             return dest
-        if layout.mode != "none":  # quantize on load: the float matrices, then their segments
-            mats = {p.part: self._read_piece(p).clone() for p in self.pieces[layer, e]}
+        if layout.mode != "none" or any(p.bnb is not None for p in parts):
+            # converted as read: the float matrices, then the layout's segments
+            mats = {p.part: self._float_matrix(p, layer, e) for p in parts}
             gate_up = mats.get("gate_up")
             if gate_up is None:
                 gate_up = torch.cat([mats["gate"], mats["up"]])
