@@ -45,7 +45,10 @@ SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 QuantOpt = Annotated[
     str | None,
-    typer.Option(help="Quantize on load the experts and Linear layers: none, int8 or int4 (CPU)."),
+    typer.Option(
+        help="Quantize the experts and Linear layers on load: none, int8, int4 (CPU) or "
+        "nf4. A bitsandbytes checkpoint keeps its own format by default."
+    ),
 ]
 GpuMemOpt = Annotated[
     str | None,
@@ -342,7 +345,9 @@ def bench_cmd(
     ] = None,
     cache_policy: Annotated[str | None, typer.Option(help="lru, lfu or lru,lfu.")] = None,
     prefetch: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
-    quant: Annotated[str | None, typer.Option(help="none, int8, int4, comma-separated.")] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="none, int8, int4, nf4, comma-separated.")
+    ] = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV for scripts.")] = False,
 ):
@@ -425,7 +430,7 @@ def bench_table(rows: list[dict]):
 @app.command("convert")
 def convert_cmd(
     model: ModelArg = None,
-    quant: Annotated[str, typer.Option(help="none, int8 or int4.")] = "int4",
+    quant: Annotated[str, typer.Option(help="none, int8, int4 or nf4.")] = "int4",
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: the data directory).")
     ] = None,

@@ -58,10 +58,9 @@ class MatrixFormat:
             Np, Kp = round_up(N, 16), round_up(K, INT4_GROUP)
             return [("q", torch.uint8, (Np, Kp // 2)),
                     ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
-        if self.mode in ("nf4", "fp4"):
-            n = N * K
-            return [("q", torch.uint8, ((n + 1) // 2, 1)),
-                    ("absmax", torch.float32, (-(-n // BNB_BLOCK),))]  # fmt: skip
+        if self.mode in ("nf4", "fp4"):  # rows padded to whole blocks: see quantize()
+            n = N * round_up(K, BNB_BLOCK)
+            return [("q", torch.uint8, (n // 2, 1)), ("absmax", torch.float32, (n // BNB_BLOCK,))]
         return [("w", self.dtype, (N, K))]
 
     @property
@@ -76,8 +75,9 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
     if fmt.mode in ("nf4", "fp4"):
         from bitsandbytes.functional import quantize_4bit
 
-        q, state = quantize_4bit(w.to(ACT_DTYPE).contiguous(), blocksize=BNB_BLOCK,
-                                 quant_type=fmt.mode)  # fmt: skip
+        # bitsandbytes' CPU round trip is wrong when a row is not whole blocks: pad the rows
+        w = F.pad(w.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K)).contiguous()
+        q, state = quantize_4bit(w, blocksize=BNB_BLOCK, quant_type=fmt.mode)
         return {"q": q, "absmax": state.absmax}
     w = w.float()
     if fmt.mode == "int8":
@@ -117,10 +117,11 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
 def dequantize_bnb(q: torch.Tensor, absmax: torch.Tensor, fmt: MatrixFormat) -> torch.Tensor:
     from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type
 
-    state = QuantState(absmax=absmax, shape=torch.Size((fmt.N, fmt.K)), blocksize=BNB_BLOCK,
+    Kp = round_up(fmt.K, BNB_BLOCK)
+    state = QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
                        code=get_4bit_type(fmt.mode, device=q.device), quant_type=fmt.mode,
                        dtype=ACT_DTYPE)  # fmt: skip
-    return dequantize_4bit(q, state)
+    return dequantize_4bit(q, state)[:, : fmt.K]
 
 
 def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:

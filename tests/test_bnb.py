@@ -17,6 +17,16 @@ def prompt(n=16, seed=4):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def quantized_weights(engine):
+    """(name, the (N, K) matrix each QuantLinear multiplies with)."""
+    from moelocal.quant import QuantLinear, matmul
+
+    for name, m in engine.model.named_modules():
+        if isinstance(m, QuantLinear):
+            segs = {seg: getattr(m, seg) for seg, _, _ in m.fmt.segments}
+            yield name, matmul(torch.eye(m.fmt.K), segs, m.fmt).t()
+
+
 def save_with_transformers(src, out, **bnb_config):
     import transformers
 
@@ -60,10 +70,12 @@ def test_prequantized_matches_quantized_on_load(tiny, tmp_path, arch, bnb_config
         assert prequantized.generate(ids, max_new_tokens=6).token_ids == tokens
     else:
         # bitsandbytes rounds differently here (an 8-bit double-quantized absmax; LLM.int8's row
-        # scales in bf16): close weights, which these tiny x3-scaled models amplify. Measured:
-        # double quant 0.29 of the largest logit and top-1 0.81, int8 0.11 and 0.94.
-        assert (a - b).abs().max() < 0.4 * b.abs().max()
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.7
+        # scales in bf16), which these tiny x3-scaled models amplify in the logits: compare the
+        # weights that every quantized layer multiplies with instead.
+        assert torch.isfinite(a).all()
+        pairs = zip(quantized_weights(prequantized), quantized_weights(on_load), strict=True)
+        for (name, wa), (_, wb) in pairs:
+            assert ((wa - wb).norm() / wb.norm()).item() < 0.02, name
 
 
 def test_per_expert_quantized_experts(tiny, tmp_path):
@@ -71,7 +83,7 @@ def test_per_expert_quantized_experts(tiny, tmp_path):
     from bitsandbytes.functional import quantize_4bit
     from safetensors.torch import load_file, save_file
 
-    src = tiny("mixtral")[0]
+    src = tiny("mixtral", intermediate_size=64)[0]  # whole 64-blocks: see test_quant
     out = tmp_path / "per-expert"
     out.mkdir()
     tensors = load_file(src / "model.safetensors")
