@@ -93,13 +93,15 @@ def fail(message: str, code: int = 1):
 
 
 def run(fn):
-    """Call fn, turning MoelocalError into one line on stderr and exit code 1."""
+    """Call fn, turning MoelocalError into one line on stderr and exit code 1, Ctrl-C into 130."""
     try:
         return fn()
     except MoelocalError as e:
         if os.environ.get("MOELOCAL_DEBUG"):
             raise
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
 
 
 @app.command("generate")

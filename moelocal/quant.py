@@ -11,6 +11,7 @@ The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 
 int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,7 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
     if fmt.mode == "none":
         return {"w": w.to(fmt.dtype)}
     if fmt.mode in ("nf4", "fp4"):
-        from bitsandbytes.functional import quantize_4bit
-
+        quantize_4bit = bitsandbytes().quantize_4bit
         # bitsandbytes' CPU round trip is wrong when a row is not whole blocks: pad the rows
         w = F.pad(w.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K)).contiguous()
         q, state = quantize_4bit(w, blocksize=BNB_BLOCK, quant_type=fmt.mode)
@@ -114,14 +114,22 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
     return y.to(x.dtype)
 
 
-def dequantize_bnb(q: torch.Tensor, absmax: torch.Tensor, fmt: MatrixFormat) -> torch.Tensor:
-    from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type
+def bitsandbytes():
+    """bitsandbytes.functional, imported on first use (a heavy import), without its warning that
+    an optional CPU kernel could not be fetched from a hub: moelocal dequantizes and multiplies."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional
 
+    return bitsandbytes.functional
+
+
+def dequantize_bnb(q: torch.Tensor, absmax: torch.Tensor, fmt: MatrixFormat) -> torch.Tensor:
+    bnb = bitsandbytes()
     Kp = round_up(fmt.K, BNB_BLOCK)
-    state = QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
-                       code=get_4bit_type(fmt.mode, device=q.device), quant_type=fmt.mode,
-                       dtype=ACT_DTYPE)  # fmt: skip
-    return dequantize_4bit(q, state)[:, : fmt.K]
+    state = bnb.QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
+                           code=bnb.get_4bit_type(fmt.mode, device=q.device),
+                           quant_type=fmt.mode, dtype=ACT_DTYPE)  # fmt: skip
+    return bnb.dequantize_4bit(q, state)[:, : fmt.K]
 
 
 def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,10 +137,8 @@ def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) ->
     quant-state tensors by key suffix (absmax, quant_map, nested_*, quant_state.*, SCB) -> float."""
     if "SCB" in aux:  # LLM.int8: int8 rows and their absmax
         return weight.float() * (aux["SCB"].float()[:, None] / 127)
-    from bitsandbytes.functional import QuantState, dequantize_4bit
-
-    state = QuantState.from_dict(aux, device=weight.device)
-    return dequantize_4bit(weight, state).float()
+    bnb = bitsandbytes()
+    return bnb.dequantize_4bit(weight, bnb.QuantState.from_dict(aux, device=weight.device)).float()
 
 
 class QuantLinear(nn.Module):
