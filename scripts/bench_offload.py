@@ -7,7 +7,8 @@ without prefetch, and transformers + accelerate offloading, on one checkpoint, i
 Each engine runs in its own process under ../shared/tools/memcap.sh (cgroup v1, as root), which
 first evicts the model's pages from the page cache. The floor is the time per token that the disk
 allows (bytes read per token ÷ measured disk bandwidth) or the compute time with every weight
-resident, whichever is larger (DESIGN.md's performance model). Needs accelerate and transformers.
+resident, whichever is larger (DESIGN.md's performance model). Needs the test extras
+(transformers, accelerate).
 """
 
 import argparse
