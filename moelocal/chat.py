@@ -42,6 +42,7 @@ class Chat:
         self.notes = Console(stderr=True, highlight=False)  # notices, errors
         self.session = Session()
         self.cache_start = engine.cache.stats.copy() if engine.cache else None
+        self.prompt_cache = engine.new_prompt_cache()  # each turn prefills only what is new
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -80,7 +81,8 @@ class Chat:
             self.console.file.flush()
 
         try:
-            out = self.engine.generate(ids, stream=stream, **self.sampling)
+            out = self.engine.generate(ids, stream=stream, prompt_cache=self.prompt_cache,
+                                       **self.sampling)  # fmt: skip
             answer = out.text
             self.session.last = out
             self.count(out)
@@ -111,6 +113,7 @@ class Chat:
 
         rows = [
             ("prompt tokens", ls.prompt_tokens if ls else "-", s.prompt_tokens),
+            ("of them reused", ls.extra.get("cached_prompt_tokens", 0) if ls else "-", "-"),
             ("generated tokens", ls.generated_tokens if ls else "-", s.generated_tokens),
             ("prefill tok/s", f"{ls.prefill_tokens_per_s:.1f}" if ls else "-",
              rate(s.prompt_tokens, s.prefill_s)),
@@ -142,6 +145,7 @@ class Chat:
             self.console.print(self.stats_table())
         elif name in ("/reset", "/clear"):
             self.session.history.clear()
+            self.prompt_cache.clear()
             self.notes.print("[dim]\\[conversation reset][/]")
         else:
             self.notes.print(f"unknown command {name}; /help lists them")

@@ -176,6 +176,28 @@ class TextStream:
         return self.text
 
 
+class PromptCache:
+    """A conversation's KV cache, kept between turns: the next prompt prefills only what follows
+    the longest prefix it shares with the tokens already cached (as llama.cpp's chat does)."""
+
+    def __init__(self, n_layers: int, capacity: int):
+        self.kv = KVCache(n_layers, capacity)
+        self.ids: list[int] = []  # the tokens whose keys and values kv holds
+
+    def reuse(self, ids: list[int]) -> int:
+        """Keep the shared prefix (at least one prompt token is left to prefill); its length."""
+        n = 0
+        for a, b in zip(self.ids, ids[:-1], strict=False):
+            if a != b:
+                break
+            n += 1
+        self.kv.length, self.ids = n, self.ids[:n]
+        return n
+
+    def clear(self):
+        self.kv.length, self.ids = 0, []
+
+
 class Engine:
     def __init__(
         self,
@@ -270,13 +292,20 @@ class Engine:
         seed: int | None = None,
         stop: list[str] | None = None,
         stream: Callable[[str], None] | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> Generation:
         """Generate a completion. A str prompt is tokenized as is (no chat template); a list is
         token ids. `stream` receives text pieces as they are final; `stop` strings end the
-        generation and are cut from the text."""
+        generation and are cut from the text. `prompt_cache` (see new_prompt_cache) carries the
+        KV cache from one call to the next, for multi-turn chat."""
         request = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed)  # fmt: skip
-        return self.generate_batch([prompt], stop=stop, streams=[stream], **request)[0]
+        return self.generate_batch([prompt], stop=stop, streams=[stream],
+                                   prompt_cache=prompt_cache, **request)[0]  # fmt: skip
+
+    def new_prompt_cache(self) -> PromptCache:
+        """A KV cache as long as the context, to pass to successive generate() calls."""
+        return PromptCache(self.config.num_hidden_layers, self.context_length)
 
     def generate_batch(
         self,
@@ -289,6 +318,7 @@ class Engine:
         seed: int | None | list[int | None] = None,
         stop: list[str] | None = None,
         streams: list[Callable[[str], None] | None] | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
         max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time."""
@@ -310,14 +340,26 @@ class Engine:
         finished = [False] * B
         before = self.cache.stats.copy() if self.cache else None
         tokens: list[list[int]] = [[] for _ in prompts]
-        for step in generate(self.model, requests, stop_ids=self.stop_ids, stats=stats,
-                             finished=finished):  # fmt: skip
-            for b, token in enumerate(step):
-                if token is None:
-                    continue
-                tokens[b].append(token)
-                if texts[b].feed(tokens[b]):  # a stop string
-                    stats[b].finish_reason, finished[b] = "stop", True
+        kv = None
+        if prompt_cache is not None:
+            assert B == 1, "a prompt cache serves one sequence"
+            stats[0].extra["cached_prompt_tokens"] = prompt_cache.reuse(requests[0].prompt)
+            kv = prompt_cache.kv
+        try:
+            for step in generate(self.model, requests, stop_ids=self.stop_ids, stats=stats,
+                                 finished=finished, cache=kv):  # fmt: skip
+                for b, token in enumerate(step):
+                    if token is None:
+                        continue
+                    tokens[b].append(token)
+                    if texts[b].feed(tokens[b]):  # a stop string
+                        stats[b].finish_reason, finished[b] = "stop", True
+        except BaseException:
+            if prompt_cache is not None:  # interrupted mid-step: what it holds is unknown
+                prompt_cache.clear()
+            raise
+        if prompt_cache is not None:  # the last token was sampled, never fed back
+            prompt_cache.ids = (requests[0].prompt + tokens[0])[: kv.length]
         extra = {"memory": self.memory()}
         if self.cache is not None:  # a batch shares its experts: the figures are the batch's
             extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)

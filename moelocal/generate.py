@@ -85,10 +85,12 @@ def generate(
     stop_ids: set[int] = frozenset(),
     stats: list[Stats] | None = None,
     finished: list[bool] | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Decode the requests together; yield, each step, every row's new token (None once a row is
     done). A row ends after its max_new_tokens, after an id in stop_ids (which it yields), or
-    when the consumer sets finished[row] (a stop string)."""
+    when the consumer sets finished[row] (a stop string). `cache`, for one request, already holds
+    the first cache.length tokens of its prompt: only the rest is prefilled."""
     B = len(requests)
     stats = stats if stats is not None else [Stats() for _ in requests]
     finished = finished if finished is not None else [False] * B
@@ -99,7 +101,13 @@ def generate(
     steps = max(r.max_new_tokens for r in requests)
     pads = [T - len(r.prompt) for r in requests]  # prompts are left-padded to a common length
     decode_start = [0.0] * B
-    cache = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
+    cached = 0
+    if cache is None:
+        cache = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
+    else:
+        assert B == 1 and 0 <= cache.length < T and T + steps <= cache.max_len, (
+            B, cache.length, T, steps, cache.max_len)  # fmt: skip
+        cached = cache.length
     for r, s, b in zip(requests, stats, range(B), strict=True):
         s.prompt_tokens, s.finish_reason = len(r.prompt), "length"
         finished[b] = finished[b] or r.max_new_tokens <= 0
@@ -107,7 +115,7 @@ def generate(
         return
     start = time.perf_counter()
     tokens = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, requests, strict=True)])
-    logits = prefill(model, tokens.to(device), cache)
+    logits = prefill(model, tokens[:, cached:].to(device), cache)
     for i in range(steps):
         new: list[int | None] = [None] * B
         for b, r in enumerate(requests):

@@ -99,3 +99,26 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, tiny):
     result = runner.invoke(app, ["generate", "acme/tiny-olmoe", "-p", "hi", "-n", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["token_ids"]) == 3
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
+    """A chat's next turn prefills only what is new, with the same result as from scratch."""
+    import torch
+
+    engine = moelocal.load(tiny(arch)[0], device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    cache = engine.new_prompt_cache()
+    ids = torch.randint(3, 150, (12,), generator=gen).tolist()
+    held = 0  # tokens the cache holds: the prompt and all but the last generated token
+    for _ in range(3):  # the KV cache grows past its first allocation on the way
+        out = engine.generate(ids, max_new_tokens=6, prompt_cache=cache)
+        assert out.token_ids == engine.generate(ids, max_new_tokens=6).token_ids
+        assert out.stats.extra["cached_prompt_tokens"] == held
+        held = len(ids) + len(out.token_ids) - 1
+        ids = ids + out.token_ids + torch.randint(3, 150, (5,), generator=gen).tolist()
+    # a different history: only the common prefix is kept
+    other = ids[:4] + [7, 7, 7]
+    out = engine.generate(other, max_new_tokens=3, prompt_cache=cache)
+    assert out.stats.extra["cached_prompt_tokens"] == 4
+    assert out.token_ids == engine.generate(other, max_new_tokens=3).token_ids

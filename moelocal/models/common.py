@@ -138,11 +138,17 @@ class KVCache:
     def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         end = self.length + a.shape[2]
         assert end <= self.max_len, (end, self.max_len)
-        if self.tensors[layer] is None:
-            self.tensors[layer] = tuple(
-                t.new_zeros(*t.shape[:2], self.max_len, t.shape[3]) for t in (a, b)
-            )
-        ca, cb = self.tensors[layer]
+        held = self.tensors[layer]
+        if held is None or held[0].shape[2] < end:
+            # room for what is asked; a long-lived cache (a chat) grows by doubling, not to
+            # max_len at once, which may be the model's whole context
+            size = min(self.max_len, max(end, 2 * held[0].shape[2] if held else end))
+            grown = tuple(t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (a, b))
+            if held is not None:
+                for new, old in zip(grown, held, strict=True):
+                    new[:, :, : self.length] = old[:, :, : self.length]
+            self.tensors[layer] = held = grown
+        ca, cb = held
         ca[:, :, self.length : end] = a
         cb[:, :, self.length : end] = b
         return ca[:, :, :end], cb[:, :, :end]
