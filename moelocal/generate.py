@@ -23,6 +23,10 @@ class Stats:
     finish_reason: str = ""
     extra: dict = field(default_factory=dict)
 
+    def __getitem__(self, key: str):
+        """stats["decode_tokens_per_s"], stats["experts"]["hits"]: the --json view, by key."""
+        return self.as_dict()[key]
+
     @property
     def experts(self) -> dict:
         """Expert-cache figures of this generation (see ExpertCache.stats)."""
