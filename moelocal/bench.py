@@ -10,10 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from rich.table import Table
 
 from .engine import Engine, load
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
+from .plan import human
 from .store import IO_THREADS
 
 
@@ -143,3 +145,43 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
         "stall_share": d.stall_s / decode_s if decode_s else 0.0,
         "floor_tok_s": 1 / floor_s if floor_s else None,
     }
+
+
+def report_table(rows: list[dict]):
+    """Configuration columns that vary or were set, then the measurements."""
+    first = rows[0]
+    table = Table(title=f"{first['model']} ({first['device']}, {first['dtype']}): "
+                  f"pp{first['prompt_tokens']} tg{first['gen_tokens']}")  # fmt: skip
+    config = [("quant", "quant"), ("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"),
+              ("slots", "cache_experts"), ("policy", "cache_policy"),
+              ("prefetch", "prefetch")]  # fmt: skip
+    config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
+              or first[key] not in (None, "lru", True, "none")]  # fmt: skip
+
+    def pct(row, key):
+        return f"{row[key]:.0%}" if row.get(key) is not None else "-"
+
+    def size(row, key):
+        return human(row[key]) if row.get(key) else "-"
+
+    measures = {
+        "pp tok/s": lambda r: f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_std']:.1f}",
+        "tg tok/s": lambda r: f"{r['decode_tok_s']:.2f} ± {r['decode_tok_s_std']:.2f}",
+        "ttft": lambda r: f"{r['ttft_ms']:.0f} ms",
+        "hit": lambda r: pct(r, "hit_rate"),
+        "prefetch prec/recall": lambda r: (
+            f"{pct(r, 'prefetch_precision')} / {pct(r, 'prefetch_recall')}"
+        ),
+        "moved/tok": lambda r: size(r, "bytes_moved_per_token") if "hit_rate" in r else "-",
+        "stalled": lambda r: pct(r, "stall_share"),
+        "peak RAM": lambda r: size(r, "peak_rss_bytes"),
+        "floor tg": lambda r: f"{r['floor_tok_s']:.1f}" if r.get("floor_tok_s") else "-",
+    }
+    if first["device"] == "cuda":
+        measures["peak GPU"] = lambda r: size(r, "peak_gpu_bytes")
+    for name in [name for name, _ in config] + list(measures):
+        table.add_column(name, justify="right")
+    for r in rows:
+        cells = [str({True: "on", False: "off"}.get(r[key], r[key]) or "-") for _, key in config]
+        table.add_row(*cells, *(fn(r) for fn in measures.values()))
+    return table

@@ -301,29 +301,7 @@ def plan_cmd(
         if as_json:
             print(json.dumps(p.as_dict() | {"hit_rate": hit_rate, "bytes_moved_per_token": moved}))
             return
-        from rich.table import Table
-
-        device_name = "GPU" if p.device == "cuda" else "RAM"
-        table = Table(title=f"plan ({p.device}, {str(p.dtype).removeprefix('torch.')}, "
-                      f"quant {p.quant})")  # fmt: skip
-        for column in ("part", "bytes", "where"):
-            table.add_column(column, justify="right" if column == "bytes" else "left")
-        for part, n in p.resident.items():
-            if n:
-                table.add_row(part.replace("_", " "), human(n), f"{device_name} (resident)")
-        table.add_row(
-            f"KV cache, {p.context} tokens", human(p.kv_bytes), f"{device_name} (resident)"
-        )
-        table.add_row(
-            f"expert cache: {p.device_slots} of {p.n_experts} slots × {p.moe_layers} layers",
-            human(p.cache_bytes), device_name,
-        )  # fmt: skip
-        if p.device == "cuda":
-            table.add_row(f"host store: {p.host_experts} experts",
-                          human(p.host_experts * p.expert_bytes), "RAM (pinned)")  # fmt: skip
-        table.add_row(f"disk: {p.disk_experts} experts", human(p.disk_experts * p.expert_bytes),
-                      "read on demand")  # fmt: skip
-        Console().print(table)
+        Console().print(p.table())
         print(f"one expert: {human(p.expert_bytes)}; at a {hit_rate:.0%} hit rate a decoded token "
               f"moves {human(moved)} of experts")  # fmt: skip
 
@@ -358,7 +336,7 @@ def bench_cmd(
     Comma-separated values sweep: every combination gets a row.
     Example: moelocal bench --cache-experts 2,4,8 --prefetch on,off -p 256 -n 64
     """
-    from .bench import bench_config, configurations
+    from .bench import bench_config, configurations, report_table
 
     if min(prompt_tokens, gen_tokens, repetitions) < 1 or gen_tokens < 2:
         fail("--prompt-tokens and --repetitions must be at least 1, --gen-tokens at least 2")
@@ -382,51 +360,7 @@ def bench_cmd(
         writer.writeheader()
         writer.writerows(rows)
     else:  # piped: as wide as the table needs, not 80 columns
-        Console(width=None if sys.stdout.isatty() else 200).print(bench_table(rows))
-
-
-def bench_table(rows: list[dict]):
-    """Configuration columns that vary or were set, then the measurements."""
-    from rich.table import Table
-
-    from .plan import human
-
-    first = rows[0]
-    table = Table(title=f"{first['model']} ({first['device']}, {first['dtype']}): "
-                  f"pp{first['prompt_tokens']} tg{first['gen_tokens']}")  # fmt: skip
-    config = [("quant", "quant"), ("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"),
-              ("slots", "cache_experts"), ("policy", "cache_policy"),
-              ("prefetch", "prefetch")]  # fmt: skip
-    config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
-              or first[key] not in (None, "lru", True, "none")]  # fmt: skip
-
-    def pct(row, key):
-        return f"{row[key]:.0%}" if row.get(key) is not None else "-"
-
-    def size(row, key):
-        return human(row[key]) if row.get(key) else "-"
-
-    measures = {
-        "pp tok/s": lambda r: f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_std']:.1f}",
-        "tg tok/s": lambda r: f"{r['decode_tok_s']:.2f} ± {r['decode_tok_s_std']:.2f}",
-        "ttft": lambda r: f"{r['ttft_ms']:.0f} ms",
-        "hit": lambda r: pct(r, "hit_rate"),
-        "prefetch prec/recall": lambda r: (
-            f"{pct(r, 'prefetch_precision')} / {pct(r, 'prefetch_recall')}"
-        ),
-        "moved/tok": lambda r: size(r, "bytes_moved_per_token") if "hit_rate" in r else "-",
-        "stalled": lambda r: pct(r, "stall_share"),
-        "peak RAM": lambda r: size(r, "peak_rss_bytes"),
-        "floor tg": lambda r: f"{r['floor_tok_s']:.1f}" if r.get("floor_tok_s") else "-",
-    }
-    if first["device"] == "cuda":
-        measures["peak GPU"] = lambda r: size(r, "peak_gpu_bytes")
-    for name in [name for name, _ in config] + list(measures):
-        table.add_column(name, justify="right")
-    for r in rows:
-        cells = [str({True: "on", False: "off"}.get(r[key], r[key]) or "-") for _, key in config]
-        table.add_row(*cells, *(fn(r) for fn in measures.values()))
-    return table
+        Console(width=None if sys.stdout.isatty() else 200).print(report_table(rows))
 
 
 @app.command("convert")

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from rich.table import Table
 
 from .config import ModelConfig
 from .errors import MoelocalError
@@ -145,6 +146,29 @@ class Plan:
     def bytes_moved_per_token(self, hit_rate: float) -> float:
         """Expected bytes into the device cache per decoded token at a given hit rate."""
         return self.moe_layers * self.top_k * (1 - hit_rate) * self.expert_bytes
+
+    def table(self) -> Table:
+        """Each part, its bytes and where it lives, for a terminal."""
+        device_name = "GPU" if self.device == "cuda" else "RAM"
+        table = Table(title=f"plan ({self.device}, {str(self.dtype).removeprefix('torch.')}, "
+                      f"quant {self.quant})")  # fmt: skip
+        for column in ("part", "bytes", "where"):
+            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for part, n in self.resident.items():
+            if n:
+                table.add_row(part.replace("_", " "), human(n), f"{device_name} (resident)")
+        table.add_row(f"KV cache, {self.context} tokens", human(self.kv_bytes),
+                      f"{device_name} (resident)")  # fmt: skip
+        table.add_row(
+            f"expert cache: {self.device_slots} of {self.n_experts} slots × {self.moe_layers} "
+            "layers", human(self.cache_bytes), device_name,
+        )  # fmt: skip
+        if self.device == "cuda":
+            table.add_row(f"host store: {self.host_experts} experts",
+                          human(self.host_experts * self.expert_bytes), "RAM (pinned)")  # fmt: skip
+        table.add_row(f"disk: {self.disk_experts} experts",
+                      human(self.disk_experts * self.expert_bytes), "read on demand")  # fmt: skip
+        return table
 
     def as_dict(self) -> dict:
         return {
