@@ -1,9 +1,9 @@
 """The device expert cache: per MoE layer a fixed tensor of slots, a map expert -> slot, an eviction
 policy, and the MoE math over whatever is cached.
 
-Slots are preallocated once, shaped like a stacked layer (n_slots, 3·I·D). A miss copies one blob
-into a free or evicted slot; the math gathers by slot. An expert in use by the running layer or
-being loaded (a prefetch in flight) is never evicted. Expert outputs are summed in expert order,
+Slots are preallocated once, shaped like a stacked layer: (n_slots, bytes of one expert's blob,
+quantized or not). A miss copies one blob into a free or evicted slot; the math gathers by slot.
+An expert in use by the running layer or being loaded (a prefetch in flight) is never evicted. Expert outputs are summed in expert order,
 whatever order they arrived in, so the tokens are the same for every budget, policy and prefetch
 setting. All bookkeeping happens on the main thread; I/O threads only fill memory.
 """

@@ -1,11 +1,12 @@
-"""The tiers below the device cache: experts on disk, read by file offset, and (with CUDA) a host
-RAM store of pinned blobs.
+"""The disk tier: experts read by file offset, from a checkpoint's safetensors files or from a
+converted model's experts.bin.
 
-Disk reads go straight to the checkpoint's safetensors files through a small thread pool, with
-O_DIRECT where the file system allows it, so that the page cache does not quietly hold a second
-copy of the model; elsewhere each read is followed by a hint to drop its pages. A read lands in
-an aligned staging buffer and is then copied (and cast) into the destination blob. This module
-does not decide what to load; the expert cache does.
+Reads go through a small thread pool, with O_DIRECT where the file system allows it, so that the
+page cache does not quietly hold a second copy of the model; elsewhere each read is followed by a
+hint to drop its pages. A read lands in an aligned staging buffer, then is copied into the
+destination blob as it is (a converted model, after its CRC32 check), or cast, dequantized
+(bitsandbytes) and quantized into the blob's layout. This module does not decide what to load;
+the expert cache does (and keeps, on CUDA, the pinned host store).
 """
 
 import ctypes
