@@ -3,9 +3,10 @@ policy, and the MoE math over whatever is cached.
 
 Slots are preallocated once, shaped like a stacked layer: (n_slots, bytes of one expert's blob,
 quantized or not). A miss copies one blob into a free or evicted slot; the math gathers by slot.
-An expert in use by the running layer or being loaded (a prefetch in flight) is never evicted. Expert outputs are summed in expert order,
-whatever order they arrived in, so the tokens are the same for every budget, policy and prefetch
-setting. All bookkeeping happens on the main thread; I/O threads only fill memory.
+An expert in use by the running layer or being loaded (a prefetch in flight) is never evicted.
+Expert outputs are summed in expert order, whatever order they arrived in, so the tokens are the
+same for every budget, policy and prefetch setting. All bookkeeping happens on the main thread;
+I/O threads only fill memory.
 """
 
 import time
