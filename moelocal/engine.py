@@ -234,9 +234,11 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Expert cache figures since load (per layer and total) and peak memory."""
+        """Expert cache figures since load (per layer and total) and peak memory; the totals
+        are at the top level too (stats["hits"])."""
         cache = self.cache.stats.as_dict(self.cache.expert_bytes) if self.cache else {}
-        return {"experts": cache, "memory": self.memory()}
+        totals = {k: v for k, v in cache.items() if k != "per_layer"}
+        return totals | {"experts": cache, "memory": self.memory()}
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

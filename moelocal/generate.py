@@ -24,8 +24,10 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
     def __getitem__(self, key: str):
-        """stats["decode_tokens_per_s"], stats["experts"]["hits"]: the --json view, by key."""
-        return self.as_dict()[key]
+        """stats["decode_tokens_per_s"], stats["experts"]["hits"] (or stats["hits"]): the --json
+        view, by key; expert totals are found at the top level too."""
+        view = self.as_dict()
+        return view[key] if key in view else self.experts[key]
 
     @property
     def experts(self) -> dict:

@@ -190,3 +190,12 @@ print(json.dumps(dict(base=base, peak=peak, slots=engine.plan.device_slots,
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert budget < experts_bytes and 1 <= m["slots"] < 8 and m["misses"] > 0
     assert m["peak"] - m["base"] <= budget + 64 * 2**20, (m["peak"] / 2**20, m["base"] / 2**20)
+
+
+def test_stats_by_key_and_on_the_engine(tiny):
+    engine = moelocal.load(tiny("olmoe")[0], device="cpu", cache_experts=2)
+    out = engine.generate(prompt(8), max_new_tokens=4)
+    assert out.stats["hits"] == out.stats["experts"]["hits"] == out.stats.experts["hits"]
+    assert out.stats["decode_tokens_per_s"] == out.stats.decode_tokens_per_s
+    assert engine.stats["misses"] == engine.stats["experts"]["misses"] >= out.stats["misses"]
+    assert set(engine.stats["experts"]["per_layer"]) == {"0", "1", "2"}
