@@ -118,6 +118,10 @@ class Summary:
     generated_tokens: int = 0
     seconds: float = 0.0
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
 
 def run_batch(
     engine: Engine,

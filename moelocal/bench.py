@@ -119,8 +119,11 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
         "decode_tok_s": decode[0],
         "decode_tok_s_std": decode[1],
         "ttft_ms": statistics.fmean(r["stats"].prefill_s for r in runs) * 1000,
-        "peak_rss_bytes": engine.memory()["peak_rss_bytes"],
-        "peak_gpu_bytes": engine.memory().get("peak_gpu_bytes"),
+    }
+    memory = engine.memory()
+    row |= {
+        "peak_rss_bytes": memory["peak_rss_bytes"],
+        "peak_gpu_bytes": memory.get("peak_gpu_bytes"),
     }
     steps = sum(r["stats"].generated_tokens - 1 for r in runs)
     decode_s = sum(r["stats"].decode_s for r in runs)
@@ -137,10 +140,11 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
         io_s += host_bytes / host_to_device_bandwidth(engine)
     compute_s = max(0.0, decode_s - d.stall_s) / steps  # decode time not spent waiting
     floor_s = max(compute_s, io_s)
+    summary = d.summary(engine.cache.expert_bytes)
     return row | {
-        "hit_rate": d.hits / d.uses if d.uses else 0.0,
-        "prefetch_precision": d.prefetch_used / d.prefetch_issued if d.prefetch_issued else 0.0,
-        "prefetch_recall": d.predicted_needed / d.needed_with_guess if d.needed_with_guess else 0.0,
+        "hit_rate": summary["hit_rate"],
+        "prefetch_precision": summary["prefetch_precision"],
+        "prefetch_recall": summary["prefetch_recall"],
         "bytes_moved_per_token": disk_bytes + host_bytes,
         "stall_share": d.stall_s / decode_s if decode_s else 0.0,
         "floor_tok_s": 1 / floor_s if floor_s else None,

@@ -214,7 +214,7 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
 
     def progress(s):
         if progress_bar is not None:
-            speed = f"{s.generated_tokens / s.seconds:.1f} tok/s" if s.seconds else ""
+            speed = f"{s.tokens_per_s:.1f} tok/s" if s.seconds else ""
             progress_bar.update(task, completed=s.skipped + s.done + s.failed, speed=speed)
 
     try:
@@ -226,9 +226,9 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
         if progress_bar is not None:
             progress_bar.stop()
         writer.close()
-    speed = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
     err.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already in the "
-              f"output; {summary.generated_tokens} tokens at {speed:.1f} tok/s", soft_wrap=True,
+              f"output; {summary.generated_tokens} tokens at {summary.tokens_per_s:.1f} tok/s",
+              soft_wrap=True,
               highlight=False)  # fmt: skip
     return 1 if summary.failed else 0
 

@@ -27,7 +27,7 @@ from .errors import MoelocalError
 from .hub import data_dir, resolve_model
 from .loader import plan_model
 from .plan import OffloadOptions
-from .quant import check_mode, round_up
+from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
 
 FORMAT = 1
@@ -56,8 +56,8 @@ def convert(
     ckpt = Checkpoint(model_dir)
     if ckpt.manifest is not None:
         raise MoelocalError(f"{model_dir} is already a converted model")
-    quant = check_mode(quant, torch.device("cpu")) or "none"
-    planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant)
+    planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant or "none")
+    quant = planned.plan.quant
     out = Path(out) if out else default_out(model, model_dir, quant)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,6 @@ from .hub import resolve_model
 from .loader import load_model, plan_model
 from .models.common import KVCache
 from .plan import OffloadOptions
-from .quant import check_mode
 from .tokenizer import Tokenizer
 
 
@@ -88,7 +87,6 @@ def load(
     options = OffloadOptions(**offload_options)
     model_dir = resolve_model(model)
     device = pick_device(device)
-    quant = check_mode(quant, device)
     baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
     ckpt = Checkpoint(model_dir)
     loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
@@ -126,7 +124,7 @@ def plan(
     options = OffloadOptions(**offload_options)
     ckpt = Checkpoint(resolve_model(model))
     device = pick_device(device)
-    return plan_model(ckpt, device, pick_dtype(dtype), options, check_mode(quant, device)).plan
+    return plan_model(ckpt, device, pick_dtype(dtype), options, quant).plan
 
 
 def peak_rss_bytes() -> int:
@@ -208,7 +206,6 @@ class Engine:
         baseline_rss_bytes: int = 0,  # RSS before loading: Python, torch
     ):
         self.model_dir = model_dir
-        self.loaded = loaded
         self.model = loaded.model
         self.config: ModelConfig = loaded.cfg
         self.tokenizer = tokenizer
@@ -228,7 +225,7 @@ class Engine:
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.cache is not None:
-            out["expert_cache_bytes"] = self.cache.cached_bytes()
+            out["expert_cache_bytes"] = self.plan.cache_bytes
             out["host_store_bytes"] = len(self.cache.host) * self.cache.expert_bytes
         return out
 
@@ -335,7 +332,7 @@ class Engine:
             ids = self.encode(prompt)
             self.check_context(len(ids), n)
             requests.append(Request(ids, n, t, top_k, top_p, s))
-        if stop and self.tokenizer is None:
+        if stop:  # stop strings are found in the text
             self._require_tokenizer()
         texts = [TextStream(self.tokenizer, stop, fn) for fn in (streams or [None] * B)]
         stats = [Stats() for _ in prompts]

@@ -74,9 +74,31 @@ class LayerStats:
     bytes_from_host: int = 0
     stall_s: float = 0.0
 
-    def add(self, other: "LayerStats"):
+    def add(self, other: "LayerStats", sign: int = 1):
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            setattr(self, name, getattr(self, name) + sign * getattr(other, name))
+
+    def summary(self, expert_bytes: int) -> dict:
+        """The --json view of these counts, with the ratios derived from them."""
+        return {
+            "expert_uses": self.uses,
+            "hits": self.hits,
+            "misses": self.misses,
+            "cpu_computed": self.cpu_computed,
+            "hit_rate": ratio(self.hits, self.uses),
+            "recall": ratio(self.hits, self.uses),
+            "prefetch_issued": self.prefetch_issued,
+            "prefetch_used": self.prefetch_used,
+            "prefetch_precision": ratio(self.prefetch_used, self.prefetch_issued),
+            "prefetch_recall": ratio(self.predicted_needed, self.needed_with_guess),
+            # bytes_moved: what misses loaded (misses × expert size); prefetch_bytes: what the
+            # prefetcher loaded; bytes_from_*: both, by the tier they came from
+            "bytes_moved": (self.misses - self.cpu_computed) * expert_bytes,
+            "prefetch_bytes": self.prefetch_issued * expert_bytes,
+            "bytes_from_disk": self.bytes_from_disk,
+            "bytes_from_host": self.bytes_from_host,
+            "stall_s": round(self.stall_s, 6),
+        }
 
 
 @dataclass
@@ -102,39 +124,16 @@ class CacheStats:
     def since(self, before: "CacheStats") -> "CacheStats":
         out = self.copy()
         for i, s in before.layers.items():
-            mine = out.layer(i)
-            for name in s.__dataclass_fields__:
-                setattr(mine, name, getattr(mine, name) - getattr(s, name))
+            out.layer(i).add(s, sign=-1)
         out.preload_bytes -= before.preload_bytes
         return out
 
     def as_dict(self, expert_bytes: int) -> dict:
-        def summary(s: LayerStats) -> dict:
-            return {
-                "expert_uses": s.uses,
-                "hits": s.hits,
-                "misses": s.misses,
-                "cpu_computed": s.cpu_computed,
-                "hit_rate": ratio(s.hits, s.uses),
-                "recall": ratio(s.hits, s.uses),
-                "prefetch_issued": s.prefetch_issued,
-                "prefetch_used": s.prefetch_used,
-                "prefetch_precision": ratio(s.prefetch_used, s.prefetch_issued),
-                "prefetch_recall": ratio(s.predicted_needed, s.needed_with_guess),
-                # bytes_moved: what misses loaded (misses × expert size); prefetch_bytes: what
-                # the prefetcher loaded; bytes_from_*: both, by the tier they came from
-                "bytes_moved": (s.misses - s.cpu_computed) * expert_bytes,
-                "prefetch_bytes": s.prefetch_issued * expert_bytes,
-                "bytes_from_disk": s.bytes_from_disk,
-                "bytes_from_host": s.bytes_from_host,
-                "stall_s": round(s.stall_s, 6),
-            }
-
         return {
-            **summary(self.total()),
+            **self.total().summary(expert_bytes),
             "expert_bytes": expert_bytes,
             "preload_bytes": self.preload_bytes,
-            "per_layer": {str(i): summary(s) for i, s in sorted(self.layers.items())},
+            "per_layer": {str(i): s.summary(expert_bytes) for i, s in sorted(self.layers.items())},
         }
 
 
@@ -407,9 +406,6 @@ class ExpertCache:
             self._start_load(layer, lc, e, slot)
             lc.prefetched.add(e)
             self.stats.layer(layer).prefetch_issued += 1
-
-    def cached_bytes(self) -> int:
-        return len(self.layers) * self.n_slots * self.expert_bytes
 
     def close(self):
         for lc in self.layers.values():

@@ -31,6 +31,11 @@ class ExpertLayout:
                 offset += (-offset) % ALIGN
         self.nbytes = offset
 
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each matrix an expert may be stored as on disk, and its (out, in) shape."""
+        I, D = self.I, self.D
+        return {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}
+
     def views(self, blob: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Typed views of a blob's segments: {"gate_up": {"q": ..., ...}, "down": {...}}."""
         out = {matrix: {} for matrix in self.formats}

@@ -38,12 +38,10 @@ BNB_AUX = re.compile(
 
 @dataclass
 class LoadedModel:
-    family: Family
     cfg: ModelConfig
-    model: Transformer
+    model: Transformer  # its layers hold the expert cache and the prefetcher
     plan: Plan
     cache: ExpertCache | None  # None for a model without routed experts
-    prefetcher: Prefetcher | None
 
 
 def family_of(raw_config: dict) -> Family:
@@ -134,8 +132,7 @@ def plan_model(
         if (dtype or packed[0], quant or packed[1]) != packed:
             raise MoelocalError(
                 f"{ckpt.dir} was converted for {ckpt.manifest['dtype']} and --quant {packed[1]}: "
-                "load it "
-                "without --dtype/--quant, or convert again"
+                "load it without --dtype/--quant, or convert again"
             )
         dtype, quant = packed
     # a bitsandbytes checkpoint runs in its own format unless told otherwise
@@ -205,7 +202,7 @@ def load_model(
     model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
     quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
 
-    cache = prefetcher = None
+    cache = None
     if moe_layers:
         cache = ExpertCache(
             layout, activation(cfg.hidden_act), DiskReader(pieces, layout), moe_layers,
@@ -215,5 +212,5 @@ def load_model(
         for i in moe_layers:
             model.model.layers[i].mlp.experts = cache
         if options.prefetch and cache.streaming:
-            prefetcher = Prefetcher(model, cache, options.prefetch_margin)
-    return LoadedModel(family, cfg, model.eval(), plan, cache, prefetcher)
+            Prefetcher(model, cache, options.prefetch_margin)  # installs itself on the layers
+    return LoadedModel(cfg, model.eval(), plan, cache)

@@ -127,9 +127,7 @@ def packed_pieces(ckpt, moe_layers, n_experts) -> dict[tuple, list[Piece]]:
 
 
 def check_shapes(pieces: dict, layout: ExpertLayout):
-    I, D = layout.I, layout.D
-    want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D),
-            "blob": (layout.nbytes,)}  # fmt: skip
+    want = layout.shapes() | {"blob": (layout.nbytes,)}
     for (layer, e), parts in pieces.items():
         for p in parts:
             if p.shape != want[p.part] and p.bnb is None:  # a packed one is checked once read
@@ -195,8 +193,7 @@ class DiskReader:
         if p.bnb is None:
             return raw
         w = dequantize_checkpoint(raw, p.bnb)
-        I, D = self.layout.I, self.layout.D
-        want = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}[p.part]
+        want = self.layout.shapes()[p.part]
         if tuple(w.shape) != want:
             raise MoelocalError(f"{p.path}: expert {e} of layer {layer}: {p.part} has shape "
                                 f"{tuple(w.shape)}, config.json implies {want}")  # fmt: skip
@@ -228,7 +225,7 @@ class DiskReader:
         gate_up, down = views["gate_up"]["w"], views["down"]["w"]
         I = layout.I
         targets = {"gate": gate_up[:I], "up": gate_up[I:], "gate_up": gate_up, "down": down}
-        for p in self.pieces[layer, e]:
+        for p in parts:
             src, dst = self._read_piece(p), targets[p.part]
             if src.dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
                 # a plain memcpy: a torch copy from an I/O thread starts an OpenMP team of its
