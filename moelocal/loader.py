@@ -17,9 +17,9 @@ from .errors import MoelocalError
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout
 from .models import FAMILIES
-from .models.common import Rotary, Transformer, activation
+from .models.common import Attention, Rotary, Transformer, activation, router_dtype
 from .models.family import Family
-from .plan import OffloadOptions, Plan, make_plan, resident_components
+from .plan import ROUTER, OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import check_mode, dequantize_checkpoint, quantize_linears
 from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
@@ -157,7 +157,9 @@ def plan_model(
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
-    sizes = resident_components(model, dtype, quant, lambda name: keep_dense(name, cfg))
+    sizes = resident_components(
+        model, dtype, quant, lambda name: keep_dense(name, cfg), router_dtype(dtype, device)
+    )
     # experts read from a Hugging Face checkpoint are converted as they are read
     quantize_on_read = ckpt.manifest is None and (quant != "none" or bool(bnb))
     plan = make_plan(
@@ -190,6 +192,8 @@ def load_model(
         name: read_weight(ckpt, key, bnb).to(device=device, dtype=dtype)
         for name, key in resident.items()
     }
+    for name in [name for name in state if ROUTER in name]:  # their values stay in dtype
+        state[name] = state[name].to(router_dtype(dtype, device))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     try:
@@ -200,6 +204,10 @@ def load_model(
         ) from None
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
     model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
+    if plan.quant != "none":
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
     quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
 
     cache = None

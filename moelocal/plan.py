@@ -38,11 +38,18 @@ def human(n: float) -> str:
         n /= 1024
 
 
+ROUTER = ".mlp.gate."  # in the names of the routers' parameters
+
+
 def resident_components(
-    model: torch.nn.Module, dtype: torch.dtype, quant: str = "none", keep_dense=lambda name: False
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    quant: str = "none",
+    keep_dense=lambda name: False,
+    router_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
-    """Bytes of the resident weights by component, in the compute dtype or, for the Linear
-    layers that get quantized, in their quantized format."""
+    """Bytes of the resident weights by component, in the compute dtype (routers in
+    router_dtype) or, for the Linear layers that get quantized, in their quantized format."""
     quantized = {
         f"{name}.weight": MatrixFormat(quant, *m.weight.shape, dtype).nbytes
         for name, m in model.named_modules()
@@ -63,13 +70,14 @@ def resident_components(
             part = "attention"
         elif "norm" in name:
             part = "norms"
-        elif ".mlp.gate." in name:
+        elif ROUTER in name:
             part = "routers"
         elif ".shared_expert" in name:
             part = "shared_experts"
         else:
             part = "dense_mlp"
-        parts[part] += quantized.get(name, p.numel() * dtype.itemsize)
+        itemsize = (router_dtype or dtype).itemsize if part == "routers" else dtype.itemsize
+        parts[part] += quantized.get(name, p.numel() * itemsize)
     return parts
 
 

@@ -102,7 +102,8 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         return F.linear(x, seg["w"])
     if fmt.mode in ("nf4", "fp4"):
         return F.linear(x, dequantize_bnb(seg["q"], seg["absmax"], fmt).to(x.dtype))
-    xa = x.to(ACT_DTYPE)
+    # decode calls this ~10 times per layer and token: no op that is not needed
+    xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
     Kp = round_up(fmt.K, 32)
     if Kp != fmt.K:
         xa = F.pad(xa, (0, Kp - fmt.K))
@@ -110,8 +111,9 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         y = torch._weight_int8pack_mm(xa, seg["q"], seg["scale"])
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, seg["q"], INT4_GROUP, seg["scale_zero"])
-        y = y[:, : fmt.N]
-    return y.to(x.dtype)
+        if y.shape[1] != fmt.N:
+            y = y[:, : fmt.N]
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def bitsandbytes():

@@ -15,8 +15,8 @@ LAYOUT = ExpertLayout(D, I, torch.float32)
 class FakeReader:
     """Expert e of layer l is random weights seeded by (l, e); loads finish when told to."""
 
-    def __init__(self, instant=True):
-        self.instant, self.pending, self.reads = instant, [], []
+    def __init__(self, instant=True, layout=LAYOUT):
+        self.instant, self.pending, self.reads, self.layout = instant, [], [], layout
         self.local = type("Local", (), {})()
 
     def weights(self, layer, e):
@@ -25,7 +25,7 @@ class FakeReader:
 
     def read(self, layer, e, dest):
         self.reads.append((layer, e))
-        return LAYOUT.fill(dest, *self.weights(layer, e))
+        return self.layout.fill(dest, *self.weights(layer, e))
 
     def submit(self, fn, *args):
         future = Future()
@@ -44,9 +44,9 @@ class FakeReader:
         pass
 
 
-def make_cache(n_slots, policy="lru", reader=None):
-    reader = reader or FakeReader()
-    cache = ExpertCache(LAYOUT, torch.nn.functional.silu, reader, [0], E, n_slots,
+def make_cache(n_slots, policy="lru", reader=None, layout=LAYOUT):
+    reader = reader or FakeReader(layout=layout)
+    cache = ExpertCache(layout, torch.nn.functional.silu, reader, [0], E, n_slots,
                         torch.device("cpu"), policy=policy)  # fmt: skip
     return cache, reader
 
@@ -109,6 +109,23 @@ def test_outputs_do_not_depend_on_the_number_of_slots():
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_sums_like_the_general_path(dtype):
+    """Decode's single token skips the gathers and scatters of the general path (index_add_ of
+    each expert's weighted output, in expert order): the bits are the same."""
+    layout = ExpertLayout(D, I, dtype)
+    cache, reader = make_cache(E, layout=layout)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ids, weights = torch.tensor([[4, 1]]), torch.tensor([[0.7, 0.3]])
+    expected = torch.zeros_like(x)
+    for e, k in ((1, 1), (4, 0)):
+        blob = layout.fill(torch.empty(layout.nbytes, dtype=torch.uint8), *reader.weights(0, e))
+        y = layout.forward(x, layout.views(blob), torch.nn.functional.silu) * weights[:, k, None]
+        expected.index_add_(0, torch.tensor([0]), y.to(dtype))
+    out = cache(0, x, ids, weights)
+    assert out.dtype == dtype and torch.equal(out, expected)
 
 
 def test_in_flight_prefetch_is_never_evicted():

@@ -30,6 +30,32 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_projection_gives_the_same_rows(mode, bias):
+    """Quantized attention multiplies q, k and v in one call; every row is quantized on its own,
+    so q, k and v come out as the three separate projections would give them."""
+    from moelocal.config import ModelConfig
+    from moelocal.models.common import Attention
+    from moelocal.quant import quantize_linears
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=64, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=64, rms_norm_eps=1e-5,
+                      qkv_bias=bias)  # fmt: skip
+    torch.manual_seed(0)
+    separate = Attention(cfg, 0).to(torch.bfloat16)
+    fused = Attention(cfg, 0).to(torch.bfloat16)
+    fused.load_state_dict(separate.state_dict())
+    fused.fuse_qkv()
+    for m in (separate, fused):
+        quantize_linears(m, mode)
+    x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    q, k, v = fused.qkv_proj(x).split(fused.qkv_sizes, dim=-1)
+    for a, b in ((q, separate.q_proj(x)), (k, separate.k_proj(x)), (v, separate.v_proj(x))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_architecture_generates_and_streams_identically(tiny, arch, mode):
     path = tiny(arch)[0]

@@ -98,23 +98,23 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, dim/2)
+        """Positions (B, T) -> cos and signed sin (B, 1, T, dim) for apply_rope, made once per
+        forward pass for every layer."""
+        freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        cos, sin = (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        half = sin.shape[-1] // 2
+        sin[..., :half].neg_()  # rotate_half's minus, folded in
+        return cos, sin
 
 
 def apply_rope(x, cos, sin, interleaved: bool = False):
-    """x: (B, H, T, d); cos, sin: (B, T, d). Interleaved pairs (x0, x1), (x2, x3) are DeepSeek's
+    """x: (B, H, T, d); cos, sin from Rotary. Interleaved pairs (x0, x1), (x2, x3) are DeepSeek's
     layout: de-interleaving q and k alike leaves every q·k product unchanged."""
     if interleaved:
         x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    # x·cos + rotate_half(x)·sin, where rotate_half(x) = (-x2, x1) = roll(x) with signs in sin
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -192,9 +192,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.H * hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.KV * hd, cfg.rms_norm_eps)
 
+    def fuse_qkv(self):
+        """Put q, k and v in one projection: one kernel call instead of three. For quantized
+        layers only: each output row stays what it was, as every row is quantized on its own."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_sizes = [m.out_features for m in parts]
+        fused = nn.Linear(parts[0].in_features, sum(self.qkv_sizes), device="meta")
+        fused.weight = nn.Parameter(torch.cat([m.weight for m in parts]), requires_grad=False)
+        fused.bias = None
+        if parts[0].bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in parts]), requires_grad=False)
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x, rope, cache: KVCache, mask):
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -235,9 +251,17 @@ class Router(nn.Module):
         self.fp32 = cfg.router_fp32
 
     def forward(self, x):
-        if self.fp32:
-            return F.linear(x.float(), self.weight.float())
+        if self.fp32 or self.weight.dtype != x.dtype:  # float32 weights: see router_dtype
+            logits = F.linear(x.float(), self.weight.float())
+            return logits if self.fp32 else logits.to(x.dtype)
         return F.linear(x, self.weight)
+
+
+def router_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype routers are kept in. On the CPU, float32: a bf16/fp16 GEMV with a few dozen
+    output rows takes 2-3x longer there than in float32, and products of half-precision numbers
+    are exact in float32, so the logits differ at most in summation order before rounding."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None):
