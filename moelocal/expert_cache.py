@@ -141,11 +141,12 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else 0.0
 
 
-def routes(ids: torch.Tensor, weights: torch.Tensor, needed: list[int]) -> dict:
+def routes(rows: list[list[int]], ids: torch.Tensor, weights: torch.Tensor, needed: list) -> dict:
     """Expert -> (its tokens, their weights (n, 1)): index tensors, or for a single token (each
-    decode step) a slice, which spares the gathers and scatters of a dozen small ops a layer."""
-    if ids.shape[0] == 1:
-        return {e: (slice(None), weights[:, k : k + 1]) for k, e in enumerate(ids[0].tolist())}
+    decode step) a slice, which spares the gathers and scatters of a dozen small ops a layer.
+    `rows` is ids as a list."""
+    if len(rows) == 1:
+        return {e: (slice(None), weights[:, k : k + 1]) for k, e in enumerate(rows[0])}
     routed = {}
     for e in needed:
         token, k = torch.nonzero(ids == e, as_tuple=True)
@@ -339,7 +340,14 @@ class ExpertCache:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         """Sum over the K selected experts of weight × expert(x): x (N, D), ids/weights (N, K)."""
         lc, stats = self.layers[layer], self.stats.layer(layer)
-        needed = sorted(set(ids.flatten().tolist()))
+        rows = ids.tolist()
+        needed = sorted({e for row in rows for e in row})
+        routed = routes(rows, ids, weights, needed)
+        if not self.streaming:  # every expert has its slot: nothing to load, evict or guess
+            stats.uses += len(needed)
+            stats.hits += len(needed)
+            outputs = {e: self._expert(x, lc.views[lc.slot_of[e]], routed[e]) for e in needed}
+            return self._sum(x, needed, outputs)
         hits = [e for e in needed if e in lc.slot_of]
         misses = [e for e in needed if e not in lc.slot_of]
         stats.uses += len(needed)
@@ -353,14 +361,25 @@ class ExpertCache:
             lc.guess = None
         lc.pinned.update(hits)
         try:
-            outputs = self._run(layer, lc, x, routes(ids, weights, needed), hits, misses)
+            outputs = self._run(layer, lc, x, routed, hits, misses)
         finally:
             lc.pinned.clear()  # an interrupted step (Ctrl-C) leaves nothing pinned
+        return self._sum(x, needed, outputs)
+
+    def _expert(self, x, views, route) -> tuple:
+        """One expert on its tokens: (the tokens, their weighted outputs)."""
+        token, weight = route
+        return token, self.layout.forward(x[token], views, self.act) * weight
+
+    @staticmethod
+    def _sum(x, needed, outputs) -> torch.Tensor:
+        """The experts' outputs summed in expert order, so the same whatever was cached, each
+        rounded to x's dtype before it is added (as index_add_ does)."""
         out = torch.zeros_like(x)
-        for e in needed:  # a fixed order of summation: same result whatever was cached
+        for e in needed:
             token, y = outputs[e]
             if isinstance(token, slice):
-                out += y.to(x.dtype)  # as index_add_ would: one rounding to x's dtype per add
+                out += y.to(x.dtype)
             else:
                 out.index_add_(0, token, y.to(x.dtype))
         return out
@@ -395,9 +414,7 @@ class ExpertCache:
                 t0 = time.perf_counter()
                 self._finish(lc, e)
                 stats.stall_s += time.perf_counter() - t0
-            token, weight = routed[e]
-            y = self.layout.forward(x[token], lc.views[lc.slot_of[e]], self.act)
-            outputs[e] = (token, y * weight)
+            outputs[e] = self._expert(x, lc.views[lc.slot_of[e]], routed[e])
             lc.pinned.discard(e)
             lc.policy.touch(e)
             start_queued(wait=False)

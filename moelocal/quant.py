@@ -155,7 +155,7 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        segs = {name: getattr(self, name) for name, _, _ in self.fmt.segments}
+        segs = self._buffers  # exactly the format's segments, by name
         y = matmul(x.reshape(-1, self.fmt.K), segs, self.fmt).view(*x.shape[:-1], self.fmt.N)
         return y + self.bias if self.bias is not None else y
 

@@ -288,7 +288,9 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = No
     weights, ids = probs.topk(K, dim=-1)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
-    return ids, weights * cfg.routed_scaling_factor
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
+    return ids, weights
 
 
 def group_mask(group_scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
