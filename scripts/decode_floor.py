@@ -1,0 +1,79 @@
+"""Where decode time goes with every weight resident: the quantized matmuls alone (the floor)
+against whole decode steps. Records the kernel calls of real decode steps (their weights, the
+experts the router picked), then replays just those calls.
+
+    python scripts/decode_floor.py cache/models/mixtral-medium --modes int8,int4
+"""
+
+import argparse
+import time
+
+import torch
+
+import moelocal
+import moelocal.experts
+import moelocal.quant
+from moelocal.models.common import KVCache
+
+
+def per_token(fn, tokens: int, repeats: int = 5) -> float:
+    """Best of `repeats` runs of fn(), in seconds per token."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best / tokens
+
+
+@torch.inference_mode()
+def measure(model_dir: str, mode: str, tokens: int) -> tuple[float, float]:
+    engine = moelocal.load(model_dir, device="cpu", quant=mode)
+    model = engine.model
+    repeats = 5
+    cache = KVCache(model.cfg.num_hidden_layers, 16 + tokens * (repeats + 2))
+    model(torch.arange(3, 19)[None], cache, last_only=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.cfg.vocab_size, (tokens,), generator=gen)
+
+    def decode():
+        for t in ids.tolist():
+            model(torch.tensor([[t]]), cache)
+
+    decode()  # warm up
+    step_s = per_token(decode, tokens, repeats)
+
+    calls, matmul = [], moelocal.quant.matmul
+
+    def record(x, seg, fmt):
+        calls.append((x.clone(), seg, fmt))
+        return matmul(x, seg, fmt)
+
+    moelocal.quant.matmul = moelocal.experts.matmul = record
+    try:
+        decode()
+    finally:
+        moelocal.quant.matmul = moelocal.experts.matmul = matmul
+
+    def replay():
+        for x, seg, fmt in calls:
+            matmul(x, seg, fmt)
+
+    replay()
+    return step_s, per_token(replay, tokens, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--modes", default="int8,int4")
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    print(f"{'mode':<6}{'decode tok/s':>14}{'matmuls-only tok/s':>20}{'outside matmuls':>17}")
+    for mode in args.modes.split(","):
+        step_s, floor_s = measure(args.model, mode, args.tokens)
+        print(f"{mode:<6}{1 / step_s:>14.1f}{1 / floor_s:>20.1f}{1 - floor_s / step_s:>17.0%}")
+
+
+if __name__ == "__main__":
+    main()
