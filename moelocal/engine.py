@@ -142,26 +142,31 @@ def peak_rss_bytes() -> int:
 
 class TextStream:
     """Generated ids -> text: incremental decoding, stop strings, pieces to a stream callback
-    once they are final (not part of a stop string being formed, no half UTF-8 character)."""
+    once they are final (not part of a stop string being formed, no half UTF-8 character).
+    Each id costs the same however long the text is."""
 
     def __init__(self, tokenizer: Tokenizer | None, stop: list[str] | None, stream=None):
         self.tokenizer, self.stop, self.stream = tokenizer, stop or [], stream
+        self.step = tokenizer.decoder() if tokenizer else None
         self.text, self.emitted = "", 0
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.incomplete = False  # the last id ended inside a character
 
-    def feed(self, tokens: list[int]) -> bool:
-        """The ids so far; True when a stop string has appeared (the text is cut before it)."""
-        if self.tokenizer is None:
+    def feed(self, token: int) -> bool:
+        """The next id; True when a stop string has appeared (the text is cut before it)."""
+        if self.step is None:
             return False
-        self.text = self.tokenizer.decode(tokens)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
+        piece = self.step(token)
+        self.incomplete = piece is None
+        if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
+            return False
+        start = max(0, len(self.text) - self.hold)  # the text before held no stop string
+        self.text += piece
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            self.text = self.text[: min(found)]
             return True
-        final = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-            final = min(final, len(self.text.rstrip("\ufffd")))
-        self._emit(final)
+        self._emit(len(self.text) - self.hold)
         return False
 
     def _emit(self, upto: int):
@@ -169,7 +174,10 @@ class TextStream:
             self.stream(self.text[self.emitted : upto])
             self.emitted = upto
 
-    def finish(self) -> str:
+    def finish(self, tokens: list[int]) -> str:
+        """The whole text of `tokens` (the ids fed), its last pieces streamed."""
+        if self.incomplete:  # generation ended inside a character: decode as a whole
+            self.text = self.tokenizer.decode(tokens)
         self._emit(len(self.text))
         return self.text
 
@@ -351,7 +359,7 @@ class Engine:
                     if token is None:
                         continue
                     tokens[b].append(token)
-                    if texts[b].feed(tokens[b]):  # a stop string
+                    if texts[b].feed(token):  # a stop string
                         stats[b].finish_reason, finished[b] = "stop", True
         except BaseException:
             if prompt_cache is not None:  # interrupted mid-step: what it holds is unknown
@@ -365,7 +373,9 @@ class Engine:
         out = []
         for b in range(B):
             stats[b].extra.update(extra)
-            out.append(Generation(texts[b].finish(), requests[b].prompt, tokens[b], stats[b]))
+            out.append(
+                Generation(texts[b].finish(tokens[b]), requests[b].prompt, tokens[b], stats[b])
+            )
         return out
 
     @torch.inference_mode()

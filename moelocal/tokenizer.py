@@ -8,6 +8,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .errors import MoelocalError
 
@@ -62,6 +63,12 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decoder(self):
+        """Incremental decoding, one id at a time: step(id) -> the text it adds, or None while a
+        character is incomplete. Its pieces add up to decode() of the ids fed."""
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda token: stream.step(self.hf, token)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import moelocal
@@ -60,6 +61,29 @@ def test_stream_pieces_make_the_text(default_engine):
     out = default_engine.generate("The", max_new_tokens=12, stream=pieces.append)
     assert "".join(pieces) == out.text
     assert out.text == default_engine.tokenizer.decode(out.token_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_text_stream_matches_decoding_the_whole(default_engine, seed):
+    """Random ids split UTF-8 characters across tokens (the default tokenizer is byte-level):
+    fed one at a time, the streamed pieces make decode() of all the ids, no piece ends in half a
+    character, and a stop string cuts where it first appears in the whole text."""
+    from moelocal.engine import TextStream
+
+    tokenizer = default_engine.tokenizer
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, default_engine.config.vocab_size, (400,), generator=gen).tolist()
+    whole = tokenizer.decode(ids)
+    pieces = []
+    text = TextStream(tokenizer, None, pieces.append)
+    assert not any(text.feed(i) for i in ids)
+    assert text.finish(ids) == whole == "".join(pieces)
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+    stop = whole[300:304]
+    pieces = []
+    text = TextStream(tokenizer, [stop], pieces.append)
+    fed = next(n for n, i in enumerate(ids, 1) if text.feed(i))
+    assert text.finish(ids[:fed]) == whole[: whole.find(stop)] == "".join(pieces)
 
 
 def test_stop_string_cuts_the_text(default_engine):
