@@ -9,8 +9,14 @@ says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with th
 They take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
 The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
 int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
+
+torch's int8/int4 kernels are matrix-vector loops: their time grows with every row of x, which
+suits decode (one row) and not a prefill (an expert gets hundreds). From DENSE_ROWS rows on, the
+weights are dequantized a slice at a time and multiplied by the bf16 GEMM (AMX where there is
+one); for int4 only where N is a multiple of 64, the block torch packs rows in.
 """
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +28,11 @@ from .errors import MoelocalError
 
 MODES = ("none", "int8", "int4", "nf4", "fp4")
 INT4_GROUP = 32
+INT4_BLOCK = 64  # rows packed together by torch's int4 CPU layout (see dequantize_int4)
+# rows of x from which dequantize + GEMM beats the kernels (measured crossovers on 7168x1024 and
+# 1024x3584 matrices: ~32 rows for int8, ~96 for int4)
+DENSE_ROWS = {"int8": 48, "int4": 96}
+DENSE_SLICE = 1 << 20  # bytes of dequantized bf16 weight made at a time: they stay in L2
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block, as transformers writes it
 ACT_DTYPE = torch.bfloat16  # the activations the CPU kernels take
 
@@ -102,6 +113,8 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         return F.linear(x, seg["w"])
     if fmt.mode in ("nf4", "fp4"):
         return F.linear(x, dequantize_bnb(seg["q"], seg["absmax"], fmt).to(x.dtype))
+    if x.shape[0] >= DENSE_ROWS.get(fmt.mode, x.shape[0] + 1) and dense_ok(fmt):
+        return dense_matmul(x, seg, fmt)
     # decode calls this ~10 times per layer and token: no op that is not needed
     xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
     Kp = round_up(fmt.K, 32)
@@ -114,6 +127,59 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         if y.shape[1] != fmt.N:
             y = y[:, : fmt.N]
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def dense_ok(fmt: MatrixFormat) -> bool:
+    """Whether dense_matmul can dequantize this matrix."""
+    return fmt.mode == "int8" or (fmt.N % INT4_BLOCK == 0 and int4_unpacks())
+
+
+def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat):
+    """x @ W.T for many rows of x: W dequantized to bf16 one slice of output rows at a time."""
+    xa = x.to(ACT_DTYPE)
+    step = max(INT4_BLOCK, DENSE_SLICE // (2 * fmt.K) // INT4_BLOCK * INT4_BLOCK)
+    if fmt.mode == "int4":
+        xa = F.pad(xa, (0, round_up(fmt.K, INT4_GROUP) - fmt.K))
+    parts = []
+    for n in range(0, fmt.N, step):
+        if fmt.mode == "int8":  # |q| <= 127 is exact in bf16: one rounding, of the product
+            rows = slice(n, n + step)
+            parts.append(
+                F.linear(xa, seg["q"][rows, : fmt.K].to(ACT_DTYPE) * seg["scale"][rows, None])
+            )
+        else:  # W.T in blocks of 64 columns: (blocks, Kp, 64)
+            wt = dequantize_int4(seg, n // INT4_BLOCK, min(n + step, fmt.N) // INT4_BLOCK)
+            parts.append(torch.matmul(xa, wt).permute(1, 0, 2).flatten(1))
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def dequantize_int4(seg: dict[str, torch.Tensor], first: int, last: int) -> torch.Tensor:
+    """Blocks first:last of 64 rows of an int4 matrix, transposed: (blocks, Kp, 64) in bf16.
+    torch's CPU layout is [N / 64][K][32] bytes, byte i of a block's column k holding rows i
+    (low nibble) and 32 + i (high): unpacked, each block is its rows' W.T."""
+    groups, Np = seg["scale_zero"].shape[:2]
+    Kp = groups * INT4_GROUP
+    blocks = seg["q"].view(Np // INT4_BLOCK, Kp, INT4_BLOCK // 2)[first:last]
+    q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).to(ACT_DTYPE)
+    sz = seg["scale_zero"][:, first * INT4_BLOCK : last * INT4_BLOCK]
+    sz = sz.unflatten(1, (last - first, INT4_BLOCK)).permute(1, 0, 3, 2)  # (blocks, groups, 2, 64)
+    scale, zero = sz[:, :, :1].contiguous(), sz[:, :, 1:].contiguous()
+    # (q - 8) * scale + zero, as the kernel computes it
+    w = q.view(last - first, groups, INT4_GROUP, INT4_BLOCK) * scale + (zero - 8 * scale)
+    return w.view(last - first, Kp, INT4_BLOCK)
+
+
+@functools.cache
+def int4_unpacks() -> bool:
+    """Whether this torch packs int4 as dequantize_int4 reads it: checked once, on a small
+    matrix; if not, every int4 product stays on the kernel."""
+    q = torch.randint(0, 16, (2 * INT4_BLOCK, 64), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
+    scale_zero = torch.tensor([1.0, 8.0], dtype=ACT_DTYPE).expand(2, 2 * INT4_BLOCK, 2)
+    seg = {"q": packed, "scale_zero": scale_zero}  # (q - 8) * 1 + 8 = q
+    unpacked = dequantize_int4(seg, 0, 2).transpose(1, 2).reshape(2 * INT4_BLOCK, 64)
+    return torch.equal(unpacked, q.to(ACT_DTYPE))
 
 
 def bitsandbytes():

@@ -29,6 +29,24 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
     assert seg_bytes == fmt.nbytes < N * K * 4
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("N, K", [(128, 96), (192, 40), (4160, 64)])
+def test_many_rows_dequantize_then_gemm(mode, N, K):
+    """A prefill's many rows take the bf16 GEMM on weights dequantized slice by slice: the same
+    product as the kernels' row loop, within bf16 rounding of the dequantized weights."""
+    from moelocal.quant import DENSE_ROWS, int4_unpacks
+
+    assert int4_unpacks()  # this torch packs int4 as moelocal unpacks it
+    gen = torch.Generator().manual_seed(N)
+    w, x = torch.randn(N, K, generator=gen), torch.randn(DENSE_ROWS[mode] + 5, K, generator=gen)
+    fmt = MatrixFormat(mode, N, K, torch.bfloat16)
+    seg = quantize(w, fmt)
+    dense = matmul(x.bfloat16(), seg, fmt)
+    rows = torch.cat([matmul(x[i : i + 8].bfloat16(), seg, fmt) for i in range(0, len(x), 8)])
+    assert dense.shape == rows.shape == (len(x), N)
+    assert ((dense - rows).float().norm() / rows.float().norm()).item() < 0.01
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_qkv_projection_gives_the_same_rows(mode, bias):
