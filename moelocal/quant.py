@@ -5,7 +5,8 @@ says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with th
   int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU)
   int4  groups of 32 with scale and zero, torch's _weight_int4pack_mm_for_cpu (CPU)
   nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it):
-        dequantized, then multiplied; slow on the CPU, bitsandbytes' kernels on CUDA
+        bitsandbytes' matmul_4bit (on CUDA its batch-1 kernel for decode; on the CPU it
+        dequantizes and multiplies, slowly)
 They take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
 The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
 int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
@@ -112,7 +113,11 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
     if fmt.mode == "none":
         return F.linear(x, seg["w"])
     if fmt.mode in ("nf4", "fp4"):
-        return F.linear(x, dequantize_bnb(seg["q"], seg["absmax"], fmt).to(x.dtype))
+        import bitsandbytes as bnb
+
+        xa = F.pad(x.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K))
+        state = bnb_state(seg["absmax"], fmt)
+        return bnb.matmul_4bit(xa, seg["q"].t(), quant_state=state).to(x.dtype)
     if x.shape[0] >= DENSE_ROWS.get(fmt.mode, x.shape[0] + 1) and dense_ok(fmt):
         return dense_matmul(x, seg, fmt)
     # decode calls this ~10 times per layer and token: no op that is not needed
@@ -184,20 +189,25 @@ def int4_unpacks() -> bool:
 
 def bitsandbytes():
     """bitsandbytes.functional, imported on first use (a heavy import), without its warning that
-    an optional CPU kernel could not be fetched from a hub: moelocal dequantizes and multiplies."""
+    an optional CPU kernel could not be fetched from a hub (it dequantizes and multiplies)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes.functional
 
     return bitsandbytes.functional
 
 
-def dequantize_bnb(q: torch.Tensor, absmax: torch.Tensor, fmt: MatrixFormat) -> torch.Tensor:
+def bnb_state(absmax: torch.Tensor, fmt: MatrixFormat):
+    """The bitsandbytes QuantState of an nf4/fp4 matrix stored as quantize() wrote it."""
     bnb = bitsandbytes()
     Kp = round_up(fmt.K, BNB_BLOCK)
-    state = bnb.QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
-                           code=bnb.get_4bit_type(fmt.mode, device=q.device),
-                           quant_type=fmt.mode, dtype=ACT_DTYPE)  # fmt: skip
-    return bnb.dequantize_4bit(q, state)[:, : fmt.K]
+    return bnb.QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
+                          code=code_4bit(fmt.mode, absmax.device), quant_type=fmt.mode,
+                          dtype=ACT_DTYPE)  # fmt: skip
+
+
+@functools.cache
+def code_4bit(mode: str, device: torch.device) -> torch.Tensor:
+    return bitsandbytes().get_4bit_type(mode, device=device)
 
 
 def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
