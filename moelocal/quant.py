@@ -2,7 +2,8 @@
 
 A matrix (N, K) in a format is a few named segments (packed weights, scales); `MatrixFormat`
 says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with them:
-  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU)
+  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU); on CUDA
+        dequantized and multiplied in bf16 (weight-only, as on the CPU)
   int4  groups of 32 with scale and zero, torch's _weight_int4pack_mm_for_cpu (CPU)
   nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it):
         bitsandbytes' matmul_4bit (on CUDA its batch-1 kernel for decode; on the CPU it
@@ -44,8 +45,8 @@ def check_mode(mode: str | None, device: torch.device) -> str | None:
         return None
     if mode not in MODES:
         raise MoelocalError(f"--quant '{mode}': choose one of {', '.join(MODES)}")
-    if mode in ("int8", "int4") and device.type != "cpu":
-        raise MoelocalError(f"--quant {mode} runs on the CPU (--device cpu); on CUDA use nf4")
+    if mode == "int4" and device.type != "cpu":
+        raise MoelocalError("--quant int4 runs on the CPU (--device cpu); on CUDA use nf4 or int8")
     return mode
 
 
@@ -118,7 +119,7 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         xa = F.pad(x.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K))
         state = bnb_state(seg["absmax"], fmt)
         return bnb.matmul_4bit(xa, seg["q"].t(), quant_state=state).to(x.dtype)
-    if x.shape[0] >= DENSE_ROWS.get(fmt.mode, x.shape[0] + 1) and dense_ok(fmt):
+    if x.is_cuda or (x.shape[0] >= DENSE_ROWS.get(fmt.mode, x.shape[0] + 1) and dense_ok(fmt)):
         return dense_matmul(x, seg, fmt)
     # decode calls this ~10 times per layer and token: no op that is not needed
     xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
@@ -143,6 +144,8 @@ def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixForma
     """x @ W.T for many rows of x: W dequantized to bf16 one slice of output rows at a time."""
     xa = x.to(ACT_DTYPE)
     step = max(INT4_BLOCK, DENSE_SLICE // (2 * fmt.K) // INT4_BLOCK * INT4_BLOCK)
+    if x.is_cuda:  # the whole matrix at once: a GPU has the memory, and launches cost
+        step = fmt.N
     if fmt.mode == "int4":
         xa = F.pad(xa, (0, round_up(fmt.K, INT4_GROUP) - fmt.K))
     parts = []

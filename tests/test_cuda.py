@@ -76,3 +76,19 @@ class TestCuda:
         assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
         # activations and the CUDA allocator's rounding are the stated overhead
         assert torch.cuda.max_memory_allocated() <= budget + 16 * 2**20
+
+    @pytest.mark.parametrize("mode", ["int8", "nf4"])
+    def test_quantized_on_cuda(self, tiny, mode):
+        """int8 (dequantized + bf16 GEMM) and nf4 (bitsandbytes' kernels) on the GPU: close to the
+        CPU's kernels, and identical whatever is streamed."""
+        path, ids = tiny("mixtral")[0], prompt(20)
+        gpu = moelocal.load(path, device="cuda", quant=mode)
+        cpu = moelocal.load(path, device="cpu", quant=mode)
+        a, b = gpu.logits(ids).cpu(), cpu.logits(ids)
+        assert ((a - b).norm() / b.norm()).item() < 0.02
+        tokens = gpu.generate(ids, max_new_tokens=8).token_ids
+        streamed = moelocal.load(
+            path, device="cuda", quant=mode, cache_experts=1, miss_policy="load"
+        )
+        assert torch.equal(streamed.logits(ids), gpu.logits(ids))
+        assert streamed.generate(ids, max_new_tokens=8).token_ids == tokens

@@ -29,6 +29,15 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
     assert seg_bytes == fmt.nbytes < N * K * 4
 
 
+def test_int4_is_refused_on_cuda_with_the_alternatives():
+    from moelocal.errors import MoelocalError
+    from moelocal.quant import check_mode
+
+    assert check_mode("int8", torch.device("cuda")) == "int8"
+    with pytest.raises(MoelocalError, match="int4 runs on the CPU.*nf4 or int8"):
+        check_mode("int4", torch.device("cuda"))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N, K", [(128, 96), (192, 40), (4160, 64)])
 def test_many_rows_dequantize_then_gemm(mode, N, K):
