@@ -16,7 +16,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
-from .generate import Request, Stats, generate
+from .generate import PREFILL_CHUNK, Request, Stats, generate
 from .hub import resolve_model
 from .loader import load_model, plan_model
 from .models.common import KVCache
@@ -385,4 +385,5 @@ class Engine:
         self.check_context(len(ids), 0)
         cache = KVCache(self.config.num_hidden_layers, len(ids))
         tokens = torch.tensor([ids], device=self.device)
-        return self.model(tokens, cache)[0].float().cpu()
+        chunks = tokens.split(PREFILL_CHUNK, dim=1)  # as a prefill does: bounded activations
+        return torch.cat([self.model(chunk, cache)[0].float().cpu() for chunk in chunks])

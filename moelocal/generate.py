@@ -61,9 +61,18 @@ class Stats:
         }
 
 
+# Prompt tokens per forward pass (llama.cpp's batch): a long prompt's activations and attention
+# mask (chunk x context) stay bounded. Each pass dequantizes the experts again for the quantized
+# formats' GEMM path, which made a 4000-token prefill 22% slower in passes of 2048.
+PREFILL_CHUNK = 4096
+
+
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """The whole prompt (B, T) in one pass -> logits of its last position (B, V)."""
-    return model(tokens, cache, last_only=True)[:, -1]
+    """The prompt (B, T), in passes of at most PREFILL_CHUNK tokens -> logits of its last
+    position (B, V)."""
+    for chunk in tokens.split(PREFILL_CHUNK, dim=1):
+        logits = model(chunk, cache, last_only=True)
+    return logits[:, -1]
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from tiny import VOCAB
 from typer.testing import CliRunner
 
 import moelocal
@@ -84,6 +85,32 @@ def test_text_stream_matches_decoding_the_whole(default_engine, seed):
     text = TextStream(tokenizer, [stop], pieces.append)
     fed = next(n for n, i in enumerate(ids, 1) if text.feed(i))
     assert text.finish(ids[:fed]) == whole[: whole.find(stop)] == "".join(pieces)
+
+
+def test_long_prompts_prefill_in_chunks(tiny, monkeypatch):
+    """Prompts longer than PREFILL_CHUNK go through in several passes over the KV cache: the
+    same logits within float32 rounding, the same greedy tokens, batches with left padding too."""
+    path = tiny("mixtral")[0]
+    engine = moelocal.load(path, device="cpu")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (23, 17)]
+    whole_logits = engine.logits(prompts[0])
+    whole = [g.token_ids for g in engine.generate_batch(prompts, max_new_tokens=8)]
+    calls = []
+    model_forward = type(engine.model).forward
+
+    def counted(self, tokens, *args, **kwargs):
+        calls.append(tokens.shape[1])
+        return model_forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(moelocal.generate, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(moelocal.engine, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(type(engine.model), "forward", counted)
+    assert torch.allclose(engine.logits(prompts[0]), whole_logits, atol=1e-4)
+    assert calls == [5, 5, 5, 5, 3]
+    calls.clear()
+    assert [g.token_ids for g in engine.generate_batch(prompts, max_new_tokens=8)] == whole
+    assert calls[:6] == [5, 5, 5, 5, 3, 1]  # the padded prompts, then one token a step
 
 
 def test_stop_string_cuts_the_text(default_engine):
