@@ -119,7 +119,7 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         xa = F.pad(x.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K))
         state = bnb_state(seg["absmax"], fmt)
         return bnb.matmul_4bit(xa, seg["q"].t(), quant_state=state).to(x.dtype)
-    if x.is_cuda or (x.shape[0] >= DENSE_ROWS.get(fmt.mode, x.shape[0] + 1) and dense_ok(fmt)):
+    if x.is_cuda or (x.shape[0] >= DENSE_ROWS[fmt.mode] and dense_ok(fmt)):
         return dense_matmul(x, seg, fmt)
     # decode calls this ~10 times per layer and token: no op that is not needed
     xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
@@ -190,6 +190,7 @@ def int4_unpacks() -> bool:
     return torch.equal(unpacked, q.to(ACT_DTYPE))
 
 
+@functools.cache
 def bitsandbytes():
     """bitsandbytes.functional, imported on first use (a heavy import), without its warning that
     an optional CPU kernel could not be fetched from a hub (it dequantizes and multiplies)."""
