@@ -369,18 +369,20 @@ class ExpertCache:
     def _expert(self, x, views, route) -> tuple:
         """One expert on its tokens: (the tokens, their weighted outputs)."""
         token, weight = route
-        return token, self.layout.forward(x[token], views, self.act) * weight
+        rows = x if isinstance(token, slice) else x[token]
+        return token, self.layout.forward(rows, views, self.act) * weight
 
     @staticmethod
     def _sum(x, needed, outputs) -> torch.Tensor:
         """The experts' outputs summed in expert order, so the same whatever was cached, each
         rounded to x's dtype before it is added (as index_add_ does)."""
-        out = torch.zeros_like(x)
+        out = None
         for e in needed:
             token, y = outputs[e]
-            if isinstance(token, slice):
-                out += y.to(x.dtype)
+            if isinstance(token, slice):  # one token: 0 + y is y, so the first needs no add
+                out = y.to(x.dtype) if out is None else out.add_(y.to(x.dtype))
             else:
+                out = torch.zeros_like(x) if out is None else out
                 out.index_add_(0, token, y.to(x.dtype))
         return out
 

@@ -40,10 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalized in float32 and rounded to x's dtype before the weight, as transformers does
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 # ---- rotary position embeddings -------------------------------------------------------------
