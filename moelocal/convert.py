@@ -8,7 +8,8 @@
     config.json, tokenizer files, generation config, chat template: copied
 
 The model is written into a temporary directory marked `moelocal.partial` and renamed into place
-at the end, so an interrupted convert never leaves something that later looks valid.
+at the end, so an interrupted convert never leaves something that later looks valid. The output
+directory is replaced only when it is empty or an earlier conversion.
 """
 
 import ctypes
@@ -19,13 +20,14 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import save_file
 
 from .checkpoint import MANIFEST, PARTIAL, Checkpoint
 from .errors import MoelocalError
 from .hub import data_dir, resolve_model
-from .loader import plan_model
+from .loader import Planned, plan_model
 from .plan import OffloadOptions
 from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
@@ -44,6 +46,28 @@ def default_out(model: str | None, model_dir: Path, quant: str) -> Path:
     return data_dir() / "models" / f"{name}-{quant}"
 
 
+def check_out(out: Path):
+    """Refuse an output that is not ours to replace: anything but a new or empty directory, an
+    earlier conversion (its manifest) or an interrupted one (its partial mark)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MoelocalError(f"--out {out} is a file: give a directory")
+    if any(out.iterdir()) and not ((out / MANIFEST).is_file() or (out / PARTIAL).exists()):
+        raise MoelocalError(
+            f"--out {out} holds files that are not a converted model: choose a new directory"
+        )
+
+
+def remove_stale(out: Path):
+    """Temporary directories that killed converts to `out` left behind (an interrupted one
+    removes its own)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert(
     model: str | None,
     quant: str,
@@ -59,11 +83,24 @@ def convert(
     planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant or "none")
     quant = planned.plan.quant
     out = Path(out) if out else default_out(model, model_dir, quant)
+    check_out(out)
+    remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / PARTIAL).touch()
+    try:
+        write(ckpt, model_dir, planned, quant, tmp, progress)
+    except BaseException:  # Ctrl-C included: a half-written model is only wasted disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
 
+
+def write(ckpt: Checkpoint, model_dir: Path, planned: Planned, quant: str, tmp: Path, progress):
+    """The packed model's files, into tmp; its partial mark goes last."""
     resident = {key: ckpt.get(key).to(planned.dtype) for key in planned.resident.values()}
     save_file(resident, tmp / RESIDENT, metadata={"format": "pt"})
     del resident
@@ -100,7 +137,3 @@ def convert(
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / PARTIAL).unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -76,12 +76,32 @@ def test_an_interrupted_convert_is_detected(tiny, tmp_path):
     out = tmp_path / "packed"
     with pytest.raises(KeyboardInterrupt):
         convert(str(tiny("mixtral")[0]), "int8", out, progress=interrupt)
-    assert not out.exists()  # nothing under the final name
-    (partial,) = tmp_path.glob(".packed.tmp-*")
+    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no leftovers
+    # a convert killed outright leaves its marked temporary directory: never a model
+    killed = tmp_path / ".packed.tmp-999999999"
+    killed.mkdir()
+    (killed / "moelocal.partial").touch()
     with pytest.raises(MoelocalError, match="interrupted"):
-        moelocal.load(partial, device="cpu")
-    # and the next convert to the same place succeeds
+        moelocal.load(killed, device="cpu")
+    # the next convert to the same place succeeds and removes it
     assert convert(str(tiny("mixtral")[0]), "int8", out).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["packed"]
+
+
+def test_convert_replaces_only_a_converted_model(tiny, tmp_path):
+    src = tiny("mixtral")[0]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (mine, src):  # someone's files, or the checkpoint itself
+        with pytest.raises(MoelocalError, match="not a converted model"):
+            convert(str(src), "int8", out)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (src / "config.json").exists()
+    # an earlier conversion is replaced, here by one with another quantization
+    out = convert(str(src), "int8", tmp_path / "packed")
+    convert(str(src), "int4", out)
+    assert moelocal.load(out, device="cpu").plan.quant == "int4"
 
 
 def test_truncated_experts_file(tiny, tmp_path):
