@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from rich.table import Table
 
-from .engine import Engine, load
+from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
 from .plan import human
@@ -90,6 +90,7 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
                  context=None) -> dict:  # fmt: skip
     options = dict(config)
     options.setdefault("context", context or prompt_tokens + gen_tokens)
+    reset_peak_memory()  # each row's peak is its own, not the sweep's so far
     engine = load(model, device=device, dtype=dtype, **options)
     engine.check_context(prompt_tokens, gen_tokens)
     gen = torch.Generator().manual_seed(0)

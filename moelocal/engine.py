@@ -4,6 +4,7 @@ The engine turns the token generator (generate.py) into text: tokenization, stre
 stop strings, end-of-sequence ids and stats. Every command of the CLI goes through it.
 """
 
+import gc
 import json
 import resource
 from collections.abc import Callable
@@ -138,6 +139,20 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory() -> bool:
+    """Start the peaks over from what is in use now, so that a measurement counts only what
+    follows it. Linux resets VmHWM through clear_refs (4.0+); False where that is refused."""
+    gc.collect()  # an earlier engine's cycles are not what follows
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class TextStream:

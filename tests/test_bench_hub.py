@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from moelocal.cli import app
@@ -108,3 +109,14 @@ def test_list_shows_hub_and_converted_models(offline_env, tmp_path, tiny):
     assert rows["mine"]["experts"] == 6 and rows["mine"]["size_bytes"] > 0
     table = cli(offline_env, "list")
     assert "acme/tiny-moe" in table.stdout and "deepseek_v3" in table.stdout
+
+
+def test_each_bench_row_peaks_on_its_own():
+    """A sweep's rows share a process: a row's peak RAM must not be an earlier row's."""
+    from moelocal.engine import peak_rss_bytes, reset_peak_memory
+
+    big = torch.ones(256 * 2**20, dtype=torch.uint8)  # 256 MiB, touched
+    del big
+    before = peak_rss_bytes()
+    assert reset_peak_memory()
+    assert peak_rss_bytes() < before - 200 * 2**20
