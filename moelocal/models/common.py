@@ -41,7 +41,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalized in float32 and rounded to x's dtype before the weight, as transformers does
-        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
+        # (spelled out: F.rms_norm's upcast and rounding changed across the torch releases we admit)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
 
 
 # ---- rotary position embeddings -------------------------------------------------------------
