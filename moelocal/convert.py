@@ -89,7 +89,7 @@ def convert(
     tmp.mkdir(parents=True)
     (tmp / PARTIAL).touch()
     try:
-        write(ckpt, model_dir, planned, quant, tmp, progress)
+        write(ckpt, planned, tmp, progress)
     except BaseException:  # Ctrl-C included: a half-written model is only wasted disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -99,7 +99,7 @@ def convert(
     return out
 
 
-def write(ckpt: Checkpoint, model_dir: Path, planned: Planned, quant: str, tmp: Path, progress):
+def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     """The packed model's files, into tmp; its partial mark goes last."""
     resident = {key: ckpt.get(key).to(planned.dtype) for key in planned.resident.values()}
     save_file(resident, tmp / RESIDENT, metadata={"format": "pt"})
@@ -124,13 +124,13 @@ def write(ckpt: Checkpoint, model_dir: Path, planned: Planned, quant: str, tmp: 
     finally:
         reader.close()
     for name in COPIED:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, tmp / name)
+        if (ckpt.dir / name).is_file():
+            shutil.copyfile(ckpt.dir / name, tmp / name)
     manifest = {
         "format": FORMAT,
-        "source": str(model_dir),
+        "source": str(ckpt.dir),
         "dtype": str(planned.dtype).removeprefix("torch."),
-        "quant": quant,
+        "quant": planned.plan.quant,
         "expert_bytes": layout.nbytes,
         "stride": stride,
         "experts": entries,
