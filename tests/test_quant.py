@@ -13,7 +13,9 @@ MODES = ["int8", "int4", "nf4"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("N, K, M", [(96, 64, 1), (6, 24, 3), (40, 48, 5), (256, 512, 2)])
+@pytest.mark.parametrize(
+    "N, K, M", [(96, 64, 1), (6, 24, 3), (40, 48, 5), (256, 512, 2), (200, 96, 2)]
+)
 def test_matmul_matches_the_float_product(mode, N, K, M):
     """Odd shapes are padded for the kernels; the result is the product within the format's
     rounding: int8 per channel ~0.5%, int4 in groups of 32 ~10% of the output's scale."""
@@ -27,6 +29,28 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
     assert rel < (0.02 if mode == "int8" else 0.15), rel
     seg_bytes = sum(t.numel() * t.element_size() for t in quantize(w, fmt).values())
     assert seg_bytes == fmt.nbytes < N * K * 4
+
+
+def test_int4_fit_lowers_the_error_of_every_group():
+    """The least-squares steps never make a group worse than its plain range fit, and on normal
+    weights lower the squared error by ~12% (measured: 0.0061 -> 0.0054 of the weights' power)."""
+    from moelocal.quant import fit_int4
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 32, 32, generator=gen)
+    w[0, 0] = 0.0  # a group of zeros (padding), a constant one and a two-valued one stay exact
+    w[0, 1] = 0.7
+    w[0, 2] = torch.tensor([-1.0, 2.0]).repeat(16)
+
+    def error(steps):
+        q, scale, lo = fit_int4(w, steps)
+        assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round()) and (scale > 0).all()
+        return (w - (lo[..., None] + scale[..., None] * q)).pow(2).sum(-1)
+
+    plain, fitted = error(0), error(2)
+    assert (fitted <= plain + 1e-6).all()
+    assert fitted[0, :3].max() < 1e-10
+    assert fitted.sum() < 0.92 * plain.sum()
 
 
 def test_int4_is_refused_on_cuda_with_the_alternatives():
@@ -108,7 +132,7 @@ def test_quantized_experts_are_smaller(tiny):
 
 
 # Measured on the embedded default model (random bf16 weights, 300 positions) against a float32
-# reference: bf16 KL 0.0018 / top-1 0.96, int8 0.0027 / 0.94, int4 0.029 / 0.63, nf4 0.034 / 0.59.
+# reference: bf16 KL 0.0018 / top-1 0.96, int8 0.0027 / 0.94, int4 0.025 / 0.63, nf4 0.034 / 0.59.
 # The bounds leave room for other CPUs' kernels, and a broken scale or layout gives KL > 1.
 BOUNDS = {"int8": (0.01, 0.85), "int4": (0.08, 0.5), "nf4": (0.1, 0.45)}
 
