@@ -180,7 +180,10 @@ class JsonlWriter:
     """Appends one JSON object per line and flushes it to disk at once."""
 
     def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        try:
+            self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        except OSError as e:
+            raise MoelocalError(f"--output {path}: {e.strerror.lower()}") from None
 
     def __call__(self, record: dict):
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -194,3 +197,9 @@ class JsonlWriter:
     def close(self):
         if self.file:
             self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

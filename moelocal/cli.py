@@ -93,12 +93,15 @@ def fail(message: str, code: int = 1):
 
 
 def run(fn):
-    """Call fn, turning MoelocalError into one line on stderr and exit code 1, Ctrl-C into 130."""
+    """Call fn, turning MoelocalError into one line on stderr and exit code 1, Ctrl-C into 130.
+    So does an OSError nothing caught before (a full disk, a file that cannot be written)."""
     try:
         return fn()
-    except MoelocalError as e:
+    except (MoelocalError, OSError) as e:
         if os.environ.get("MOELOCAL_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename:
+            fail(f"{e.filename}: {(e.strerror or str(e)).lower()}")
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
@@ -200,32 +203,33 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
         raise MoelocalError(f"--input {input_path}: no such file")
     lines = sys.stdin if str(input_path) == "-" else input_path.read_text().splitlines()
     skip = finished_keys(output_path) if output_path else set()
-    engine = load(model, **load_kwargs)
-    writer = JsonlWriter(output_path)
-    total = None if lines is sys.stdin else sum(1 for line in lines if line.strip())
-    progress_bar = None
-    if err.is_terminal and total is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    with JsonlWriter(output_path) as writer:  # opened before the load: a bad --output fails now
+        engine = load(model, **load_kwargs)
+        total = None if lines is sys.stdin else sum(1 for line in lines if line.strip())
+        progress_bar = None
+        if err.is_terminal and total is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        progress_bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[speed]}"), console=err)  # fmt: skip
-        task = progress_bar.add_task("", total=total, completed=len(skip), speed="")
-        progress_bar.start()
+            progress_bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[speed]}"), console=err)  # fmt: skip
+            task = progress_bar.add_task("", total=total, completed=len(skip), speed="")
+            progress_bar.start()
 
-    def progress(s):
-        if progress_bar is not None:
-            speed = f"{s.tokens_per_s:.1f} tok/s" if s.seconds else ""
-            progress_bar.update(task, completed=s.skipped + s.done + s.failed, speed=speed)
+        def progress(s):
+            if progress_bar is not None:
+                speed = f"{s.tokens_per_s:.1f} tok/s" if s.seconds else ""
+                progress_bar.update(task, completed=s.skipped + s.done + s.failed, speed=speed)
 
-    try:
-        summary = run_batch(engine, lines, writer, skip=skip, progress=progress, **batch_kwargs)
-    except KeyboardInterrupt:
-        where = f"in {output_path}; rerun the same command to resume" if output_path else "above"
-        fail(f"interrupted: the results finished so far are {where}", code=130)
-    finally:
-        if progress_bar is not None:
-            progress_bar.stop()
-        writer.close()
+        try:
+            summary = run_batch(engine, lines, writer, skip=skip, progress=progress, **batch_kwargs)
+        except KeyboardInterrupt:
+            where = (
+                f"in {output_path}; rerun the same command to resume" if output_path else "above"
+            )
+            fail(f"interrupted: the results finished so far are {where}", code=130)
+        finally:
+            if progress_bar is not None:
+                progress_bar.stop()
     err.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already in the "
               f"output; {summary.generated_tokens} tokens at {summary.tokens_per_s:.1f} tok/s",
               soft_wrap=True,

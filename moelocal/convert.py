@@ -86,12 +86,14 @@ def convert(
     check_out(out)
     remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    (tmp / PARTIAL).touch()
     try:
+        tmp.mkdir(parents=True)
+        (tmp / PARTIAL).touch()
         write(ckpt, planned, tmp, progress)
-    except BaseException:  # Ctrl-C included: a half-written model is only wasted disk
+    except BaseException as e:  # Ctrl-C included: a half-written model is only wasted disk
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a directory we may not write to
+            raise MoelocalError(f"--out {out}: {(e.strerror or str(e)).lower()}") from None
         raise
     if out.exists():
         shutil.rmtree(out)

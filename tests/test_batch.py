@@ -109,6 +109,16 @@ def test_missing_input_file(tmp_path):
     assert result.exit_code == 1 and "no such file" in result.stderr
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"id": 1, "prompt": "Hi", "max_new_tokens": 2}])
+    for out, reason in ((tmp_path, "is a directory"), (tmp_path / "no" / "o.jsonl", "no such")):
+        result = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out)])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+        assert f"--output {out}: {reason}" in result.stderr
+
+
 def test_prompt_and_input_are_exclusive(tmp_path):
     result = runner.invoke(app, ["generate", "-p", "x", "-i", str(tmp_path / "in.jsonl")])
     assert result.exit_code == 1 and "either --prompt or --input" in result.stderr

@@ -104,6 +104,15 @@ def test_convert_replaces_only_a_converted_model(tiny, tmp_path):
     assert moelocal.load(out, device="cpu").plan.quant == "int4"
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tiny, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "packed"  # its parent is a file: no directory can be made there
+    result = runner.invoke(app, ["convert", str(tiny("mixtral")[0]), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"error: --out {out}: not a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_truncated_experts_file(tiny, tmp_path):
     out = convert(str(tiny("mixtral")[0]), "int8", tmp_path / "packed")
     data = (out / "experts.bin").read_bytes()
