@@ -128,11 +128,9 @@ def fit_int4(w: torch.Tensor, steps: int = INT4_FIT_STEPS):
     q = ((w - lo) / scale).round_().clamp_(0, 15)
     n, sw = w.shape[-1], w.sum(dim=-1, keepdim=True)
     for _ in range(steps):
-        sq, sqq, sqw = (
-            q.sum(-1, keepdim=True),
-            (q * q).sum(-1, keepdim=True),
-            (q * w).sum(-1, keepdim=True),
-        )
+        # the least-squares line w = lo + scale * q through each group's points (q, w)
+        sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
+        sqw = (q * w).sum(-1, keepdim=True)
         det = n * sqq - sq * sq
         fits = det > 0  # not when every code of the group is the same: that group stays
         scale = torch.where(fits, ((n * sqw - sq * sw) / det).clamp(min=1e-12), scale)
