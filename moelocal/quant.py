@@ -5,9 +5,9 @@ says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with th
   int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU); on CUDA
         dequantized and multiplied in bf16 (weight-only, as on the CPU)
   int4  groups of 32 with a least-squares scale and zero, torch's _weight_int4pack_mm_for_cpu (CPU)
-  nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it):
-        bitsandbytes' matmul_4bit (on CUDA its batch-1 kernel for decode; on the CPU it
-        dequantizes and multiplies, slowly)
+  nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it), the
+        bytes transformers' load_in_4bit writes; bitsandbytes' matmul_4bit (on CUDA its
+        batch-1 kernel for decode; on the CPU it dequantizes and multiplies, slowly)
 They take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
 The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
 int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
@@ -18,6 +18,7 @@ weights are dequantized a slice at a time and multiplied by the bf16 GEMM (AMX w
 one); for int4 only where N is a multiple of 64, the block torch packs rows in.
 """
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -73,9 +74,10 @@ class MatrixFormat:
             Np, Kp = round_up(N, 16), round_up(K, INT4_GROUP)
             return [("q", torch.uint8, (Np, Kp // 2)),
                     ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
-        if self.mode in ("nf4", "fp4"):  # rows padded to whole blocks: see quantize()
-            n = N * round_up(K, BNB_BLOCK)
-            return [("q", torch.uint8, (n // 2, 1)), ("absmax", torch.float32, (n // BNB_BLOCK,))]
+        if self.mode in ("nf4", "fp4"):  # bitsandbytes' layout: blocks of the flattened matrix
+            n = N * K
+            return [("q", torch.uint8, ((n + 1) // 2, 1)),
+                    ("absmax", torch.float32, (-(-n // BNB_BLOCK),))]  # fmt: skip
         return [("w", self.dtype, (N, K))]
 
     @property
@@ -87,11 +89,10 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
     """(N, K) float weights -> the segments of `fmt`."""
     if fmt.mode == "none":
         return {"w": w.to(fmt.dtype)}
-    if fmt.mode in ("nf4", "fp4"):
+    if fmt.mode in ("nf4", "fp4"):  # as transformers' load_in_4bit quantizes: the same bytes
         quantize_4bit = bitsandbytes().quantize_4bit
-        # bitsandbytes' CPU round trip is wrong when a row is not whole blocks: pad the rows
-        w = F.pad(w.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K)).contiguous()
-        q, state = quantize_4bit(w, blocksize=BNB_BLOCK, quant_type=fmt.mode)
+        q, state = quantize_4bit(w.to(ACT_DTYPE).contiguous(), blocksize=BNB_BLOCK,
+                                 quant_type=fmt.mode)  # fmt: skip
         return {"q": q, "absmax": state.absmax}
     if fmt.mode == "int8":
         w = w.float()
@@ -146,8 +147,9 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
     if fmt.mode in ("nf4", "fp4"):
         import bitsandbytes as bnb
 
-        xa = F.pad(x.to(ACT_DTYPE), (0, round_up(fmt.K, BNB_BLOCK) - fmt.K))
-        state = bnb_state(seg["absmax"], fmt)
+        xa, state = x.to(ACT_DTYPE), bnb_state(seg["absmax"], fmt)
+        if fmt.K % BNB_BLOCK:  # rows that are not whole blocks: see dequantize_4bit
+            return F.linear(xa, dequantize_4bit(seg["q"], state)).to(x.dtype)
         return bnb.matmul_4bit(xa, seg["q"].t(), quant_state=state).to(x.dtype)
     if x.is_cuda or (x.shape[0] >= DENSE_ROWS[fmt.mode] and dense_ok(fmt)):
         return dense_matmul(x, seg, fmt)
@@ -234,8 +236,7 @@ def bitsandbytes():
 def bnb_state(absmax: torch.Tensor, fmt: MatrixFormat):
     """The bitsandbytes QuantState of an nf4/fp4 matrix stored as quantize() wrote it."""
     bnb = bitsandbytes()
-    Kp = round_up(fmt.K, BNB_BLOCK)
-    return bnb.QuantState(absmax=absmax, shape=torch.Size((fmt.N, Kp)), blocksize=BNB_BLOCK,
+    return bnb.QuantState(absmax=absmax, shape=torch.Size((fmt.N, fmt.K)), blocksize=BNB_BLOCK,
                           code=code_4bit(fmt.mode, absmax.device), quant_type=fmt.mode,
                           dtype=ACT_DTYPE)  # fmt: skip
 
@@ -251,7 +252,15 @@ def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) ->
     if "SCB" in aux:  # LLM.int8: int8 rows and their absmax
         return weight.float() * (aux["SCB"].float()[:, None] / 127)
     bnb = bitsandbytes()
-    return bnb.dequantize_4bit(weight, bnb.QuantState.from_dict(aux, device=weight.device)).float()
+    return dequantize_4bit(weight, bnb.QuantState.from_dict(aux, device=weight.device)).float()
+
+
+def dequantize_4bit(q: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit, told the matrix is one flat row: its CPU kernel (0.50)
+    otherwise takes each row to start a block, wrong where rows are not whole blocks."""
+    flat = copy.copy(state)
+    flat.shape = torch.Size((state.shape.numel(),))
+    return bitsandbytes().dequantize_4bit(q, flat).reshape(state.shape)
 
 
 class QuantLinear(nn.Module):
