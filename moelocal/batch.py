@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Engine
-from .errors import MoelocalError
+from .errors import MoelocalError, reason
 
 
 @dataclass
@@ -183,7 +183,7 @@ class JsonlWriter:
         try:
             self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
         except OSError as e:
-            raise MoelocalError(f"--output {path}: {e.strerror.lower()}") from None
+            raise MoelocalError(f"--output {path}: {reason(e)}") from None
 
     def __call__(self, record: dict):
         line = json.dumps(record, ensure_ascii=False) + "\n"

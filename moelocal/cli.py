@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import MoelocalError
+from .errors import MoelocalError, reason
 
 app = typer.Typer(
     help="Run big Mixture-of-Experts models on small hardware.",
@@ -101,7 +101,7 @@ def run(fn):
         if os.environ.get("MOELOCAL_DEBUG"):
             raise
         if isinstance(e, OSError) and e.filename:
-            fail(f"{e.filename}: {(e.strerror or str(e)).lower()}")
+            fail(f"{e.filename}: {reason(e)}")
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", code=130)

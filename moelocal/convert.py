@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import MANIFEST, PARTIAL, Checkpoint
-from .errors import MoelocalError
+from .errors import MoelocalError, reason
 from .hub import data_dir, resolve_model
 from .loader import Planned, plan_model
 from .plan import OffloadOptions
@@ -93,7 +93,7 @@ def convert(
     except BaseException as e:  # Ctrl-C included: a half-written model is only wasted disk
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, a directory we may not write to
-            raise MoelocalError(f"--out {out}: {(e.strerror or str(e)).lower()}") from None
+            raise MoelocalError(f"--out {out}: {reason(e)}") from None
         raise
     if out.exists():
         shutil.rmtree(out)
