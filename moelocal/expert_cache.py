@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .experts import ExpertLayout
-from .store import DiskReader
+from .store import DiskReader, release_freed_memory
 
 
 class LRU:
@@ -206,6 +206,8 @@ class ExpertCache:
         self.host: dict[tuple[int, int], torch.Tensor] = {}
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._preload(host_experts)
+        release_freed_memory()  # the preload's temporaries, if experts were converted as read
+        self.reader.trim = self.streaming  # and from now on after every such miss
         self.miss_policy = miss_policy if self.cuda and self.host else "load"
         if self.miss_policy == "auto":
             self.copy_s, self.cpu_token_s = self._calibrate()
