@@ -370,7 +370,13 @@ def bench_cmd(
 @app.command("convert")
 def convert_cmd(
     model: ModelArg = None,
-    quant: Annotated[str, typer.Option(help="none, int8, int4 or nf4.")] = "int4",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            help="none, int8, int4 or nf4 (default: int4; a bitsandbytes checkpoint "
+            "keeps its own format)."
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: the data directory).")
     ] = None,

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .checkpoint import MANIFEST, PARTIAL, Checkpoint
 from .errors import MoelocalError, reason
 from .hub import data_dir, resolve_model
-from .loader import Planned, plan_model
+from .loader import Planned, bnb_quant, plan_model, read_weight
 from .plan import OffloadOptions
 from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
@@ -70,7 +70,7 @@ def remove_stale(out: Path):
 
 def convert(
     model: str | None,
-    quant: str,
+    quant: str | None,
     out: Path | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] = lambda done, total: None,
@@ -80,7 +80,8 @@ def convert(
     ckpt = Checkpoint(model_dir)
     if ckpt.manifest is not None:
         raise MoelocalError(f"{model_dir} is already a converted model")
-    planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant or "none")
+    quant = quant or bnb_quant(ckpt.config) or "int4"  # a bitsandbytes checkpoint keeps its own
+    planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant)
     quant = planned.plan.quant
     out = Path(out) if out else default_out(model, model_dir, quant)
     check_out(out)
@@ -103,7 +104,8 @@ def convert(
 
 def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     """The packed model's files, into tmp; its partial mark goes last."""
-    resident = {key: ckpt.get(key).to(planned.dtype) for key in planned.resident.values()}
+    resident = {key: read_weight(ckpt, key, planned.bnb).to(planned.dtype)
+                for key in planned.resident.values()}  # fmt: skip
     save_file(resident, tmp / RESIDENT, metadata={"format": "pt"})
     del resident
 

@@ -78,6 +78,25 @@ def test_prequantized_matches_quantized_on_load(tiny, tmp_path, arch, bnb_config
             assert ((wa - wb).norm() / wb.norm()).item() < 0.02, name
 
 
+def test_convert_keeps_a_bitsandbytes_checkpoint_format(tiny, tmp_path):
+    """Without --quant a pre-quantized checkpoint converts to its own format, and the converted
+    model gives the checkpoint's tokens (its quantized Linear layers are read dequantized)."""
+    from typer.testing import CliRunner
+
+    from moelocal.cli import app
+
+    src = tiny("deepseek_v3")[0]
+    bnb_dir = save_with_transformers(src, tmp_path / "bnb", load_in_4bit=True,
+                                     bnb_4bit_quant_type="nf4")  # fmt: skip
+    out = tmp_path / "packed"
+    result = CliRunner().invoke(app, ["convert", str(bnb_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "moelocal.json").read_text())["quant"] == "nf4"
+    ids = prompt()
+    direct = moelocal.load(bnb_dir, device="cpu").generate(ids, max_new_tokens=6).token_ids
+    assert moelocal.load(out, device="cpu").generate(ids, max_new_tokens=6).token_ids == direct
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_4bit_weights_decode_whatever_their_shape(quant_type, double_quant):
