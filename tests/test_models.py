@@ -74,6 +74,36 @@ def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
     assert torch.equal(single, sharded)
 
 
+def test_experts_stacked_on_disk_load_the_same(tmp_path, tiny):
+    """Experts saved stacked, gate_up_proj (E, 2I, D) and down_proj (E, D, I) per layer, as
+    transformers 5 holds them in memory: the same model, resident or streamed."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny("qwen3_moe")[0]
+    tensors = load_file(path / "model.safetensors")
+    stacked = tmp_path / "stacked"
+    stacked.mkdir()
+    for f in path.iterdir():
+        if f.name != "model.safetensors":
+            (stacked / f.name).write_bytes(f.read_bytes())
+    for layer in range(3):
+        p = f"model.layers.{layer}.mlp.experts"
+
+        def take(e, name, p=p):
+            return tensors.pop(f"{p}.{e}.{name}.weight")
+
+        tensors[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat([take(e, "gate_proj"), take(e, "up_proj")]) for e in range(6)]
+        )
+        tensors[f"{p}.down_proj"] = torch.stack([take(e, "down_proj") for e in range(6)])
+    save_file(tensors, stacked / "model.safetensors")
+    ids = prompt(12)
+    reference = moelocal.load(path, device="cpu").logits(ids)
+    for budget in (None, 1):
+        logits = moelocal.load(stacked, device="cpu", cache_experts=budget).logits(ids)
+        assert torch.equal(logits, reference)
+
+
 def test_seeded_sampling_repeats(tiny):
     engine = moelocal.load(tiny("mixtral")[0], device="cpu")
     ids = prompt(8)
