@@ -65,13 +65,20 @@ class MatrixFormat:
     K: int
     dtype: torch.dtype  # of an unquantized matrix
 
+    @functools.cached_property  # read by every decode matmul
+    def Kp(self) -> int:
+        """K padded as the int8/int4 kernels want it (x is padded alike)."""
+        if self.mode == "int8":
+            return round_up(self.K, 32)
+        return round_up(self.K, INT4_GROUP) if self.mode == "int4" else self.K
+
     @property
     def segments(self) -> list[tuple[str, torch.dtype, tuple]]:
         N, K = self.N, self.K
         if self.mode == "int8":
-            return [("q", torch.int8, (N, round_up(K, 32))), ("scale", ACT_DTYPE, (N,))]
+            return [("q", torch.int8, (N, self.Kp)), ("scale", ACT_DTYPE, (N,))]
         if self.mode == "int4":
-            Np, Kp = round_up(N, 16), round_up(K, INT4_GROUP)
+            Np, Kp = round_up(N, 16), self.Kp
             return [("q", torch.uint8, (Np, Kp // 2)),
                     ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
         if self.mode in ("nf4", "fp4"):  # bitsandbytes' layout: blocks of the flattened matrix
@@ -98,8 +105,8 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
         w = w.float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        return {"q": F.pad(q, (0, round_up(fmt.K, 32) - fmt.K)), "scale": scale.to(ACT_DTYPE)}
-    Np, Kp = round_up(fmt.N, 16), round_up(fmt.K, INT4_GROUP)
+        return {"q": F.pad(q, (0, fmt.Kp - fmt.K)), "scale": scale.to(ACT_DTYPE)}
+    Np, Kp = round_up(fmt.N, 16), fmt.Kp
     groups = Kp // INT4_GROUP
     if (Np, Kp) != (fmt.N, fmt.K):
         w = F.pad(w, (0, Kp - fmt.K, 0, Np - fmt.N))
@@ -155,9 +162,8 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         return dense_matmul(x, seg, fmt)
     # decode calls this ~10 times per layer and token: no op that is not needed
     xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
-    Kp = round_up(fmt.K, 32 if fmt.mode == "int8" else INT4_GROUP)
-    if Kp != fmt.K:
-        xa = F.pad(xa, (0, Kp - fmt.K))
+    if fmt.Kp != fmt.K:
+        xa = F.pad(xa, (0, fmt.Kp - fmt.K))
     if fmt.mode == "int8":
         y = torch._weight_int8pack_mm(xa, seg["q"], seg["scale"])
     else:
@@ -179,7 +185,7 @@ def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixForma
     if x.is_cuda:  # the whole matrix at once: a GPU has the memory, and launches cost
         step = fmt.N
     if fmt.mode == "int4":
-        xa = F.pad(xa, (0, round_up(fmt.K, INT4_GROUP) - fmt.K))
+        xa = F.pad(xa, (0, fmt.Kp - fmt.K))
     parts = []
     for n in range(0, fmt.N, step):
         if fmt.mode == "int8":  # |q| <= 127 is exact in bf16: one rounding, of the product
