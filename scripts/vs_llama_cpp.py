@@ -1,0 +1,136 @@
+"""Decode speed of moelocal int8/int4 beside llama.cpp Q8_0/Q4_0 on the same shapes, measured in
+turns on the same machine, as issue #3's speed goal asks (0.8x llama.cpp, every weight resident).
+
+    pip install gguf                        # writes the GGUF file
+    python scripts/vs_llama_cpp.py cache/models/mixtral-medium --llama-bin LLAMA_CPP/build/bin
+
+LLAMA_CPP/build/bin holds llama-bench and llama-quantize, built from llama.cpp's sources (e.g.
+`cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-bench llama-quantize`).
+The Mixtral checkpoint is written once as an f16 GGUF beside it under cache/gguf/ (q and k rows
+reordered for llama.cpp's rotary layout; a placeholder vocabulary, as llama-bench feeds token ids)
+and quantized by llama-quantize with its defaults. Each round runs both engines, best of 5 runs
+each (moelocal: scripts/decode_floor.py's decode steps); the machine's drift hits both alike.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_floor import measure  # noqa: E402
+
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"))
+
+
+def rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's q/k rows (halves rotated together) -> llama.cpp's (adjacent pairs rotated)."""
+    n, k = w.shape
+    return w.reshape(heads, 2, n // heads // 2, k).transpose(1, 2).reshape(n, k)
+
+
+def write_gguf(model: Path, out: Path):
+    import numpy as np
+
+    try:
+        import gguf
+    except ImportError:
+        raise SystemExit("error: writing a GGUF file needs gguf: pip install gguf") from None
+
+    cfg = json.loads((model / "config.json").read_text())
+    if cfg["model_type"] != "mixtral":
+        raise SystemExit(f"error: {model}: only mixtral checkpoints ({cfg['model_type']} given)")
+    t = {}
+    for f in sorted(model.glob("*.safetensors")):
+        t.update(load_file(f))
+    H, KV, V = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(cfg["hidden_size"] // H)
+    w.add_rope_freq_base(cfg.get("rope_theta", 1e6))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["num_local_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>".encode() for i in range(V)])
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([gguf.TokenType.NORMAL] * V)
+    w.add_bos_token_id(cfg.get("bos_token_id", 1))
+    w.add_eos_token_id(cfg.get("eos_token_id", 2))
+
+    def add(name, tensor):  # norms in float32, as llama.cpp's own converter keeps them
+        w.add_tensor(name, tensor.float().numpy().astype(np.float32 if tensor.dim() == 1
+                                                          else np.float16))  # fmt: skip
+
+    add("token_embd.weight", t["model.embed_tokens.weight"])
+    add("output_norm.weight", t["model.norm.weight"])
+    add("output.weight", t.get("lm_head.weight", t["model.embed_tokens.weight"]))
+    for i in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        add(b + "attn_norm.weight", t[p + "input_layernorm.weight"])
+        add(b + "attn_q.weight", rope_rows(t[p + "self_attn.q_proj.weight"], H))
+        add(b + "attn_k.weight", rope_rows(t[p + "self_attn.k_proj.weight"], KV))
+        add(b + "attn_v.weight", t[p + "self_attn.v_proj.weight"])
+        add(b + "attn_output.weight", t[p + "self_attn.o_proj.weight"])
+        add(b + "ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
+        add(b + "ffn_gate_inp.weight", t[p + "block_sparse_moe.gate.weight"])
+        for ours, theirs in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+            experts = [t[f"{p}block_sparse_moe.experts.{e}.{ours}.weight"]
+                       for e in range(cfg["num_local_experts"])]  # fmt: skip
+            add(f"{b}ffn_{theirs}_exps.weight", torch.stack(experts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_tok_s(bench: Path, gguf_file: Path, tokens: int) -> float:
+    """llama-bench's best of 5 decode runs, 2 threads, in tokens/s."""
+    out = subprocess.run([str(bench), "-m", str(gguf_file), "-t", "2", "-p", "0", "-n",
+                          str(tokens), "-r", "5", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return max(json.loads(out)[0]["samples_ts"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--llama-bin", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    for tool in ("llama-bench", "llama-quantize"):
+        if not (args.llama_bin / tool).is_file():
+            raise SystemExit(f"error: --llama-bin {args.llama_bin}: no {tool} there")
+    work = Path(__file__).resolve().parents[1] / "cache" / "gguf" / args.model.name
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "f16.gguf"
+    if not f16.exists():
+        write_gguf(args.model, f16.with_suffix(".part"))
+        f16.with_suffix(".part").rename(f16)
+    for _, q in PAIRS:
+        quantized = work / f"{q}.gguf"
+        if not quantized.exists():
+            quantize = [str(args.llama_bin / "llama-quantize"), str(f16), str(quantized), q]
+            subprocess.run(quantize, capture_output=True, check=True)
+    print(f"{'round':<7}{'moelocal':>10}{'tok/s':>8}{'llama.cpp':>11}{'tok/s':>8}{'ratio':>7}")
+    for r in range(1, args.rounds + 1):
+        for ours, q in PAIRS:
+            step_s, _ = measure(str(args.model), ours, args.tokens)
+            theirs = llama_tok_s(args.llama_bin / "llama-bench", work / f"{q}.gguf", args.tokens)
+            print(f"{r:<7}{ours:>10}{1 / step_s:>8.1f}{q:>11}{theirs:>8.1f}"
+                  f"{1 / step_s / theirs:>7.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
