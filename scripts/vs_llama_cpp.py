@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import moelocal
+
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_floor import measure  # noqa: E402
 
@@ -123,10 +125,11 @@ def main():
         if not quantized.exists():
             quantize = [str(args.llama_bin / "llama-quantize"), str(f16), str(quantized), q]
             subprocess.run(quantize, capture_output=True, check=True)
+    engines = {ours: moelocal.load(args.model, device="cpu", quant=ours) for ours, _ in PAIRS}
     print(f"{'round':<7}{'moelocal':>10}{'tok/s':>8}{'llama.cpp':>11}{'tok/s':>8}{'ratio':>7}")
     for r in range(1, args.rounds + 1):
         for ours, q in PAIRS:
-            step_s, _ = measure(str(args.model), ours, args.tokens)
+            step_s, _ = measure(engines[ours], args.tokens)
             theirs = llama_tok_s(args.llama_bin / "llama-bench", work / f"{q}.gguf", args.tokens)
             print(f"{r:<7}{ours:>10}{1 / step_s:>8.1f}{q:>11}{theirs:>8.1f}"
                   f"{1 / step_s / theirs:>7.2f}")  # fmt: skip
