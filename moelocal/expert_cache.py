@@ -372,7 +372,7 @@ class ExpertCache:
         """One expert on its tokens: (the tokens, their weighted outputs)."""
         token, weight = route
         rows = x if isinstance(token, slice) else x[token]
-        return token, self.layout.forward(rows, views, self.act) * weight
+        return token, self.layout.forward(rows, views, self.act, weight)
 
     @staticmethod
     def _sum(x, needed, outputs) -> torch.Tensor:

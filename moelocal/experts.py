@@ -7,8 +7,10 @@ This module does not route (models/common.py) nor cache (expert_cache.py).
 """
 
 import torch
+import torch.nn.functional as F
 
-from .quant import MatrixFormat, matmul, quantize
+from . import cpu_kernels
+from .quant import BITS, MatrixFormat, kernel_takes, matmul, quantize
 
 ALIGN = 64  # every segment starts on a cache line, so that its dtype view is aligned
 
@@ -52,7 +54,12 @@ class ExpertLayout:
                 views[matrix][name].copy_(t)
         return blob
 
-    def forward(self, x: torch.Tensor, views: dict, act) -> torch.Tensor:
-        """One SwiGLU expert on the tokens routed to it: x (n, D) -> (n, D)."""
+    def forward(self, x: torch.Tensor, views: dict, act, weight=None) -> torch.Tensor:
+        """One SwiGLU expert on the tokens routed to it: x (n, D) -> (n, D) in x's dtype, times
+        their routing weights (n, 1) when given."""
+        if act is F.silu and kernel_takes(x, self.formats["gate_up"]):  # decode: one call
+            q = views["gate_up"]["q"], views["down"]["q"]
+            return cpu_kernels.swiglu(x, *q, BITS[self.mode], self.I, weight)
         gate, up = matmul(x, views["gate_up"], self.formats["gate_up"]).chunk(2, dim=-1)
-        return matmul(act(gate) * up, views["down"], self.formats["down"])
+        y = matmul(act(gate) * up, views["down"], self.formats["down"])
+        return y if weight is None else (y * weight).to(x.dtype)

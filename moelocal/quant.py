@@ -2,20 +2,23 @@
 
 A matrix (N, K) in a format is a few named segments (packed weights, scales); `MatrixFormat`
 says their dtypes and shapes, `quantize` fills them, `matmul` multiplies with them:
-  int8  per-output-channel symmetric scales, torch's _weight_int8pack_mm (CPU); on CUDA
-        dequantized and multiplied in bf16 (weight-only, as on the CPU)
-  int4  groups of 32 with a least-squares scale and zero, torch's _weight_int4pack_mm_for_cpu (CPU)
+  int8  Q8_0's numbers: blocks of 32 columns, int8 codes and an fp16 scale (8.5 bits a weight)
+  int4  Q4_0's numbers: blocks of 32, codes 0..15 for (code - 8) * scale, an fp16 scale fitted
+        by least squares (4.5 bits a weight)
   nf4   bitsandbytes NF4 in blocks of 64 (fp4 likewise, for checkpoints that use it), the
         bytes transformers' load_in_4bit writes; bitsandbytes' matmul_4bit (on CUDA its
         batch-1 kernel for decode; on the CPU it dequantizes and multiplies, slowly)
-They take bfloat16 activations: a quantized matmul runs in bfloat16 whatever the model dtype.
-The kernels want K a multiple of 32 (int8 silently computes garbage when K % 16 != 0) and, for
-int4, N a multiple of 16: odd shapes (tiny test models) are zero-padded, the padding sliced off.
 
-torch's int8/int4 kernels are matrix-vector loops: their time grows with every row of x, which
-suits decode (one row) and not a prefill (an expert gets hundreds). From DENSE_ROWS rows on, the
-weights are dequantized a slice at a time and multiplied by the bf16 GEMM (AMX where there is
-one); for int4 only where N is a multiple of 64, the block torch packs rows in.
+int8 and int4 are one segment, `q`: a stream of units, one per group of 16 rows and block of 32
+columns, each the codes of its 16 rows in k-quads (16 rows x 4 columns, 64 bytes; int4 packs
+columns c and c + 16 of a block in one byte), then the 16 rows' scales. N is padded to 16 and K to
+32 with zeros. moelocal owns this layout: every instruction set streams the same bytes (the
+kernels in csrc/cpu_kernels.cpp quantize x to int8 per block of 32 and use integer dot products),
+so a converted model runs on any CPU and a tier move is one copy.
+
+The kernels suit few rows (decode, batched decode). From DENSE_ROWS rows on (a prefill), and on
+CUDA or without the compiled kernels, the weights are dequantized a slice at a time and multiplied
+by the bf16 GEMM (AMX where there is one).
 """
 
 import copy
@@ -27,18 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .errors import MoelocalError
 
 MODES = ("none", "int8", "int4", "nf4", "fp4")
-INT4_GROUP = 32
-INT4_FIT_STEPS = 2  # least-squares refinements of each group's scale and zero (see fit_int4)
-INT4_BLOCK = 64  # rows packed together by torch's int4 CPU layout (see dequantize_int4)
+BLOCK = 32  # columns sharing a scale (weights and activations)
+GROUP = 16  # rows interleaved in a unit
+BITS = {"int8": 8, "int4": 4}
+INT4_FIT_STEPS = 2  # least-squares refinements of each block's scale (see fit_int4)
 # rows of x from which dequantize + GEMM beats the kernels (measured crossovers on 7168x1024 and
 # 1024x3584 matrices: ~32 rows for int8, ~96 for int4)
 DENSE_ROWS = {"int8": 48, "int4": 96}
 DENSE_SLICE = 1 << 20  # bytes of dequantized bf16 weight made at a time: they stay in L2
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block, as transformers writes it
-ACT_DTYPE = torch.bfloat16  # the activations the CPU kernels take
+ACT_DTYPE = torch.bfloat16  # the activations of the dequantize + GEMM path
 
 
 def check_mode(mode: str | None, device: torch.device) -> str | None:
@@ -65,22 +70,25 @@ class MatrixFormat:
     K: int
     dtype: torch.dtype  # of an unquantized matrix
 
-    @functools.cached_property  # read by every decode matmul
+    @property
+    def Np(self) -> int:
+        return round_up(self.N, GROUP)
+
+    @property
     def Kp(self) -> int:
-        """K padded as the int8/int4 kernels want it (x is padded alike)."""
-        if self.mode == "int8":
-            return round_up(self.K, 32)
-        return round_up(self.K, INT4_GROUP) if self.mode == "int4" else self.K
+        return round_up(self.K, BLOCK)
+
+    @property
+    def unit_bytes(self) -> int:
+        """Bytes of one unit (16 rows x 32 columns) of an int8/int4 stream."""
+        return GROUP * BLOCK * BITS[self.mode] // 8 + 2 * GROUP
 
     @property
     def segments(self) -> list[tuple[str, torch.dtype, tuple]]:
         N, K = self.N, self.K
-        if self.mode == "int8":
-            return [("q", torch.int8, (N, self.Kp)), ("scale", ACT_DTYPE, (N,))]
-        if self.mode == "int4":
-            Np, Kp = round_up(N, 16), self.Kp
-            return [("q", torch.uint8, (Np, Kp // 2)),
-                    ("scale_zero", ACT_DTYPE, (Kp // INT4_GROUP, Np, 2))]  # fmt: skip
+        if self.mode in BITS:
+            units = self.Np // GROUP * self.Kp // BLOCK
+            return [("q", torch.uint8, (units * self.unit_bytes,))]
         if self.mode in ("nf4", "fp4"):  # bitsandbytes' layout: blocks of the flattened matrix
             n = N * K
             return [("q", torch.uint8, ((n + 1) // 2, 1)),
@@ -101,50 +109,90 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
         q, state = quantize_4bit(w.to(ACT_DTYPE).contiguous(), blocksize=BNB_BLOCK,
                                  quant_type=fmt.mode)  # fmt: skip
         return {"q": q, "absmax": state.absmax}
-    if fmt.mode == "int8":
-        w = w.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        return {"q": F.pad(q, (0, fmt.Kp - fmt.K)), "scale": scale.to(ACT_DTYPE)}
-    Np, Kp = round_up(fmt.N, 16), fmt.Kp
-    groups = Kp // INT4_GROUP
+    Np, Kp = fmt.Np, fmt.Kp
     if (Np, Kp) != (fmt.N, fmt.K):
         w = F.pad(w, (0, Kp - fmt.K, 0, Np - fmt.N))
-    packed = torch.empty(Np, Kp // 2, dtype=torch.uint8)
-    scale, lo = torch.empty(Np, groups), torch.empty(Np, groups)
-    # two blocks of rows at a time (torch packs blocks of 64 rows on their own): the
-    # temporaries stay in the CPU's caches, 2-3x faster than the whole matrix at once
-    for first in range(0, Np, 2 * INT4_BLOCK):
-        rows = slice(first, first + 2 * INT4_BLOCK)
-        q, scale[rows], lo[rows] = fit_int4(w[rows].float().reshape(-1, groups, INT4_GROUP))
-        q = q.view(-1, Kp).to(torch.int32)
-        packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    # the kernel computes (q - 8) * scale + zero
-    zero = lo + 8 * scale
-    scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(ACT_DTYPE).contiguous()
-    return {"q": packed, "scale_zero": scale_zero}
+    units = torch.empty(Np // GROUP, Kp // BLOCK, fmt.unit_bytes, dtype=torch.uint8)
+    # a few groups of rows at a time: the temporaries stay in the CPU's caches
+    step = 8
+    for g in range(0, Np // GROUP, step):
+        rows = w[g * GROUP : (g + step) * GROUP].float().unflatten(-1, (-1, BLOCK))
+        if fmt.mode == "int8":
+            codes, scale = quantize_int8(rows)
+        else:
+            codes, scale = fit_int4(rows)
+        units[g : g + step] = pack(codes, scale, fmt.mode)
+    return {"q": units.view(-1)}
+
+
+def quantize_int8(w: torch.Tensor):
+    """Blocks w (..., 32) -> int8 codes and fp16 scales, w ~ code * scale (as Q8_0)."""
+    scale = (w.abs().amax(-1) / 127).half()
+    inv = torch.where(scale > 0, 1 / scale.float(), 0.0)
+    return (w * inv[..., None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def fit_int4(w: torch.Tensor, steps: int = INT4_FIT_STEPS):
-    """Groups w (..., g) -> codes q in 0..15, scale and lo (...) with w ~ lo + scale * q.
+    """Blocks w (..., 32) -> codes 0..15 and fp16 scales, w ~ (code - 8) * scale.
 
-    Starts from each group's range, then alternates the least-squares scale and lo for the codes
-    with the codes rounded for that scale and lo: neither step can raise the squared error.
+    Q4_0 puts the block's largest magnitude at code 0 (-8 steps); this also tries it at code 15
+    (+7 steps), and from each start alternates the least-squares scale for the codes with the
+    codes rounded for that scale (neither step can raise the squared error), then keeps the
+    better fit of each block: 8% less squared error than Q4_0's rounding on normal weights.
     """
-    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    q = ((w - lo) / scale).round_().clamp_(0, 15)
-    n, sw = w.shape[-1], w.sum(dim=-1, keepdim=True)
-    for _ in range(steps):
-        # the least-squares line w = lo + scale * q through each group's points (q, w)
-        sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
-        sqw = (q * w).sum(-1, keepdim=True)
-        det = n * sqq - sq * sq
-        fits = det > 0  # not when every code of the group is the same: that group stays
-        scale = torch.where(fits, ((n * sqw - sq * sw) / det).clamp(min=1e-12), scale)
-        lo = torch.where(fits, (sw - scale * sq) / n, lo)
-        q = ((w - lo) / scale).round_().clamp_(0, 15)
-    return q, scale[..., 0], lo[..., 0]
+    big = w.gather(-1, w.abs().argmax(-1, keepdim=True))
+    best = None
+    for steps_of_big in (-8, 7):
+        scale = big / steps_of_big
+        codes = round_int4(w, scale)
+        for _ in range(steps):  # the scale minimizing sum (w - t * scale)^2 for t = code - 8
+            t = codes - 8
+            tt = (t * t).sum(-1, keepdim=True)
+            scale = torch.where(tt > 0, (t * w).sum(-1, keepdim=True) / tt.clamp(min=1), scale)
+            codes = round_int4(w, scale)
+        scale = scale.half().float()
+        codes = round_int4(w, scale)
+        error = (w - (codes - 8) * scale).pow_(2).sum(-1, keepdim=True)
+        if best is None:
+            best = (error, codes, scale)
+        else:
+            better = error < best[0]
+            best = tuple(torch.where(better, new, old)
+                         for new, old in zip((error, codes, scale), best, strict=True))  # fmt: skip
+    _, codes, scale = best
+    return codes.to(torch.uint8), scale[..., 0].half()
+
+
+def round_int4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The nearest codes 0..15 for the scales (float codes, for the fit's sums)."""
+    inv = torch.where(scale != 0, 1 / scale, 0.0)
+    return (w * inv).round_().add_(8).clamp_(0, 15)
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """Codes (16g, B, 32) and fp16 scales (16g, B) -> units (g, B, unit bytes)."""
+    rows, B = scale.shape
+    if mode == "int4":  # columns c and c + 16 share a byte
+        codes = codes[..., :16] | (codes[..., 16:] << 4)
+    # (g, row, B, quad, 4) -> (g, B, quad, row, 4): each 64 bytes hold 16 rows' quads
+    data = codes.view(torch.uint8).view(rows // GROUP, GROUP, B, -1, 4).permute(0, 2, 3, 1, 4)
+    scales = scale.view(rows // GROUP, GROUP, B).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat((data.flatten(2), scales), dim=-1)
+
+
+def dequantize(q: torch.Tensor, fmt: MatrixFormat, first: int, last: int, dtype) -> torch.Tensor:
+    """Groups first:last of 16 rows of an int8/int4 stream -> (16 (last - first), Kp) in dtype."""
+    B, g = fmt.Kp // BLOCK, last - first
+    units = q.view(-1, B, fmt.unit_bytes)[first:last]
+    data_bytes = fmt.unit_bytes - 2 * GROUP
+    scale = units[..., data_bytes:].contiguous().view(torch.float16).transpose(1, 2)  # (g, 16, B)
+    data = units[..., :data_bytes].unflatten(-1, (-1, GROUP, 4)).permute(0, 3, 1, 2, 4)
+    if fmt.mode == "int8":
+        codes = data.contiguous().view(torch.int8).to(dtype)  # (g, 16, B, 8, 4)
+    else:  # low nibbles are columns 0..15 of a block, high ones 16..31
+        codes = torch.stack((data & 15, data >> 4), dim=3).to(dtype) - 8  # (g, 16, B, 2, 4, 4)
+    w = codes.reshape(g, GROUP, B, BLOCK) * scale[..., None].to(dtype)
+    return w.view(g * GROUP, fmt.Kp)
 
 
 def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> torch.Tensor:
@@ -158,75 +206,30 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
         if fmt.K % BNB_BLOCK:  # rows that are not whole blocks: see dequantize_4bit
             return F.linear(xa, dequantize_4bit(seg["q"], state)).to(x.dtype)
         return bnb.matmul_4bit(xa, seg["q"].t(), quant_state=state).to(x.dtype)
-    if x.is_cuda or (x.shape[0] >= DENSE_ROWS[fmt.mode] and dense_ok(fmt)):
+    if not kernel_takes(x, fmt):
         return dense_matmul(x, seg, fmt)
-    # decode calls this ~10 times per layer and token: no op that is not needed
-    xa = x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE)
-    if fmt.Kp != fmt.K:
-        xa = F.pad(xa, (0, fmt.Kp - fmt.K))
-    if fmt.mode == "int8":
-        y = torch._weight_int8pack_mm(xa, seg["q"], seg["scale"])
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, seg["q"], INT4_GROUP, seg["scale_zero"])
-        if y.shape[1] != fmt.N:
-            y = y[:, : fmt.N]
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return cpu_kernels.gemv(x, seg["q"], BITS[fmt.mode], fmt.N)
 
 
-def dense_ok(fmt: MatrixFormat) -> bool:
-    """Whether dense_matmul can dequantize this matrix."""
-    return fmt.mode == "int8" or (fmt.N % INT4_BLOCK == 0 and int4_unpacks())
+def kernel_takes(x: torch.Tensor, fmt: MatrixFormat) -> bool:
+    """Whether the compiled CPU kernels multiply x (M, K) with an int8/int4 matrix: few rows,
+    on the CPU, with the kernels built."""
+    return (fmt.mode in BITS and not x.is_cuda and x.shape[0] < DENSE_ROWS[fmt.mode]
+            and cpu_kernels.isa() is not None)  # fmt: skip
 
 
 def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat):
     """x @ W.T for many rows of x: W dequantized to bf16 one slice of output rows at a time."""
-    xa = x.to(ACT_DTYPE)
-    step = max(INT4_BLOCK, DENSE_SLICE // (2 * fmt.K) // INT4_BLOCK * INT4_BLOCK)
+    xa = F.pad(x.to(ACT_DTYPE), (0, fmt.Kp - fmt.K))
+    groups = fmt.Np // GROUP
+    step = max(1, DENSE_SLICE // (2 * fmt.Kp * GROUP))
     if x.is_cuda:  # the whole matrix at once: a GPU has the memory, and launches cost
-        step = fmt.N
-    if fmt.mode == "int4":
-        xa = F.pad(xa, (0, fmt.Kp - fmt.K))
-    parts = []
-    for n in range(0, fmt.N, step):
-        if fmt.mode == "int8":  # |q| <= 127 is exact in bf16: one rounding, of the product
-            rows = slice(n, n + step)
-            parts.append(
-                F.linear(xa, seg["q"][rows, : fmt.K].to(ACT_DTYPE) * seg["scale"][rows, None])
-            )
-        else:  # W.T in blocks of 64 columns: (blocks, Kp, 64)
-            wt = dequantize_int4(seg, n // INT4_BLOCK, min(n + step, fmt.N) // INT4_BLOCK)
-            parts.append(torch.matmul(xa, wt).permute(1, 0, 2).flatten(1))
+        step = groups
+    parts = [F.linear(xa, dequantize(seg["q"], fmt, g, min(g + step, groups), ACT_DTYPE))
+             for g in range(0, groups, step)]  # fmt: skip
     y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    y = y[:, : fmt.N] if fmt.Np != fmt.N else y
     return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def dequantize_int4(seg: dict[str, torch.Tensor], first: int, last: int) -> torch.Tensor:
-    """Blocks first:last of 64 rows of an int4 matrix, transposed: (blocks, Kp, 64) in bf16.
-    torch's CPU layout is [N / 64][K][32] bytes, byte i of a block's column k holding rows i
-    (low nibble) and 32 + i (high): unpacked, each block is its rows' W.T."""
-    groups, Np = seg["scale_zero"].shape[:2]
-    Kp = groups * INT4_GROUP
-    blocks = seg["q"].view(Np // INT4_BLOCK, Kp, INT4_BLOCK // 2)[first:last]
-    q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).to(ACT_DTYPE)
-    sz = seg["scale_zero"][:, first * INT4_BLOCK : last * INT4_BLOCK]
-    sz = sz.unflatten(1, (last - first, INT4_BLOCK)).permute(1, 0, 3, 2)  # (blocks, groups, 2, 64)
-    scale, zero = sz[:, :, :1].contiguous(), sz[:, :, 1:].contiguous()
-    # (q - 8) * scale + zero, as the kernel computes it
-    w = q.view(last - first, groups, INT4_GROUP, INT4_BLOCK) * scale + (zero - 8 * scale)
-    return w.view(last - first, Kp, INT4_BLOCK)
-
-
-@functools.cache
-def int4_unpacks() -> bool:
-    """Whether this torch packs int4 as dequantize_int4 reads it: checked once, on a small
-    matrix; if not, every int4 product stays on the kernel."""
-    K = 2 * INT4_GROUP
-    q = torch.randint(0, 16, (2 * INT4_BLOCK, K), generator=torch.Generator().manual_seed(0))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
-    scale_zero = torch.tensor([1.0, 8.0], dtype=ACT_DTYPE).expand(2, 2 * INT4_BLOCK, 2)
-    seg = {"q": packed, "scale_zero": scale_zero}  # (q - 8) * 1 + 8 = q
-    unpacked = dequantize_int4(seg, 0, 2).transpose(1, 2).reshape(2 * INT4_BLOCK, K)
-    return torch.equal(unpacked, q.to(ACT_DTYPE))
 
 
 @functools.cache

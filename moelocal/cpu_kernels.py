@@ -1,0 +1,131 @@
+"""moelocal's compiled CPU kernels (csrc/cpu_kernels.cpp): built on first use, cached, optional.
+
+The extension is compiled once by torch.utils.cpp_extension into torch's extensions directory
+($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), under a name that holds the torch
+version and a hash of the compiler, Python and source, so a new torch, compiler or kernel source
+builds anew and never loads a stale binary. The instruction set path is chosen at
+run time (AVX-512 VNNI, AVX2, portable C++); MOELOCAL_CPU_KERNEL=avx512|avx2|portable|torch forces
+one (tests force AVX2 on an AVX-512 machine). Without a compiler, or if the build fails, `path()`
+is "torch" and quant.py multiplies with torch ops over the same layout: slower, never wrong.
+This module knows nothing of formats beyond handing bytes to the kernels.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+PATHS = {"avx512": 2, "avx2": 1, "portable": 0}
+log = logging.getLogger(__name__)
+
+
+def compiler() -> str | None:
+    """The C++ compiler torch will use, with its version, or None without one."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return None
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
+
+
+def build_dir(cxx: str) -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256(f"{torch.__version__}|{cxx}|{sys.version}".encode())
+    key.update(SOURCE.read_bytes())
+    name = f"moelocal-torch{torch.__version__}-{key.hexdigest()[:12]}"
+    return Path(get_default_build_root()) / name
+
+
+@functools.cache
+def extension():
+    """The compiled module, or None where it cannot be built (said once, on stderr)."""
+    if os.environ.get("MOELOCAL_CPU_KERNEL") == "torch":
+        return None
+    cxx = compiler()
+    if cxx is None:
+        print("moelocal: no C++ compiler found; using the slower torch kernels", file=sys.stderr)
+        return None
+    from torch.utils import cpp_extension
+
+    where = build_dir(cxx)
+    where.mkdir(parents=True, exist_ok=True)
+    if not any(where.glob("*.so")):
+        print("moelocal: compiling the CPU kernels (once for this torch and compiler, ~30 s)",
+              file=sys.stderr)  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cpp_extension.load(
+                name="moelocal_cpu_kernels", sources=[str(SOURCE)], build_directory=str(where),
+                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False,
+            )  # fmt: skip
+    except Exception as e:  # a broken toolchain must not stop the engine
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moelocal: building the CPU kernels failed ({first}); using the slower torch "
+              f"kernels (MOELOCAL_DEBUG=1 for the log)", file=sys.stderr)  # fmt: skip
+        if os.environ.get("MOELOCAL_DEBUG"):
+            print(e, file=sys.stderr)
+        return None
+
+
+@functools.cache
+def isa() -> int | None:
+    """The kernels' instruction set path number, or None for the torch fallback."""
+    ext = extension()
+    if ext is None:
+        return None
+    forced = os.environ.get("MOELOCAL_CPU_KERNEL")
+    if forced:
+        from .errors import MoelocalError
+
+        if forced not in PATHS:
+            raise MoelocalError(
+                f"MOELOCAL_CPU_KERNEL={forced}: choose one of {', '.join([*PATHS, 'torch'])}"
+            )
+        if PATHS[forced] > ext.best_isa():
+            raise MoelocalError(f"MOELOCAL_CPU_KERNEL={forced}: this CPU cannot run it")
+        return PATHS[forced]
+    return ext.best_isa()
+
+
+def path() -> str:
+    """The kernel path in use: avx512, avx2, portable or torch."""
+    n = isa()
+    return "torch" if n is None else next(name for name, v in PATHS.items() if v == n)
+
+
+def set_threads(threads: int | None) -> int:
+    """Threads for torch and the kernels (one pool): `threads`, else the physical cores."""
+    import psutil
+
+    from .errors import MoelocalError
+
+    if threads is not None and threads < 1:
+        raise MoelocalError(f"--threads {threads}: must be at least 1")
+    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bits: int, N: int) -> torch.Tensor:
+    """x (M, K) @ W.T -> (M, N) in x's dtype, W a q8/q4 stream (quant.py). Needs `isa()`."""
+    return extension().gemv(x.contiguous(), w, bits, N, isa())
+
+
+def swiglu(x, gate_up, down, bits: int, I: int, weight: torch.Tensor | None) -> torch.Tensor:  # noqa: E741
+    """down(silu(gate) * up) [* weight (M, 1)] for x (M, D), in x's dtype: one SwiGLU expert
+    whose gate_up (2I, D) and down (D, I) are q8/q4 streams. Needs `isa()`."""
+    return extension().swiglu(x.contiguous(), gate_up, down, bits, I, weight, isa())

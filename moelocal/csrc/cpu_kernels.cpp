@@ -1,0 +1,338 @@
+// moelocal's CPU matrix-vector kernels: int8 activations times int8 / int4 weights, integer dot
+// products, one weight layout for every instruction set (see moelocal/quant.py for the layout).
+//
+// A matrix is a stream of units, one per (group of 16 rows, block of 32 columns):
+//   q8: 8 k-quads x 16 rows x 4 bytes (int8), then 16 fp16 scales   = 544 bytes (8.5 bits/weight)
+//   q4: 4 chunks  x 16 rows x 4 bytes, then 16 fp16 scales          = 288 bytes (4.5 bits/weight)
+//       byte i of row r in chunk j holds columns 4j+i (low nibble) and 16+4j+i (high), codes
+//       0..15 standing for (code - 8) * scale
+// Activations are quantized per row and block of 32 to int8 with a float scale. Each output is
+//   y[m][n] = sum over blocks b (in order) of fma(float(isum_b), w_scale[n][b] * x_scale[m][b], .)
+// with isum_b exact in int32, so every ISA path below gives the same bits, and a row's result
+// depends neither on the other rows of x nor on the number of threads.
+// The paths are picked at run time (compiled with target attributes, never -march=native):
+//   2 AVX-512 VNNI (vpdpbusd), 1 AVX2 (vpmaddubsw), 0 portable C++.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MOELOCAL_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t R = 16;   // rows per group
+constexpr int64_t BK = 32;  // columns per block
+constexpr int64_t Q8_UNIT = R * BK + 2 * R;
+constexpr int64_t Q4_UNIT = R * BK / 2 + 2 * R;
+
+struct Act {  // x quantized: per row, Kp int8 values, and per block a scale and the sum of codes
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+};
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t Kp, Act& a) {
+  const int64_t nb = Kp / BK;
+  a.q.assign(M * Kp, 0);
+  a.d.assign(M * nb, 0.f);
+  a.sum.assign(M * nb, 0);
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t b = 0; b < nb; b++) {
+      float v[BK];
+      float amax = 0.f;
+      for (int64_t i = 0; i < BK; i++) {
+        int64_t k = b * BK + i;
+        v[i] = k < K ? static_cast<float>(x[m * K + k]) : 0.f;
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      int32_t s = 0;
+      int8_t* q = &a.q[m * Kp + b * BK];
+      for (int64_t i = 0; i < BK; i++) {
+        q[i] = static_cast<int8_t>(std::nearbyint(v[i] * id));  // ties to even, as torch.round
+        s += q[i];
+      }
+      a.d[m * nb + b] = d;
+      a.sum[m * nb + b] = s;
+    }
+  }
+}
+
+struct Job {
+  const uint8_t* w;
+  const Act* a;
+  float* y;  // (M, N) float32
+  int64_t M, N, Kp;
+};
+
+inline float half_to_float(const uint8_t* p) {
+  c10::Half h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(h);
+}
+
+// ---- portable ---------------------------------------------------------------------------------
+
+template <bool Q4>
+void gemv_generic(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK, unit = Q4 ? Q4_UNIT : Q8_UNIT, data = unit - 2 * R;
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t* wg = j.w + g * nb * unit;
+    for (int64_t m = 0; m < j.M; m++) {
+      const int8_t* xq = &j.a->q[m * j.Kp];
+      float acc[R] = {0};
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = wg + b * unit;
+        const int8_t* xb = xq + b * BK;
+        const float dx = j.a->d[m * nb + b];
+        for (int64_t r = 0; r < R; r++) {
+          int32_t isum = 0;
+          if (Q4) {
+            for (int64_t c = 0; c < 4; c++)
+              for (int64_t i = 0; i < 4; i++) {
+                uint8_t byte = u[c * 64 + r * 4 + i];
+                isum += ((byte & 15) - 8) * xb[4 * c + i] + ((byte >> 4) - 8) * xb[16 + 4 * c + i];
+              }
+          } else {
+            for (int64_t c = 0; c < 8; c++)
+              for (int64_t i = 0; i < 4; i++)
+                isum += static_cast<int8_t>(u[c * 64 + r * 4 + i]) * xb[4 * c + i];
+          }
+          const float dw = half_to_float(u + data + 2 * r);
+          acc[r] = std::fma(static_cast<float>(isum), dw * dx, acc[r]);
+        }
+      }
+      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = acc[r];
+    }
+  }
+}
+
+#ifdef MOELOCAL_X86
+
+// ---- AVX2: vpmaddubsw needs an unsigned operand ---------------------------------------------
+
+__attribute__((target("avx2,fma,f16c"))) void q8_avx2(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t* wg = j.w + g * nb * Q8_UNIT;
+    for (int64_t m = 0; m < j.M; m++) {
+      const int8_t* xq = &j.a->q[m * j.Kp];
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = wg + b * Q8_UNIT;
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int64_t c = 0; c < 8; c++) {
+          int32_t x4;
+          std::memcpy(&x4, xq + b * BK + 4 * c, 4);
+          const __m256i xv = _mm256_set1_epi32(x4), ax = _mm256_sign_epi8(xv, xv);
+          // |x| * (w with x's sign): products of pairs stay within int16 (|w|, |x| <= 127)
+          const __m256i w0 = _mm256_loadu_si256((const __m256i*)(u + c * 64));
+          const __m256i w1 = _mm256_loadu_si256((const __m256i*)(u + c * 64 + 32));
+          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
+          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
+        }
+        const __m256 dx = _mm256_set1_ps(j.a->d[m * nb + b]);
+        const __m128i* sc = (const __m128i*)(u + 8 * 64);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc)), dx), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc + 1)), dx), acc1);
+      }
+      float out[R];
+      _mm256_storeu_ps(out, acc0);
+      _mm256_storeu_ps(out + 8, acc1);
+      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void q4_avx2(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t* wg = j.w + g * nb * Q4_UNIT;
+    for (int64_t m = 0; m < j.M; m++) {
+      const int8_t* xq = &j.a->q[m * j.Kp];
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = wg + b * Q4_UNIT;
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int64_t c = 0; c < 4; c++) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xq + b * BK + 4 * c, 4);
+          std::memcpy(&xh, xq + b * BK + 16 + 4 * c, 4);
+          const __m256i vl = _mm256_set1_epi32(xl), vh = _mm256_set1_epi32(xh);
+          const __m256i w0 = _mm256_loadu_si256((const __m256i*)(u + c * 64));
+          const __m256i w1 = _mm256_loadu_si256((const __m256i*)(u + c * 64 + 32));
+          // codes 0..15 are the unsigned operand; the -8 comes back through the sum of x
+          __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w0, low), vl),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), low), vh));
+          __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w1, low), vl),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), low), vh));
+          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
+          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
+        }
+        const __m256i corr = _mm256_set1_epi32(8 * j.a->sum[m * nb + b]);
+        s0 = _mm256_sub_epi32(s0, corr);
+        s1 = _mm256_sub_epi32(s1, corr);
+        const __m256 dx = _mm256_set1_ps(j.a->d[m * nb + b]);
+        const __m128i* sc = (const __m128i*)(u + 4 * 64);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc)), dx), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc + 1)), dx), acc1);
+      }
+      float out[R];
+      _mm256_storeu_ps(out, acc0);
+      _mm256_storeu_ps(out + 8, acc1);
+      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+    }
+  }
+}
+
+// ---- AVX-512 VNNI: vpdpbusd, 16 rows x 4 columns per instruction ------------------------------
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+
+AVX512_TARGET void q8_avx512(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t* wg = j.w + g * nb * Q8_UNIT;
+    for (int64_t m = 0; m < j.M; m++) {
+      const int8_t* xq = &j.a->q[m * j.Kp];
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = wg + b * Q8_UNIT;
+
+        // (w + 128) as the unsigned operand; the 128s come back through the sum of x. Four
+        // accumulators: one chain of 8 vpdpbusd (5 cycles each) would bound the speed
+        __m512i s[4];
+        for (int64_t c = 0; c < 4; c++) s[c] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < 8; c++) {
+          int32_t x4;
+          std::memcpy(&x4, xq + b * BK + 4 * c, 4);
+          const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(u + c * 64), flip);
+          s[c & 3] = _mm512_dpbusd_epi32(s[c & 3], w, _mm512_set1_epi32(x4));
+        }
+        __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+        t = _mm512_sub_epi32(t, _mm512_set1_epi32(128 * j.a->sum[m * nb + b]));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + 8 * 64)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(j.a->d[m * nb + b])), acc);
+      }
+      float out[R];
+      _mm512_storeu_ps(out, acc);
+      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+    }
+  }
+}
+
+AVX512_TARGET void q4_avx512(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK;
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t* wg = j.w + g * nb * Q4_UNIT;
+    for (int64_t m = 0; m < j.M; m++) {
+      const int8_t* xq = &j.a->q[m * j.Kp];
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = wg + b * Q4_UNIT;
+
+        __m512i s[4];  // four accumulators, as in q8_avx512
+        for (int64_t c = 0; c < 4; c++) s[c] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < 4; c++) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xq + b * BK + 4 * c, 4);
+          std::memcpy(&xh, xq + b * BK + 16 + 4 * c, 4);
+          const __m512i w = _mm512_loadu_si512(u + c * 64);
+          const int64_t a = 2 * (c & 1);
+          s[a] = _mm512_dpbusd_epi32(s[a], _mm512_and_si512(w, low), _mm512_set1_epi32(xl));
+          s[a + 1] = _mm512_dpbusd_epi32(s[a + 1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low), _mm512_set1_epi32(xh));
+        }
+        __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+        t = _mm512_sub_epi32(t, _mm512_set1_epi32(8 * j.a->sum[m * nb + b]));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + 4 * 64)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(j.a->d[m * nb + b])), acc);
+      }
+      float out[R];
+      _mm512_storeu_ps(out, acc);
+      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+    }
+  }
+}
+
+#endif  // MOELOCAL_X86
+
+using Kernel = void (*)(const Job&, int64_t, int64_t);
+
+Kernel pick(bool q4, int64_t isa) {
+#ifdef MOELOCAL_X86
+  if (isa >= 2) return q4 ? q4_avx512 : q8_avx512;
+  if (isa == 1) return q4 ? q4_avx2 : q8_avx2;
+#endif
+  return q4 ? gemv_generic<true> : gemv_generic<false>;
+}
+
+// The best path this CPU runs: 2 AVX-512 VNNI, 1 AVX2 (+FMA, F16C), 0 portable.
+int64_t best_isa() {
+#ifdef MOELOCAL_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+// x (M, K) float32/bfloat16/float16 @ W.T -> (M, N) in float32; W a q8 (bits 8) or q4 (bits 4)
+// stream of Np x Kp (N, K rounded up to 16 and 32).
+torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w, int64_t bits, int64_t N, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "gemv: contiguous 2-D x");
+  TORCH_CHECK(bits == 8 || bits == 4, "gemv: bits 8 or 4");
+  TORCH_CHECK(isa <= best_isa(), "gemv: this CPU cannot run path ", isa);
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + BK - 1) / BK * BK, G = (N + R - 1) / R;
+  const int64_t unit = bits == 4 ? Q4_UNIT : Q8_UNIT;
+  TORCH_CHECK(w.numel() == G * (Kp / BK) * unit, "gemv: weights of ", w.numel(), " bytes for N=", N, " K=", K);
+  Act a;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_rows",
+                                  [&] { quantize_rows(x.data_ptr<scalar_t>(), M, K, Kp, a); });
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  Job job{w.data_ptr<uint8_t>(), &a, y.data_ptr<float>(), M, N, Kp};
+  const Kernel kernel = pick(bits == 4, isa);
+  // at least ~32 KiB of weights per task, so that small matrices stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 32768 / ((Kp / BK) * unit));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) { kernel(job, g0, g1); });
+  return y;
+}
+
+// gemv_float in x's dtype.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t bits, int64_t N, int64_t isa) {
+  return gemv_float(x, w, bits, N, isa).to(x.scalar_type());
+}
+
+// One SwiGLU expert on a few rows, in one call (a dozen fewer dispatches from Python per expert):
+// down(silu(gate) * up), times the rows' routing weights (M, 1) if given, in x's dtype. The
+// intermediate stays float32 until it is quantized for the down projection.
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
+                     int64_t bits, int64_t I, const c10::optional<torch::Tensor>& weight, int64_t isa) {
+  const auto gu = gemv_float(x, gate_up, bits, 2 * I, isa);
+  const auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
+  auto y = gemv_float(h, down, bits, x.size(1), isa);
+  if (weight.has_value()) y.mul_(*weight);
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "x @ W.T with W in a q8/q4 stream");
+  m.def("swiglu", &swiglu, "one SwiGLU expert over q8/q4 streams");
+  m.def("best_isa", &best_isa, "2 AVX-512 VNNI, 1 AVX2, 0 portable");
+}
