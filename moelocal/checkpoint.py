@@ -18,6 +18,10 @@ from .errors import MoelocalError
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST = "moelocal.json"  # a model packed by `moelocal convert`
 PARTIAL = "moelocal.partial"  # a convert that has not finished
+# the converted format: 2 stores int8/int4 in quant.py's own layout; 1 stored them in torch's
+# packed layouts, which moelocal no longer reads (none, nf4, fp4 blobs are the same in both)
+FORMAT = 2
+OWN_LAYOUT_QUANTS = ("int8", "int4")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -40,10 +44,17 @@ class Checkpoint:
         try:
             manifest = json.loads(path.read_text())
             manifest["experts"], manifest["quant"], manifest["dtype"]  # noqa: B018
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            version = manifest.get("format", 1)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise MoelocalError(
                 f"{path}: invalid manifest ({e}); run moelocal convert again"
             ) from None
+        old = version == 1 and manifest["quant"] in OWN_LAYOUT_QUANTS
+        if old or not isinstance(version, int) or version not in (1, FORMAT):
+            raise MoelocalError(
+                f"{self.dir}: converted by another moelocal version (format {version!r}, --quant "
+                f"{manifest['quant']}; this one reads format {FORMAT}): run moelocal convert again"
+            )
         return manifest
 
     def _weight_map(self) -> dict[str, str]:

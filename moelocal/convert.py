@@ -24,7 +24,7 @@ import psutil
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import MANIFEST, PARTIAL, Checkpoint
+from .checkpoint import FORMAT, MANIFEST, PARTIAL, Checkpoint
 from .errors import MoelocalError, reason
 from .hub import data_dir, resolve_model
 from .loader import Planned, bnb_quant, plan_model, read_weight
@@ -32,7 +32,6 @@ from .plan import OffloadOptions
 from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
 
-FORMAT = 1
 EXPERTS = "experts.bin"
 RESIDENT = "resident.safetensors"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

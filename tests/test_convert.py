@@ -39,6 +39,25 @@ def test_converted_equals_quantized_on_load(tiny, tmp_path, arch, quant):
     assert streamed.generate(ids, max_new_tokens=8).token_ids == tokens
 
 
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_a_conversion_in_another_format_is_refused_never_misread(tiny, tmp_path, quant):
+    """Format 1 stored int8/int4 in torch's packed layouts: such a model is refused with a line
+    saying to convert again (its plain and nf4 blobs are the same in both formats and load), and
+    so is a format this moelocal does not know."""
+    out = convert(str(tiny("mixtral")[0]), quant, tmp_path / "packed")
+    manifest = json.loads((out / "moelocal.json").read_text())
+    assert manifest["format"] == 2
+    for version, refused in ((1, quant != "none"), (3, True), ("2", True)):
+        (out / "moelocal.json").write_text(json.dumps(manifest | {"format": version}))
+        if not refused:
+            assert moelocal.load(out, device="cpu").plan.quant == quant
+            continue
+        with pytest.raises(MoelocalError, match="another moelocal version.*convert again"):
+            moelocal.load(out, device="cpu")
+        result = runner.invoke(app, ["generate", str(out), "-p", "hi", "-n", "2"])
+        assert result.exit_code == 1 and "convert again" in result.stderr
+
+
 def test_cli_convert_into_the_data_directory(tiny):
     result = runner.invoke(app, ["convert", str(tiny("olmoe")[0]), "--quant", "int8"])
     assert result.exit_code == 0, result.output
