@@ -24,13 +24,12 @@ def parse_sweep(name: str, value: str | None) -> list:
     if value is None:
         return [None]
     items = [v.strip() for v in str(value).split(",") if v.strip()]
-    if name == "cache_experts":
+    if name in ("cache_experts", "threads"):
         try:
             return [int(v) for v in items]
         except ValueError:
-            raise MoelocalError(
-                f"--cache-experts '{value}': whole numbers, comma-separated"
-            ) from None
+            option = "--" + name.replace("_", "-")
+            raise MoelocalError(f"{option} '{value}': whole numbers, comma-separated") from None
     if name == "prefetch":
         flags = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
         if any(v.lower() not in flags for v in items):
@@ -108,6 +107,8 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
         "device": engine.device.type,
         "dtype": str(engine.plan.dtype).removeprefix("torch."),
         "quant": engine.plan.quant,
+        "kernel": engine.kernel,
+        "threads": engine.threads,
         "gpu_mem": config.get("gpu_mem"),
         "cpu_mem": config.get("cpu_mem"),
         "cache_experts": engine.plan.device_slots,
@@ -162,6 +163,7 @@ def report_table(rows: list[dict]):
               ("prefetch", "prefetch")]  # fmt: skip
     config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
               or first[key] not in (None, "lru", True, "none")]  # fmt: skip
+    config += [("kernel", "kernel"), ("threads", "threads")]  # as llama-bench shows them
 
     def pct(row, key):
         return f"{row[key]:.0%}" if row.get(key) is not None else "-"

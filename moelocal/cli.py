@@ -71,6 +71,9 @@ MissPolicyOpt = Annotated[
     typer.Option(help="CUDA: on a miss, load the expert (load), run it on the CPU (cpu), or "
                  "choose by a start-up cost model (auto)."),
 ]  # fmt: skip
+ThreadsOpt = Annotated[
+    int | None, typer.Option(help="CPU threads for the model (default: the physical cores).")
+]
 ContextOpt = Annotated[
     int | None, typer.Option(help="Tokens of KV cache to plan for (default: 4096 with a budget).")
 ]
@@ -150,6 +153,7 @@ def generate_cmd(
     prefetch: PrefetchOpt = True,
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ):
     """Generate a completion for one prompt, streamed to stdout, or for every line of a JSONL file.
@@ -169,12 +173,12 @@ def generate_cmd(
         defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         batch_kwargs = dict(batch_size=batch_size, defaults=defaults, top_k=top_k, top_p=top_p,
                             chat=not no_chat_template)  # fmt: skip
-        load_kwargs = dict(device=device, dtype=dtype, quant=quant, **options)
+        load_kwargs = dict(device=device, dtype=dtype, quant=quant, threads=threads, **options)
         raise typer.Exit(run(lambda: batch_generate(model, input_path, output_path, load_kwargs,
                                                     batch_kwargs)))  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, quant=quant, **options)
+        engine = load(model, device=device, dtype=dtype, quant=quant, threads=threads, **options)
         ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
         stream = None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
         out = engine.generate(
@@ -256,6 +260,7 @@ def chat_cmd(
     prefetch: PrefetchOpt = True,
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
+    threads: ThreadsOpt = None,
 ):
     """Chat in the terminal: replies stream as they are generated; /help lists the commands.
 
@@ -269,7 +274,7 @@ def chat_cmd(
                               miss_policy, context)  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, quant=quant, **options)
+        engine = load(model, device=device, dtype=dtype, quant=quant, threads=threads, **options)
         Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
 
@@ -332,6 +337,9 @@ def bench_cmd(
     quant: Annotated[
         str | None, typer.Option(help="none, int8, int4, nf4, comma-separated.")
     ] = None,
+    threads: Annotated[
+        str | None, typer.Option(help="CPU threads, comma-separated (default: physical cores).")
+    ] = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV for scripts.")] = False,
 ):
@@ -347,7 +355,8 @@ def bench_cmd(
 
     def go():
         sweeps = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
-                      cache_policy=cache_policy, prefetch=prefetch, quant=quant)  # fmt: skip
+                      cache_policy=cache_policy, prefetch=prefetch, quant=quant,
+                      threads=threads)  # fmt: skip
         return [
             bench_config(model, config, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
                          gen_tokens=gen_tokens, repetitions=repetitions)

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from . import cpu_kernels
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
@@ -75,17 +76,20 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     quant: str | None = None,
+    threads: int | None = None,
     **offload_options,
 ) -> "Engine":
     """Load a model: a local Hugging Face directory, a hub id in the local cache, or None for the
     embedded default model. dtype None keeps the checkpoint's dtype; quant "int8" or "int4"
     quantizes on load the experts and the Linear layers (not routers, norms, embeddings).
 
+    threads: CPU threads for torch and the kernels (default: the physical cores).
     Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
     layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, miss_policy
     ("auto", "load" or "cpu"; CUDA), context (tokens of KV cache to plan for).
     """
     options = OffloadOptions(**offload_options)
+    cpu_kernels.set_threads(threads)
     model_dir = resolve_model(model)
     device = pick_device(device)
     baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
@@ -237,6 +241,10 @@ class Engine:
         self.cache = loaded.cache
         self.baseline_rss_bytes = baseline_rss_bytes
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
+        self.threads = torch.get_num_threads()
+        # what multiplies the quantized matrices: a CPU kernel path (cpu_kernels.path) or torch
+        int_cpu = self.plan.quant in ("int8", "int4") and device.type == "cpu"
+        self.kernel = cpu_kernels.path() if int_cpu else "torch"
 
     @property
     def context_length(self) -> int:
@@ -382,7 +390,7 @@ class Engine:
             raise
         if prompt_cache is not None:  # the last token was sampled, never fed back
             prompt_cache.ids = (requests[0].prompt + tokens[0])[: kv.length]
-        extra = {"memory": self.memory()}
+        extra = {"memory": self.memory(), "kernel": self.kernel, "threads": self.threads}
         if self.cache is not None:  # a batch shares its experts: the figures are the batch's
             extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)
         out = []
