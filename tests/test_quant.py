@@ -254,3 +254,25 @@ def test_kernel_paths_forced_or_without_a_compiler_give_the_tokens(tmp_path):
     bad = generate(MOELOCAL_CPU_KERNEL="sse9")
     assert bad.returncode == 1 and "MOELOCAL_CPU_KERNEL=sse9" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_norm_and_rope_give_the_torch_ops_results(dtype):
+    """The decode step's RMSNorm and RoPE in one call each: RoPE gives the torch ops' bits on a
+    strided (transposed) input; the norm differs only in the order of the mean's sum."""
+    from moelocal import cpu_kernels
+
+    ops = cpu_kernels.extension()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 64, generator=gen).to(dtype).transpose(1, 2)  # (B, H, T, d)
+    cos, sin = (torch.randn(2, 1, 5, 64, generator=gen).to(dtype) for _ in range(2))
+    assert torch.equal(ops.rope(x, cos, sin), x * cos + x.roll(32, -1) * sin)
+
+    x = torch.randn(3, 7, 1000, generator=gen).to(dtype) * 3
+    weight = torch.randn(1000, generator=gen).to(dtype)
+    xf = x.float()
+    ref = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    y = ops.rms_norm(x, weight, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    ulps = 4 * torch.finfo(dtype).eps * ref.float().abs()  # three roundings after the mean
+    assert ((y.float() - ref.float()).abs() <= ulps + 1e-30).all()

@@ -80,6 +80,15 @@ inline float half_to_float(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
+// The hardware streamer stops at each 4 KiB page: a unit's lines are asked for 4 KiB ahead, into
+// L2. Measured on mixtral-medium/large decode: +12% int8, +11-21% int4 over none; 1-2 KiB ahead
+// into L1 gained 9%; NTA (not to pollute the caches) lost 30-60%.
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+inline void prefetch_unit(const uint8_t* u, int64_t unit) {
+  for (int64_t l = 0; l < unit; l += 64) __builtin_prefetch(u + PREFETCH_BYTES + l, 0, 2);
+}
+
 // ---- portable ---------------------------------------------------------------------------------
 
 template <bool Q4>
@@ -92,6 +101,7 @@ void gemv_generic(const Job& j, int64_t g0, int64_t g1) {
       float acc[R] = {0};
       for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = wg + b * unit;
+        prefetch_unit(u, unit);
         const int8_t* xb = xq + b * BK;
         const float dx = j.a->d[m * nb + b];
         for (int64_t r = 0; r < R; r++) {
@@ -130,6 +140,7 @@ __attribute__((target("avx2,fma,f16c"))) void q8_avx2(const Job& j, int64_t g0, 
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = wg + b * Q8_UNIT;
+        prefetch_unit(u, Q8_UNIT);
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int64_t c = 0; c < 8; c++) {
           int32_t x4;
@@ -164,6 +175,7 @@ __attribute__((target("avx2,fma,f16c"))) void q4_avx2(const Job& j, int64_t g0, 
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = wg + b * Q4_UNIT;
+        prefetch_unit(u, Q4_UNIT);
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int64_t c = 0; c < 4; c++) {
           int32_t xl, xh;
@@ -210,7 +222,7 @@ AVX512_TARGET void q8_avx512(const Job& j, int64_t g0, int64_t g1) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = wg + b * Q8_UNIT;
-
+        prefetch_unit(u, Q8_UNIT);
         // (w + 128) as the unsigned operand; the 128s come back through the sum of x. Four
         // accumulators: one chain of 8 vpdpbusd (5 cycles each) would bound the speed
         __m512i s[4];
@@ -243,7 +255,7 @@ AVX512_TARGET void q4_avx512(const Job& j, int64_t g0, int64_t g1) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = wg + b * Q4_UNIT;
-
+        prefetch_unit(u, Q4_UNIT);
         __m512i s[4];  // four accumulators, as in q8_avx512
         for (int64_t c = 0; c < 4; c++) s[c] = _mm512_setzero_si512();
         for (int64_t c = 0; c < 4; c++) {
@@ -329,10 +341,68 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
   return y.to(x.scalar_type());
 }
 
+// ---- the small ops between the matmuls: one call each instead of 5-8 from Python ---------------
+
+// transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), weight in x's
+// dtype. The same roundings in the same order; only the mean's sum runs in another order (in
+// double, so closer to the exact value).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous(), "rms_norm: weight");
+  const auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; r++) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; i++) {
+        const float v = static_cast<float>(xp[r * D + i]);
+        ss += static_cast<double>(v * v);
+      }
+      const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; i++) {
+        const scalar_t n = static_cast<scalar_t>(static_cast<float>(xp[r * D + i]) * inv);
+        yp[r * D + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * static_cast<float>(n));
+      }
+    }
+  });
+  return y;
+}
+
+// x * cos + roll(x, d/2) * sin for x (B, H, T, d) of any strides, cos and sin (B, 1, T, d) with
+// rotate_half's sign in sin (models/common.py's Rotary): each product rounded to x's dtype, then
+// their sum, as the torch ops do, so the same bits. Returns a contiguous (B, H, T, d).
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.dim() == 4, "rope: 4-D tensors");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: dtypes");
+  auto y = torch::empty(x.sizes(), x.options());
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), d = x.size(3), half = d / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope", [&] {
+    const auto xa = x.accessor<scalar_t, 4>();
+    const auto ca = cos.accessor<scalar_t, 4>();
+    const auto sa = sin.accessor<scalar_t, 4>();
+    auto ya = y.accessor<scalar_t, 4>();
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t h = 0; h < H; h++)
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t i = 0; i < d; i++) {
+            const int64_t j = i < half ? i + half : i - half;  // roll by d/2
+            const scalar_t a = static_cast<float>(xa[b][h][t][i]) * static_cast<float>(ca[b][0][t][i]);
+            const scalar_t r = static_cast<float>(xa[b][h][t][j]) * static_cast<float>(sa[b][0][t][i]);
+            ya[b][h][t][i] = static_cast<float>(a) + static_cast<float>(r);
+          }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ W.T with W in a q8/q4 stream");
   m.def("swiglu", &swiglu, "one SwiGLU expert over q8/q4 streams");
+  m.def("rms_norm", &rms_norm, "transformers' RMSNorm");
+  m.def("rope", &rope, "rotary embedding, rotate_half layout");
   m.def("best_isa", &best_isa, "2 AVX-512 VNNI, 1 AVX2, 0 portable");
 }

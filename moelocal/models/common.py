@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_kernels
 from ..config import ModelConfig
 from ..errors import MoelocalError
 
@@ -42,6 +43,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalized in float32 and rounded to x's dtype before the weight, as transformers does
         # (spelled out: F.rms_norm's upcast and rounding changed across the torch releases we admit)
+        ops = cpu_kernels.extension() if x.device.type == "cpu" else None
+        if ops is not None and self.weight.dtype == x.dtype:  # the same steps in one call
+            return ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -115,6 +119,9 @@ def apply_rope(x, cos, sin, interleaved: bool = False):
     layout: de-interleaving q and k alike leaves every q·k product unchanged."""
     if interleaved:
         x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+    ops = cpu_kernels.extension() if x.device.type == "cpu" else None
+    if ops is not None and cos.dtype == x.dtype:  # the same roundings in one call
+        return ops.rope(x, cos, sin)
     # x·cos + rotate_half(x)·sin, where rotate_half(x) = (-x2, x1) = roll(x) with signs in sin
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
