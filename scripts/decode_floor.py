@@ -1,6 +1,6 @@
 """Where decode time goes with every weight resident: the quantized matmuls alone (the floor)
 against whole decode steps. Records the kernel calls of real decode steps (their weights, the
-experts the router picked), then replays just those calls.
+experts the router picked; a fused SwiGLU expert counts as its call), then replays just those.
 
     python scripts/decode_floor.py cache/models/mixtral-medium --modes int8,int4
 """
@@ -11,6 +11,7 @@ import time
 import torch
 
 import moelocal
+import moelocal.cpu_kernels
 import moelocal.experts
 import moelocal.quant
 from moelocal.models.common import KVCache
@@ -43,21 +44,26 @@ def measure(engine: moelocal.Engine, tokens: int) -> tuple[float, float]:
     decode()  # warm up
     step_s = per_token(decode, tokens, repeats)
 
-    calls, matmul = [], moelocal.quant.matmul
+    calls, matmul, swiglu = [], moelocal.quant.matmul, moelocal.cpu_kernels.swiglu
 
-    def record(x, seg, fmt):
-        calls.append((x.clone(), seg, fmt))
-        return matmul(x, seg, fmt)
+    def record(fn):
+        def call(x, *args):
+            calls.append((fn, x.clone(), *args))
+            return fn(x, *args)
 
-    moelocal.quant.matmul = moelocal.experts.matmul = record
+        return call
+
+    moelocal.quant.matmul = moelocal.experts.matmul = record(matmul)
+    moelocal.cpu_kernels.swiglu = record(swiglu)
     try:
         decode()
     finally:
         moelocal.quant.matmul = moelocal.experts.matmul = matmul
+        moelocal.cpu_kernels.swiglu = swiglu
 
     def replay():
-        for x, seg, fmt in calls:
-            matmul(x, seg, fmt)
+        for fn, *args in calls:
+            fn(*args)
 
     replay()
     return step_s, per_token(replay, tokens, repeats)

@@ -1,5 +1,5 @@
-"""Decode speed of moelocal int8/int4 beside llama.cpp Q8_0/Q4_0 on the same shapes, measured in
-turns on the same machine, as issue #3's speed goal asks (0.8x llama.cpp, every weight resident).
+"""Decode speed of moelocal int8/int4 beside llama.cpp Q8_0/Q4_0 on the same shapes (the same bits
+per weight), measured in turns on the same machine, every weight resident, 2 threads.
 
     pip install gguf                        # writes the GGUF file
     python scripts/vs_llama_cpp.py cache/models/mixtral-medium --llama-bin LLAMA_CPP/build/bin
@@ -9,11 +9,15 @@ LLAMA_CPP/build/bin holds llama-bench and llama-quantize, built from llama.cpp's
 The Mixtral checkpoint is written once as an f16 GGUF beside it under cache/gguf/ (q and k rows
 reordered for llama.cpp's rotary layout; a placeholder vocabulary, as llama-bench feeds token ids)
 and quantized by llama-quantize with its defaults. Each round runs both engines, best of 5 runs
-each (moelocal: scripts/decode_floor.py's decode steps); the machine's drift hits both alike.
+each (moelocal: scripts/decode_floor.py's decode steps; llama.cpp with its defaults, which repack
+the weights for its kernels, and with --repack 0); the machine's drift hits both alike. Medians of
+the rounds close the table. --prefill adds pp512 (a 512-token prompt) for both.
+Accuracy of both sides' rounding: scripts/quant_accuracy.py (its q4_0 simulates llama.cpp's).
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -96,12 +100,47 @@ def write_gguf(model: Path, out: Path):
     w.close()
 
 
-def llama_tok_s(bench: Path, gguf_file: Path, tokens: int) -> float:
-    """llama-bench's best of 5 decode runs, 2 threads, in tokens/s."""
-    out = subprocess.run([str(bench), "-m", str(gguf_file), "-t", "2", "-p", "0", "-n",
-                          str(tokens), "-r", "5", "-o", "json"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+def llama_tok_s(bench: Path, gguf_file: Path, tokens: int, repack: int = 1,
+                prompt: int = 0) -> float:  # fmt: skip
+    """llama-bench's best of 5 runs, 2 threads, in tokens/s: decode of `tokens`, or with `prompt`
+    a prefill of that many."""
+    cmd = [
+        str(bench),
+        "-m",
+        str(gguf_file),
+        "-t",
+        "2",
+        "-p",
+        str(prompt),
+        "-n",
+        "0" if prompt else str(tokens),
+        "-r",
+        "5",
+        "--repack",
+        str(repack),
+        "-o",
+        "json",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return max(json.loads(out)[0]["samples_ts"])
+
+
+@torch.inference_mode()
+def prefill_tok_s(engine: moelocal.Engine, tokens: int, repeats: int = 3) -> float:
+    """moelocal's best of `repeats` prefills of a `tokens`-token prompt, in tokens/s."""
+    import time
+
+    from moelocal.models.common import KVCache
+
+    ids = torch.randint(3, engine.config.vocab_size, (1, tokens),
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    best = float("inf")
+    for _ in range(repeats):
+        cache = KVCache(engine.config.num_hidden_layers, tokens)
+        start = time.perf_counter()
+        engine.model(ids, cache, last_only=True)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
 
 
 def main():
@@ -110,6 +149,7 @@ def main():
     parser.add_argument("--llama-bin", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prefill", action="store_true", help="also pp512 for both engines")
     args = parser.parse_args()
     for tool in ("llama-bench", "llama-quantize"):
         if not (args.llama_bin / tool).is_file():
@@ -126,13 +166,30 @@ def main():
             quantize = [str(args.llama_bin / "llama-quantize"), str(f16), str(quantized), q]
             subprocess.run(quantize, capture_output=True, check=True)
     engines = {ours: moelocal.load(args.model, device="cpu", quant=ours) for ours, _ in PAIRS}
-    print(f"{'round':<7}{'moelocal':>10}{'tok/s':>8}{'llama.cpp':>11}{'tok/s':>8}{'ratio':>7}")
+    bench = args.llama_bin / "llama-bench"
+    columns = ["moelocal", "llama.cpp", "llama.cpp --repack 0"]
+    tests = ["tg"] + (["pp512"] if args.prefill else [])
+    print(f"{'round':<6}{'test':<7}{'ours':<6}{'theirs':<7}" + "".join(f"{c:>22}" for c in columns)
+          + f"{'ratio':>8}{'ratio --repack 0':>18}")  # fmt: skip
+    results = {}
     for r in range(1, args.rounds + 1):
         for ours, q in PAIRS:
-            step_s, _ = measure(engines[ours], args.tokens)
-            theirs = llama_tok_s(args.llama_bin / "llama-bench", work / f"{q}.gguf", args.tokens)
-            print(f"{r:<7}{ours:>10}{1 / step_s:>8.1f}{q:>11}{theirs:>8.1f}"
-                  f"{1 / step_s / theirs:>7.2f}")  # fmt: skip
+            for test in tests:
+                gguf_file = work / f"{q}.gguf"
+                if test == "tg":
+                    row = [1 / measure(engines[ours], args.tokens)[0]]
+                    row += [llama_tok_s(bench, gguf_file, args.tokens, repack) for repack in (1, 0)]
+                else:
+                    row = [prefill_tok_s(engines[ours], 512)]
+                    row += [llama_tok_s(bench, gguf_file, 0, repack, 512) for repack in (1, 0)]
+                row += [row[0] / row[1], row[0] / row[2]]
+                results.setdefault((test, ours, q), []).append(row)
+                print(f"{r:<6}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in row[:3])
+                      + f"{row[3]:>8.2f}{row[4]:>18.2f}", flush=True)  # fmt: skip
+    for (test, ours, q), rows in results.items():
+        med = [statistics.median(column) for column in zip(*rows, strict=True)]
+        print(f"{'median':<6}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in med[:3])
+              + f"{med[3]:>8.2f}{med[4]:>18.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
