@@ -17,6 +17,7 @@ Accuracy of both sides' rounding: scripts/quant_accuracy.py (its q4_0 simulates 
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -103,26 +104,15 @@ def write_gguf(model: Path, out: Path):
 def llama_tok_s(bench: Path, gguf_file: Path, tokens: int, repack: int = 1,
                 prompt: int = 0) -> float:  # fmt: skip
     """llama-bench's best of 5 runs, 2 threads, in tokens/s: decode of `tokens`, or with `prompt`
-    a prefill of that many."""
-    cmd = [
-        str(bench),
-        "-m",
-        str(gguf_file),
-        "-t",
-        "2",
-        "-p",
-        str(prompt),
-        "-n",
-        "0" if prompt else str(tokens),
-        "-r",
-        "5",
-        "--repack",
-        str(repack),
-        "-o",
-        "json",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return max(json.loads(out)[0]["samples_ts"])
+    a prefill of that many; NaN (said on stderr) where llama-bench fails."""
+    cmd = [str(bench), "-m", str(gguf_file), "-t", "2", "-p", str(prompt), "-n",
+           "0" if prompt else str(tokens), "-r", "5", "--repack", str(repack),
+           "-o", "json"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        print(f"llama-bench failed (exit {run.returncode}): {' '.join(cmd[3:])}", file=sys.stderr)
+        return math.nan
+    return max(json.loads(run.stdout)[0]["samples_ts"])
 
 
 @torch.inference_mode()
@@ -169,7 +159,7 @@ def main():
     bench = args.llama_bin / "llama-bench"
     columns = ["moelocal", "llama.cpp", "llama.cpp --repack 0"]
     tests = ["tg"] + (["pp512"] if args.prefill else [])
-    print(f"{'round':<6}{'test':<7}{'ours':<6}{'theirs':<7}" + "".join(f"{c:>22}" for c in columns)
+    print(f"{'round':<7}{'test':<7}{'ours':<6}{'theirs':<7}" + "".join(f"{c:>22}" for c in columns)
           + f"{'ratio':>8}{'ratio --repack 0':>18}")  # fmt: skip
     results = {}
     for r in range(1, args.rounds + 1):
@@ -184,11 +174,12 @@ def main():
                     row += [llama_tok_s(bench, gguf_file, 0, repack, 512) for repack in (1, 0)]
                 row += [row[0] / row[1], row[0] / row[2]]
                 results.setdefault((test, ours, q), []).append(row)
-                print(f"{r:<6}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in row[:3])
+                print(f"{r:<7}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in row[:3])
                       + f"{row[3]:>8.2f}{row[4]:>18.2f}", flush=True)  # fmt: skip
     for (test, ours, q), rows in results.items():
-        med = [statistics.median(column) for column in zip(*rows, strict=True)]
-        print(f"{'median':<6}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in med[:3])
+        med = [statistics.median([v for v in column if not math.isnan(v)] or [math.nan])
+               for column in zip(*rows, strict=True)]  # fmt: skip
+        print(f"{'median':<7}{test:<7}{ours:<6}{q:<7}" + "".join(f"{v:>22.1f}" for v in med[:3])
               + f"{med[3]:>8.2f}{med[4]:>18.2f}")  # fmt: skip
 
 
