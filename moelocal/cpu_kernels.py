@@ -42,7 +42,7 @@ def compiler() -> str | None:
 def build_dir(cxx: str) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha256(f"{torch.__version__}|{cxx}|{sys.version}".encode())
+    key = hashlib.sha256(f"{torch.__version__}|{cxx}|{sys.version}|{sys.platform}".encode())
     key.update(SOURCE.read_bytes())
     name = f"moelocal-torch{torch.__version__}-{key.hexdigest()[:12]}"
     return Path(get_default_build_root()) / name
@@ -64,12 +64,16 @@ def extension():
     if not any(where.glob("*.so")):
         print("moelocal: compiling the CPU kernels (once for this torch and compiler, ~30 s)",
               file=sys.stderr)  # fmt: skip
+    # at::parallel_for runs its threads only where the code is compiled with OpenMP; the
+    # extension then binds to the libgomp.so.1 torch has loaded: one thread pool, not two
+    openmp = ["-fopenmp"] if sys.platform == "linux" else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cpp_extension.load(
                 name="moelocal_cpu_kernels", sources=[str(SOURCE)], build_directory=str(where),
-                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False,
+                extra_cflags=["-O3", "-ffp-contract=off", *openmp], extra_ldflags=openmp,
+                verbose=False,
             )  # fmt: skip
     except Exception as e:  # a broken toolchain must not stop the engine
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

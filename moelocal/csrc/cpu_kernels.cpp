@@ -88,8 +88,8 @@ inline float half_to_float(const uint8_t* p) {
 }
 
 // The hardware streamer stops at each 4 KiB page: a unit's lines are asked for 4 KiB ahead, into
-// L2. Measured on mixtral-medium/large decode: +12% int8, +11-21% int4 over none; 1-2 KiB ahead
-// into L1 gained 9%; NTA (not to pollute the caches) lost 30-60%.
+// L2. Measured on mixtral-medium/large decode, 2 threads: +6-15% int8, +10-20% int4 over none,
+// 2-16 KiB ahead alike; on one thread, into L1 gained less and NTA hints lost 30-60%.
 constexpr int64_t PREFETCH_BYTES = 4096;
 
 inline void prefetch_unit(const uint8_t* u, int64_t unit) {
