@@ -180,6 +180,15 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.cat((data.flatten(2), scales), dim=-1)
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (M, Kp) -> float32 x rounded to int8 per block of 32 with a float32 scale: the kernels'
+    codes (csrc/cpu_kernels.cpp quantize_rows, the same float operations), times their scale."""
+    blocks = x.float().unflatten(-1, (-1, BLOCK))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, 0.0)
+    return ((blocks * inv).round_() * scale).flatten(-2)
+
+
 def dequantize(q: torch.Tensor, fmt: MatrixFormat, first: int, last: int, dtype) -> torch.Tensor:
     """Groups first:last of 16 rows of an int8/int4 stream -> (16 (last - first), Kp) in dtype."""
     B, g = fmt.Kp // BLOCK, last - first
@@ -188,11 +197,13 @@ def dequantize(q: torch.Tensor, fmt: MatrixFormat, first: int, last: int, dtype)
     scale = units[..., data_bytes:].contiguous().view(torch.float16).transpose(1, 2)  # (g, 16, B)
     data = units[..., :data_bytes].unflatten(-1, (-1, GROUP, 4)).permute(0, 3, 1, 2, 4)
     if fmt.mode == "int8":
-        codes = data.contiguous().view(torch.int8).to(dtype)  # (g, 16, B, 8, 4)
+        codes = data.contiguous().view(torch.int8).float()  # (g, 16, B, 8, 4)
     else:  # low nibbles are columns 0..15 of a block, high ones 16..31
-        codes = torch.stack((data & 15, data >> 4), dim=3).to(dtype) - 8  # (g, 16, B, 2, 4, 4)
-    w = codes.reshape(g, GROUP, B, BLOCK) * scale[..., None].to(dtype)
-    return w.view(g * GROUP, fmt.Kp)
+        codes = torch.stack((data & 15, data >> 4), dim=3).float() - 8  # (g, 16, B, 2, 4, 4)
+    # in float32, then one rounding per weight: the fp16 scale rounded to bf16 first would be
+    # one error shared by a whole block (prefill vs decode KL 0.0036 instead of 0.0016, int4)
+    w = codes.reshape(g, GROUP, B, BLOCK) * scale[..., None].float()
+    return w.view(g * GROUP, fmt.Kp).to(dtype)
 
 
 def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> torch.Tensor:
@@ -219,8 +230,9 @@ def kernel_takes(x: torch.Tensor, fmt: MatrixFormat) -> bool:
 
 
 def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat):
-    """x @ W.T for many rows of x: W dequantized to bf16 one slice of output rows at a time."""
-    xa = F.pad(x.to(ACT_DTYPE), (0, fmt.Kp - fmt.K))
+    """x @ W.T for many rows of x: W dequantized to bf16 one slice of output rows at a time, x
+    rounded to int8 as the kernels round it, so that prefill and decode compute alike."""
+    xa = round_activations(F.pad(x, (0, fmt.Kp - fmt.K))).to(ACT_DTYPE)
     groups = fmt.Np // GROUP
     step = max(1, DENSE_SLICE // (2 * fmt.Kp * GROUP))
     if x.is_cuda:  # the whole matrix at once: a GPU has the memory, and launches cost

@@ -130,8 +130,8 @@ def test_a_rows_result_depends_on_nothing_else(mode):
 @pytest.mark.parametrize("N, K", [(128, 96), (192, 40), (4160, 64)])
 def test_many_rows_and_the_fallback_dequantize_then_gemm(mode, N, K, monkeypatch):
     """A prefill's many rows, and every product where the kernels could not be built, take the
-    bf16 GEMM on weights dequantized slice by slice: the kernels' product within the rounding of
-    bf16 weights and int8 activations."""
+    bf16 GEMM on weights dequantized slice by slice, x rounded to int8 as the kernels round it:
+    the kernels' product within bf16 rounding (measured 0.3%)."""
     from moelocal import cpu_kernels
     from moelocal.quant import DENSE_ROWS
 
@@ -142,7 +142,7 @@ def test_many_rows_and_the_fallback_dequantize_then_gemm(mode, N, K, monkeypatch
     dense = matmul(x.bfloat16(), seg, fmt)
     rows = torch.cat([matmul(x[i : i + 8].bfloat16(), seg, fmt) for i in range(0, len(x), 8)])
     assert dense.shape == rows.shape == (len(x), N)
-    assert ((dense - rows).float().norm() / rows.float().norm()).item() < 0.02
+    assert ((dense - rows).float().norm() / rows.float().norm()).item() < 0.01
     monkeypatch.setattr(cpu_kernels, "isa", lambda: None)  # as without a compiler
     assert torch.equal(matmul(x[:3].bfloat16(), seg, fmt), dense[:3])
 
@@ -276,3 +276,39 @@ def test_compiled_norm_and_rope_give_the_torch_ops_results(dtype):
     assert y.dtype == dtype and y.shape == x.shape
     ulps = 4 * torch.finfo(dtype).eps * ref.float().abs()  # three roundings after the mean
     assert ((y.float() - ref.float()).abs() <= ulps + 1e-30).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_and_decode_agree(mode):
+    """Whole-sequence logits (the GEMM path) and one token at a time (the kernels) agree as
+    closely as they did with torch's kernels (mean KL over 300 positions, measured: int8 0.0015,
+    int4 0.0028; before: 0.0022, 0.0016; bf16 alone 0.0002)."""
+    from moelocal.models.common import KVCache
+
+    engine = moelocal.load(device="cpu", quant=mode)
+    ids = torch.randint(3, 2048, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    full = engine.logits(ids).log_softmax(-1)
+    cache = KVCache(engine.config.num_hidden_layers, len(ids))
+    with torch.inference_mode():
+        steps = torch.cat([engine.model(torch.tensor([[t]]), cache)[0] for t in ids])
+    kl = (full.exp() * (full - steps.log_softmax(-1))).sum(-1).mean().item()
+    assert kl < 0.006, kl
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_fused_expert_is_the_separate_ops(mode):
+    """One call for a whole SwiGLU expert gives the bits of its separate matmuls and ops."""
+    import torch.nn.functional as F
+
+    from moelocal.experts import ExpertLayout
+
+    layout = ExpertLayout(96, 80, torch.bfloat16, mode)
+    gen = torch.Generator().manual_seed(2)
+    blob = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.fill(blob, torch.randn(160, 96, generator=gen), torch.randn(96, 80, generator=gen))
+    views = layout.views(blob)
+    x = torch.randn(3, 96, generator=gen).bfloat16()
+    weight = torch.rand(3, 1, generator=gen)
+    fused = layout.forward(x, views, F.silu, weight)
+    separate = layout.forward(x, views, lambda t: F.silu(t), weight)  # not F.silu: no fusing
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, separate)

@@ -337,15 +337,14 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t bits,
 }
 
 // One SwiGLU expert on a few rows, in one call (a dozen fewer dispatches from Python per expert):
-// down(silu(gate) * up), times the rows' routing weights (M, 1) if given, in x's dtype. The
-// intermediate stays float32 until it is quantized for the down projection.
+// down(silu(gate) * up), times the rows' routing weights (M, 1) if given, in x's dtype, with the
+// very roundings of ExpertLayout.forward's separate ops, so that both (and prefill) agree.
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
                      int64_t bits, int64_t I, const c10::optional<torch::Tensor>& weight, int64_t isa) {
-  const auto gu = gemv_float(x, gate_up, bits, 2 * I, isa);
-  const auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
-  auto y = gemv_float(h, down, bits, x.size(1), isa);
-  if (weight.has_value()) y.mul_(*weight);
-  return y.to(x.scalar_type());
+  const auto gu = gemv(x, gate_up, bits, 2 * I, isa);
+  const auto h = at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I);
+  auto y = gemv(h, down, bits, x.size(1), isa);
+  return weight.has_value() ? (y * *weight).to(x.scalar_type()) : y;
 }
 
 // ---- the small ops between the matmuls: one call each instead of 5-8 from Python ---------------
