@@ -38,9 +38,9 @@ BLOCK = 32  # columns sharing a scale (weights and activations)
 GROUP = 16  # rows interleaved in a unit
 BITS = {"int8": 8, "int4": 4}
 INT4_FIT_STEPS = 2  # least-squares refinements of each block's scale (see fit_int4)
-# rows of x from which dequantize + GEMM beats the kernels (measured crossovers on 7168x1024 and
-# 1024x3584 matrices: ~32 rows for int8, ~96 for int4)
-DENSE_ROWS = {"int8": 48, "int4": 96}
+# rows of x from which dequantize + GEMM beats the kernels, which read the weights once for all
+# rows (crossovers measured with 2 threads on 7168x1024 and 1024x3584: int8 240-320, int4 380-510)
+DENSE_ROWS = {"int8": 224, "int4": 320}
 DENSE_SLICE = 1 << 20  # bytes of dequantized bf16 weight made at a time: they stay in L2
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block, as transformers writes it
 ACT_DTYPE = torch.bfloat16  # the activations of the dequantize + GEMM path
