@@ -2,12 +2,12 @@
 
 The extension is compiled once by torch.utils.cpp_extension into torch's extensions directory
 ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), under a name that holds the torch
-version and a hash of the compiler, Python and source, so a new torch, compiler or kernel source
-builds anew and never loads a stale binary. The instruction set path is chosen at
-run time (AVX-512 VNNI, AVX2, portable C++); MOELOCAL_CPU_KERNEL=avx512|avx2|portable|torch forces
-one (tests force AVX2 on an AVX-512 machine). Without a compiler, or if the build fails, `path()`
-is "torch" and quant.py multiplies with torch ops over the same layout: slower, never wrong.
-This module knows nothing of formats beyond handing bytes to the kernels.
+version and a hash of torch's location, the compiler, Python and the source, so a new torch,
+compiler or kernel source builds anew and never loads a stale binary. The instruction set path
+is chosen at run time (AVX-512 VNNI, AVX2, portable C++); MOELOCAL_CPU_KERNEL=avx512|avx2|
+portable|torch forces one (tests force AVX2 on an AVX-512 machine). Without a compiler, or if
+the build fails, `path()` is "torch" and quant.py multiplies with torch ops over the same
+layout: slower, never wrong. This module knows nothing of formats beyond handing bytes over.
 """
 
 import functools
@@ -42,7 +42,9 @@ def compiler() -> str | None:
 def build_dir(cxx: str) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha256(f"{torch.__version__}|{cxx}|{sys.version}|{sys.platform}".encode())
+    # torch's location too: its include paths are in the build file, so one build per install
+    where_torch = Path(torch.__file__).parent
+    key = hashlib.sha256(f"{torch.__version__}|{where_torch}|{cxx}|{sys.version}".encode())
     key.update(SOURCE.read_bytes())
     name = f"moelocal-torch{torch.__version__}-{key.hexdigest()[:12]}"
     return Path(get_default_build_root()) / name
@@ -61,6 +63,13 @@ def extension():
 
     where = build_dir(cxx)
     where.mkdir(parents=True, exist_ok=True)
+    # compiled from a copy inside the build directory (named by its content): ninja's record of
+    # the source path then stays the same for every checkout and install of this source
+    source = where / SOURCE.name
+    if not source.is_file():
+        tmp = where / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(SOURCE.read_bytes())
+        tmp.replace(source)
     if not any(where.glob("*.so")):
         print("moelocal: compiling the CPU kernels (once for this torch and compiler, ~30 s)",
               file=sys.stderr)  # fmt: skip
@@ -71,7 +80,7 @@ def extension():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cpp_extension.load(
-                name="moelocal_cpu_kernels", sources=[str(SOURCE)], build_directory=str(where),
+                name="moelocal_cpu_kernels", sources=[str(source)], build_directory=str(where),
                 extra_cflags=["-O3", "-ffp-contract=off", *openmp], extra_ldflags=openmp,
                 verbose=False,
             )  # fmt: skip
