@@ -56,6 +56,25 @@ def test_bench_bad_sweep_is_one_line():
     assert result.exit_code == 1 and result.stderr.startswith("error:")
 
 
+def test_bench_sweeps_threads_and_reports_the_kernel_path():
+    import torch
+
+    from moelocal import cpu_kernels
+
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, ["bench", "-p", "8", "-n", "3", "-r", "1", "--quant", "int4",
+                                     "--threads", "1,2", "--json"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["threads"] for r in rows] == [1, 2]
+    assert all(r["kernel"] == cpu_kernels.path() and r["quant"] == "int4" for r in rows)
+    bad = runner.invoke(app, ["bench", "--threads", "two"])
+    assert bad.exit_code == 1 and "--threads 'two'" in bad.stderr
+
+
 def hub_cache(tmp_path, src, repo="acme/tiny-moe"):
     """A Hugging Face cache holding `repo` at refs/main, as huggingface_hub lays it out."""
     commit = "0123456789abcdef0123456789abcdef01234567"
