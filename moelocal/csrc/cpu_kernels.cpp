@@ -96,6 +96,11 @@ inline void prefetch_unit(const uint8_t* u, int64_t unit) {
   for (int64_t l = 0; l < unit; l += 64) __builtin_prefetch(u + PREFETCH_BYTES + l, 0, 2);
 }
 
+// Row group g's 16 results for row m of x, the padding rows left out.
+inline void store_rows(const Job& j, int64_t g, int64_t m, const float* out) {
+  for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+}
+
 // ---- portable ---------------------------------------------------------------------------------
 
 template <bool Q4>
@@ -128,7 +133,7 @@ void gemv_generic(const Job& j, int64_t g0, int64_t g1) {
           acc[r] = std::fma(static_cast<float>(isum), dw * dx, acc[r]);
         }
       }
-      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = acc[r];
+      store_rows(j, g, m, acc);
     }
   }
 }
@@ -137,151 +142,102 @@ void gemv_generic(const Job& j, int64_t g0, int64_t g1) {
 
 // ---- AVX2: vpmaddubsw needs an unsigned operand ---------------------------------------------
 
-__attribute__((target("avx2,fma,f16c"))) void q8_avx2(const Job& j, int64_t g0, int64_t g1) {
-  const int64_t nb = j.Kp / BK;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = g0; g < g1; g++) {
-    const uint8_t* wg = j.w + g * nb * Q8_UNIT;
-    for (int64_t m = 0; m < j.M; m++) {
-      const int8_t* xq = &j.a->q[m * j.Kp];
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* u = wg + b * Q8_UNIT;
-        prefetch_unit(u, Q8_UNIT);
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        for (int64_t c = 0; c < 8; c++) {
-          int32_t x4;
-          std::memcpy(&x4, xq + b * BK + 4 * c, 4);
-          const __m256i xv = _mm256_set1_epi32(x4), ax = _mm256_sign_epi8(xv, xv);
-          // |x| * (w with x's sign): products of pairs stay within int16 (|w|, |x| <= 127)
-          const __m256i w0 = _mm256_loadu_si256((const __m256i*)(u + c * 64));
-          const __m256i w1 = _mm256_loadu_si256((const __m256i*)(u + c * 64 + 32));
-          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
-          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
-        }
-        const __m256 dx = _mm256_set1_ps(j.a->d[m * nb + b]);
-        const __m128i* sc = (const __m128i*)(u + 8 * 64);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc)), dx), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc + 1)), dx), acc1);
-      }
-      float out[R];
-      _mm256_storeu_ps(out, acc0);
-      _mm256_storeu_ps(out + 8, acc1);
-      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
-    }
-  }
-}
-
-__attribute__((target("avx2,fma,f16c"))) void q4_avx2(const Job& j, int64_t g0, int64_t g1) {
-  const int64_t nb = j.Kp / BK;
+template <bool Q4>
+__attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK, unit = Q4 ? Q4_UNIT : Q8_UNIT, data = unit - 2 * R;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
   for (int64_t g = g0; g < g1; g++) {
-    const uint8_t* wg = j.w + g * nb * Q4_UNIT;
+    const uint8_t* wg = j.w + g * nb * unit;
     for (int64_t m = 0; m < j.M; m++) {
       const int8_t* xq = &j.a->q[m * j.Kp];
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* u = wg + b * Q4_UNIT;
-        prefetch_unit(u, Q4_UNIT);
+        const uint8_t* u = wg + b * unit;
+        const int8_t* xb = xq + b * BK;
+        prefetch_unit(u, unit);
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        for (int64_t c = 0; c < 4; c++) {
-          int32_t xl, xh;
-          std::memcpy(&xl, xq + b * BK + 4 * c, 4);
-          std::memcpy(&xh, xq + b * BK + 16 + 4 * c, 4);
-          const __m256i vl = _mm256_set1_epi32(xl), vh = _mm256_set1_epi32(xh);
+        for (int64_t c = 0; c < (Q4 ? 4 : 8); c++) {
           const __m256i w0 = _mm256_loadu_si256((const __m256i*)(u + c * 64));
           const __m256i w1 = _mm256_loadu_si256((const __m256i*)(u + c * 64 + 32));
-          // codes 0..15 are the unsigned operand; the -8 comes back through the sum of x
-          __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w0, low), vl),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), low), vh));
-          __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w1, low), vl),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), low), vh));
+          int32_t x4;
+          std::memcpy(&x4, xb + 4 * c, 4);
+          const __m256i xv = _mm256_set1_epi32(x4);
+          __m256i p0, p1;
+          if constexpr (Q4) {  // codes 0..15 are the unsigned operand; -8 comes back via sum(x)
+            int32_t xh;
+            std::memcpy(&xh, xb + 16 + 4 * c, 4);
+            const __m256i vh = _mm256_set1_epi32(xh);
+            p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w0, low), xv),
+                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), low), vh));
+            p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w1, low), xv),
+                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), low), vh));
+          } else {  // |x| * (w with x's sign): pairs of products stay within int16 (|w|, |x| <= 127)
+            const __m256i ax = _mm256_sign_epi8(xv, xv);
+            p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv));
+            p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv));
+          }
           s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
           s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
         }
-        const __m256i corr = _mm256_set1_epi32(8 * j.a->sum[m * nb + b]);
-        s0 = _mm256_sub_epi32(s0, corr);
-        s1 = _mm256_sub_epi32(s1, corr);
+        if constexpr (Q4) {
+          const __m256i corr = _mm256_set1_epi32(8 * j.a->sum[m * nb + b]);
+          s0 = _mm256_sub_epi32(s0, corr);
+          s1 = _mm256_sub_epi32(s1, corr);
+        }
         const __m256 dx = _mm256_set1_ps(j.a->d[m * nb + b]);
-        const __m128i* sc = (const __m128i*)(u + 4 * 64);
+        const __m128i* sc = (const __m128i*)(u + data);
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc)), dx), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(sc + 1)), dx), acc1);
       }
       float out[R];
       _mm256_storeu_ps(out, acc0);
       _mm256_storeu_ps(out + 8, acc1);
-      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+      store_rows(j, g, m, out);
     }
   }
 }
 
 // ---- AVX-512 VNNI: vpdpbusd, 16 rows x 4 columns per instruction ------------------------------
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
-
-AVX512_TARGET void q8_avx512(const Job& j, int64_t g0, int64_t g1) {
-  const int64_t nb = j.Kp / BK;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+template <bool Q4>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+void gemv_avx512(const Job& j, int64_t g0, int64_t g1) {
+  const int64_t nb = j.Kp / BK, unit = Q4 ? Q4_UNIT : Q8_UNIT, data = unit - 2 * R;
+  const __m512i low = _mm512_set1_epi8(15), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t g = g0; g < g1; g++) {
-    const uint8_t* wg = j.w + g * nb * Q8_UNIT;
+    const uint8_t* wg = j.w + g * nb * unit;
     for (int64_t m = 0; m < j.M; m++) {
       const int8_t* xq = &j.a->q[m * j.Kp];
       __m512 acc = _mm512_setzero_ps();
       for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* u = wg + b * Q8_UNIT;
-        prefetch_unit(u, Q8_UNIT);
-        // (w + 128) as the unsigned operand; the 128s come back through the sum of x. Four
-        // accumulators: one chain of 8 vpdpbusd (5 cycles each) would bound the speed
+        const uint8_t* u = wg + b * unit;
+        const int8_t* xb = xq + b * BK;
+        prefetch_unit(u, unit);
+        // four accumulators: one chain of 8 vpdpbusd (5 cycles each) would bound the speed
         __m512i s[4];
         for (int64_t c = 0; c < 4; c++) s[c] = _mm512_setzero_si512();
-        for (int64_t c = 0; c < 8; c++) {
-          int32_t x4;
-          std::memcpy(&x4, xq + b * BK + 4 * c, 4);
-          const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(u + c * 64), flip);
-          s[c & 3] = _mm512_dpbusd_epi32(s[c & 3], w, _mm512_set1_epi32(x4));
-        }
-        __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
-        t = _mm512_sub_epi32(t, _mm512_set1_epi32(128 * j.a->sum[m * nb + b]));
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + 8 * 64)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(j.a->d[m * nb + b])), acc);
-      }
-      float out[R];
-      _mm512_storeu_ps(out, acc);
-      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
-    }
-  }
-}
-
-AVX512_TARGET void q4_avx512(const Job& j, int64_t g0, int64_t g1) {
-  const int64_t nb = j.Kp / BK;
-  const __m512i low = _mm512_set1_epi8(15);
-  for (int64_t g = g0; g < g1; g++) {
-    const uint8_t* wg = j.w + g * nb * Q4_UNIT;
-    for (int64_t m = 0; m < j.M; m++) {
-      const int8_t* xq = &j.a->q[m * j.Kp];
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* u = wg + b * Q4_UNIT;
-        prefetch_unit(u, Q4_UNIT);
-        __m512i s[4];  // four accumulators, as in q8_avx512
-        for (int64_t c = 0; c < 4; c++) s[c] = _mm512_setzero_si512();
-        for (int64_t c = 0; c < 4; c++) {
-          int32_t xl, xh;
-          std::memcpy(&xl, xq + b * BK + 4 * c, 4);
-          std::memcpy(&xh, xq + b * BK + 16 + 4 * c, 4);
+        for (int64_t c = 0; c < (Q4 ? 4 : 8); c++) {
           const __m512i w = _mm512_loadu_si512(u + c * 64);
-          const int64_t a = 2 * (c & 1);
-          s[a] = _mm512_dpbusd_epi32(s[a], _mm512_and_si512(w, low), _mm512_set1_epi32(xl));
-          s[a + 1] = _mm512_dpbusd_epi32(s[a + 1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low), _mm512_set1_epi32(xh));
+          int32_t x4;
+          std::memcpy(&x4, xb + 4 * c, 4);
+          if constexpr (Q4) {  // codes 0..15 are the unsigned operand; -8 comes back via sum(x)
+            int32_t xh;
+            std::memcpy(&xh, xb + 16 + 4 * c, 4);
+            const int64_t a = 2 * (c & 1);
+            s[a] = _mm512_dpbusd_epi32(s[a], _mm512_and_si512(w, low), _mm512_set1_epi32(x4));
+            s[a + 1] = _mm512_dpbusd_epi32(s[a + 1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low), _mm512_set1_epi32(xh));
+          } else {  // (w + 128) as the unsigned operand; the 128s come back via sum(x)
+            s[c & 3] = _mm512_dpbusd_epi32(s[c & 3], _mm512_xor_si512(w, flip), _mm512_set1_epi32(x4));
+          }
         }
         __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
-        t = _mm512_sub_epi32(t, _mm512_set1_epi32(8 * j.a->sum[m * nb + b]));
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + 4 * 64)));
+        t = _mm512_sub_epi32(t, _mm512_set1_epi32((Q4 ? 8 : 128) * j.a->sum[m * nb + b]));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + data)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(j.a->d[m * nb + b])), acc);
       }
       float out[R];
       _mm512_storeu_ps(out, acc);
-      for (int64_t r = 0; r < R && g * R + r < j.N; r++) j.y[m * j.N + g * R + r] = out[r];
+      store_rows(j, g, m, out);
     }
   }
 }
@@ -292,8 +248,8 @@ using Kernel = void (*)(const Job&, int64_t, int64_t);
 
 Kernel pick(bool q4, int64_t isa) {
 #ifdef MOELOCAL_X86
-  if (isa >= 2) return q4 ? q4_avx512 : q8_avx512;
-  if (isa == 1) return q4 ? q4_avx2 : q8_avx2;
+  if (isa >= 2) return q4 ? gemv_avx512<true> : gemv_avx512<false>;
+  if (isa == 1) return q4 ? gemv_avx2<true> : gemv_avx2<false>;
 #endif
   return q4 ? gemv_generic<true> : gemv_generic<false>;
 }
