@@ -31,9 +31,10 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
     assert seg_bytes == fmt.nbytes < N * K * 4
 
 
-def test_int4_fit_lowers_the_error_against_q4_0s_rounding():
+def test_int4_fit_lowers_the_error_against_q4_0s_rounding(monkeypatch):
     """The fit starts from Q4_0's own rounding (same bits) and lowers the squared error of normal
-    weights by ~8%; a block is never made noticeably worse (the fp16 scale rounding aside)."""
+    weights by ~8%; a block is never made noticeably worse (the fp16 scale rounding aside). The
+    compiled fit and the torch one agree."""
     from moelocal.quant import fit_int4
 
     gen = torch.Generator().manual_seed(0)
@@ -51,6 +52,11 @@ def test_int4_fit_lowers_the_error_against_q4_0s_rounding():
     inv = torch.where(q4_0 != 0, 1 / q4_0.float(), 0.0)
     codes = (w * inv).round().add(8).clamp(0, 15).to(torch.uint8)
     plain, fitted = error(codes, q4_0[..., 0]), error(*fit_int4(w))
+    from moelocal import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: None)  # the torch version, as without
+    in_torch = error(*fit_int4(w))  # a compiler: the same steps, sums in another order
+    assert torch.allclose(fitted, in_torch, rtol=1e-3, atol=1e-6)
     assert (fitted <= plain * 1.001 + 1e-6).all()
     assert fitted[0, :3].max() < 1e-10
     assert fitted.sum() < 0.94 * plain.sum()

@@ -303,6 +303,66 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
   return weight.has_value() ? (y * *weight).to(x.scalar_type()) : y;
 }
 
+// ---- quantization ------------------------------------------------------------------------------
+
+// quant.py's fit_int4 for one block of 32: Q4_0's start (the largest magnitude at code 0) and the
+// other sign's (at code 15), each refined by `steps` least-squares scales, the better kept. The
+// same steps as the torch version; its sums run in another order, so a code may differ.
+inline float codes_for(const float* w, float scale, uint8_t* q) {
+  const float inv = scale != 0.f ? 1.f / scale : 0.f;
+  for (int64_t i = 0; i < BK; i++) q[i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, round_even(w[i] * inv) + 8.f)));
+  return inv;
+}
+
+void fit_block(const float* w, int64_t steps, uint8_t* codes, c10::Half* scale_out) {
+  int64_t big = 0;
+  for (int64_t i = 1; i < BK; i++) if (std::fabs(w[i]) > std::fabs(w[big])) big = i;
+  float best_err = INFINITY;
+  for (const float start : {-8.f, 7.f}) {
+    uint8_t q[BK];
+    float scale = w[big] / start;
+    codes_for(w, scale, q);
+    for (int64_t s = 0; s < steps; s++) {
+      float tt = 0.f, tw = 0.f;
+      for (int64_t i = 0; i < BK; i++) {
+        const float t = static_cast<float>(q[i]) - 8.f;
+        tt += t * t;
+        tw += t * w[i];
+      }
+      if (tt > 0.f) scale = tw / tt;
+      codes_for(w, scale, q);
+    }
+    const c10::Half half(scale);
+    scale = static_cast<float>(half);
+    codes_for(w, scale, q);
+    float err = 0.f;
+    for (int64_t i = 0; i < BK; i++) {
+      const float e = w[i] - (static_cast<float>(q[i]) - 8.f) * scale;
+      err += e * e;
+    }
+    if (err < best_err) {
+      best_err = err;
+      std::memcpy(codes, q, BK);
+      *scale_out = half;
+    }
+  }
+}
+
+// Blocks w (..., 32) float32 -> codes (..., 32) uint8 and fp16 scales (...), on every thread.
+std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.size(-1) == BK, "fit_int4: float blocks of 32");
+  const auto wc = w.contiguous();
+  auto codes = torch::empty(w.sizes(), w.options().dtype(torch::kUInt8));
+  auto scales = torch::empty(w.sizes().slice(0, w.dim() - 1), w.options().dtype(torch::kHalf));
+  const float* wp = wc.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  c10::Half* sp = scales.data_ptr<c10::Half>();
+  at::parallel_for(0, scales.numel(), 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) fit_block(wp + b * BK, steps, cp + b * BK, sp + b);
+  });
+  return {codes, scales};
+}
+
 // ---- the small ops between the matmuls: one call each instead of 5-8 from Python ---------------
 
 // transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), weight in x's
@@ -365,6 +425,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ W.T with W in a q8/q4 stream");
   m.def("swiglu", &swiglu, "one SwiGLU expert over q8/q4 streams");
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm");
+  m.def("fit_int4", &fit_int4, "int4 codes and scales for blocks of 32");
   m.def("rope", &rope, "rotary embedding, rotate_half layout");
   m.def("best_isa", &best_isa, "2 AVX-512 VNNI, 1 AVX2, 0 portable");
 }
