@@ -12,7 +12,6 @@ layout: slower, never wrong. This module knows nothing of formats beyond handing
 
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +23,6 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 PATHS = {"avx512": 2, "avx2": 1, "portable": 0}
-log = logging.getLogger(__name__)
 
 
 def compiler() -> str | None:
@@ -119,7 +117,7 @@ def path() -> str:
     return "torch" if n is None else next(name for name, v in PATHS.items() if v == n)
 
 
-def set_threads(threads: int | None) -> int:
+def set_threads(threads: int | None):
     """Threads for torch and the kernels (one pool): `threads`, else the physical cores."""
     import psutil
 
@@ -130,7 +128,6 @@ def set_threads(threads: int | None) -> int:
     threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    return threads
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bits: int, N: int) -> torch.Tensor:

@@ -139,8 +139,8 @@ def fit_int4(w: torch.Tensor, steps: int = INT4_FIT_STEPS):
     (+7 steps), and from each start alternates the least-squares scale for the codes with the
     codes rounded for that scale (neither step can raise the squared error), then keeps the
     better fit of each block: 8% less squared error than Q4_0's rounding on normal weights.
-    The compiled kernels do the same steps on every core (~10x faster); their sums run in
-    another order, so a rare code may differ.
+    The compiled kernels do the same steps on every core (a 7168x1024 matrix quantizes in 0.05 s
+    instead of 0.13); their sums run in another order, so a rare code may differ.
     """
     ops = cpu_kernels.extension() if w.device.type == "cpu" else None
     if ops is not None:
