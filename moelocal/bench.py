@@ -6,8 +6,6 @@ performance model: time per token >= max(compute time, bytes moved ÷ measured b
 
 import itertools
 import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from rich.table import Table
@@ -16,7 +14,6 @@ from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
 from .plan import human
-from .store import IO_THREADS
 
 
 def parse_sweep(name: str, value: str | None) -> list:
@@ -48,40 +45,15 @@ def configurations(sweeps: dict[str, str | None]) -> list[dict]:
     ]
 
 
-def disk_bandwidth(engine: Engine, n_experts: int = 8) -> float:
-    """Bytes/s of whole-expert reads from disk through the engine's own reader, IO_THREADS at a
-    time: what a miss costs, staging copy included."""
-    cache = engine.cache
-    keys = sorted(cache.reader.pieces)[:: max(1, len(cache.reader.pieces) // n_experts)][:n_experts]
-    blobs = [torch.empty(cache.expert_bytes, dtype=torch.uint8) for _ in keys]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(lambda a: cache.reader.read(*a[0], a[1]), zip(keys, blobs, strict=True)))
-    return len(keys) * cache.expert_bytes / (time.perf_counter() - start)
-
-
-def host_to_device_bandwidth(engine: Engine) -> float:
-    cache = engine.cache
-    src = torch.empty(cache.expert_bytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty_like(src, device=engine.device)
-    dst.copy_(src)
-    torch.cuda.synchronize(engine.device)  # start-up measurement, not the decode path
-    start = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(engine.device)
-    return 5 * cache.expert_bytes / (time.perf_counter() - start)
-
-
 def one_run(engine: Engine, ids: list[int], gen_tokens: int) -> dict:
     """One prefill + decode; expert figures for the decode alone (the prefill sees every expert)."""
     stats = Stats()
-    cache = engine.cache
+    ec = engine.expert_cache
     after_prefill = None
     for i, _ in enumerate(generate(engine.model, [Request(ids, gen_tokens)], stats=[stats])):
-        if i == 0 and cache is not None:
-            after_prefill = cache.stats.copy()
-    decode = cache.stats.since(after_prefill).total() if cache is not None else None
+        if i == 0 and ec is not None:
+            after_prefill = ec.stats.copy()
+    decode = ec.stats.since(after_prefill).total() if ec is not None else None
     return {"stats": stats, "decode": decode}
 
 
@@ -90,7 +62,13 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
     options = dict(config)
     options.setdefault("context", context or prompt_tokens + gen_tokens)
     reset_peak_memory()  # each row's peak is its own, not the sweep's so far
-    engine = load(model, device=device, dtype=dtype, **options)
+    with load(model, device=device, dtype=dtype, **options) as engine:
+        return measure(engine, config, prompt_tokens, gen_tokens, repetitions)
+
+
+def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
+            repetitions: int) -> dict:  # fmt: skip
+    """One bench row on a loaded engine."""
     engine.check_context(prompt_tokens, gen_tokens)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, engine.config.vocab_size, (prompt_tokens,), generator=gen).tolist()
@@ -129,7 +107,8 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
     }
     steps = sum(r["stats"].generated_tokens - 1 for r in runs)
     decode_s = sum(r["stats"].decode_s for r in runs)
-    if engine.cache is None or steps == 0:
+    ec = engine.expert_cache
+    if ec is None or steps == 0:
         return row | {"floor_tok_s": None}
     d = runs[0]["decode"]
     for r in runs[1:]:
@@ -137,17 +116,17 @@ def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_token
     disk_bytes, host_bytes = d.bytes_from_disk / steps, d.bytes_from_host / steps
     io_s = 0.0
     if disk_bytes:
-        io_s += disk_bytes / disk_bandwidth(engine)
+        io_s += disk_bytes / ec.bandwidth("disk")
     if host_bytes:
-        io_s += host_bytes / host_to_device_bandwidth(engine)
+        io_s += host_bytes / ec.bandwidth("host")
     compute_s = max(0.0, decode_s - d.stall_s) / steps  # decode time not spent waiting
     floor_s = max(compute_s, io_s)
-    summary = d.summary(engine.cache.expert_bytes)
+    summary = d.summary(ec.expert_bytes)
     return row | {
         "hit_rate": summary["hit_rate"],
         "prefetch_precision": summary["prefetch_precision"],
         "prefetch_recall": summary["prefetch_recall"],
-        "bytes_moved_per_token": disk_bytes + host_bytes,
+        "bytes_moved_per_token": summary["bytes_moved"] / steps,
         "stall_share": d.stall_s / decode_s if decode_s else 0.0,
         "floor_tok_s": 1 / floor_s if floor_s else None,
     }

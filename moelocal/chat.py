@@ -41,7 +41,8 @@ class Chat:
         self.console = Console(highlight=False)  # replies and /stats
         self.notes = Console(stderr=True, highlight=False)  # notices, errors
         self.session = Session()
-        self.cache_start = engine.cache.stats.copy() if engine.cache else None
+        ec = engine.expert_cache
+        self.expert_stats_start = ec.stats.copy() if ec else None
         self.prompt_cache = engine.new_prompt_cache()  # each turn prefills only what is new
 
     def messages(self) -> list[dict]:
@@ -121,8 +122,9 @@ class Chat:
              rate(s.generated_tokens - s.replies, s.decode_s)),
             ("time to first token", f"{ls.prefill_s * 1000:.0f} ms" if ls else "-", "-"),
         ]  # fmt: skip
-        if self.engine.cache is not None:
-            session = self.engine.cache.stats.since(self.cache_start).as_dict(1)
+        ec = self.engine.expert_cache
+        if ec is not None:
+            session = ec.stats.since(self.expert_stats_start).as_dict(ec.expert_bytes)
             reply = ls.extra.get("experts", {}) if ls else {}
             for name, fmt in (("hit_rate", "{:.0%}"), ("misses", "{}"),
                               ("prefetch_precision", "{:.0%}"), ("prefetch_recall", "{:.0%}"),

@@ -87,6 +87,7 @@ def load(
     Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
     layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, miss_policy
     ("auto", "load" or "cpu"; CUDA), context (tokens of KV cache to plan for).
+    Close the engine (or use it in a `with` block) to release its I/O threads and files.
     """
     options = OffloadOptions(**offload_options)
     cpu_kernels.set_threads(threads)
@@ -95,8 +96,13 @@ def load(
     baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
     ckpt = Checkpoint(model_dir)
     loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
-    tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    return Engine(model_dir, loaded, tokenizer, device, baseline_rss)
+    try:
+        tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        return Engine(model_dir, loaded, tokenizer, device, baseline_rss)
+    except BaseException:  # e.g. a damaged tokenizer.json: no I/O threads left behind
+        if loaded.expert_cache is not None:
+            loaded.expert_cache.close()
+        raise
 
 
 def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
@@ -238,7 +244,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.plan = loaded.plan
-        self.cache = loaded.cache
+        self.expert_cache = loaded.expert_cache
+        self.closed = False
         self.baseline_rss_bytes = baseline_rss_bytes
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
         self.threads = torch.get_num_threads()
@@ -250,23 +257,41 @@ class Engine:
     def context_length(self) -> int:
         return self.plan.context
 
+    def close(self):
+        """Release the expert cache's I/O threads, open files and page-locked memory. The engine
+        cannot generate afterwards; closing twice does nothing."""
+        if self.expert_cache is not None:
+            self.expert_cache.close()
+        self.closed = True
+
+    def _require_open(self):
+        if self.closed:
+            raise MoelocalError("this engine is closed; load the model again")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def memory(self) -> dict:
         """Peak memory per tier so far (bytes)."""
         out = {"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": self.baseline_rss_bytes}
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        if self.cache is not None:
+        if self.expert_cache is not None:
             out["expert_cache_bytes"] = self.plan.cache_bytes
-            out["host_store_bytes"] = len(self.cache.host) * self.cache.expert_bytes
+            out["host_store_bytes"] = self.expert_cache.host_bytes
         return out
 
     @property
     def stats(self) -> dict:
         """Expert cache figures since load (per layer and total) and peak memory; the totals
         are at the top level too (stats["hits"])."""
-        cache = self.cache.stats.as_dict(self.cache.expert_bytes) if self.cache else {}
-        totals = {k: v for k, v in cache.items() if k != "per_layer"}
-        return totals | {"experts": cache, "memory": self.memory()}
+        ec = self.expert_cache
+        experts = ec.stats.as_dict(ec.expert_bytes) if ec else {}
+        totals = {k: v for k, v in experts.items() if k != "per_layer"}
+        return totals | {"experts": experts, "memory": self.memory()}
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -352,6 +377,7 @@ class Engine:
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
         max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time."""
+        self._require_open()
         B = len(prompts)
 
         def each(value):
@@ -368,7 +394,8 @@ class Engine:
         texts = [TextStream(self.tokenizer, stop, fn) for fn in (streams or [None] * B)]
         stats = [Stats() for _ in prompts]
         finished = [False] * B
-        before = self.cache.stats.copy() if self.cache else None
+        ec = self.expert_cache
+        before = ec.stats.copy() if ec else None
         tokens: list[list[int]] = [[] for _ in prompts]
         kv = None
         if prompt_cache is not None:
@@ -377,7 +404,7 @@ class Engine:
             kv = prompt_cache.kv
         try:
             for step in generate(self.model, requests, stop_ids=self.stop_ids, stats=stats,
-                                 finished=finished, cache=kv):  # fmt: skip
+                                 finished=finished, kv=kv):  # fmt: skip
                 for b, token in enumerate(step):
                     if token is None:
                         continue
@@ -391,8 +418,8 @@ class Engine:
         if prompt_cache is not None:  # the last token was sampled, never fed back
             prompt_cache.ids = (requests[0].prompt + tokens[0])[: kv.length]
         extra = {"memory": self.memory(), "kernel": self.kernel, "threads": self.threads}
-        if self.cache is not None:  # a batch shares its experts: the figures are the batch's
-            extra["experts"] = self.cache.stats.since(before).as_dict(self.cache.expert_bytes)
+        if ec is not None:  # a batch shares its experts: the figures are the batch's
+            extra["experts"] = ec.stats.since(before).as_dict(ec.expert_bytes)
         out = []
         for b in range(B):
             stats[b].extra.update(extra)
@@ -404,9 +431,10 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits at every position: float32 tensor of shape [len(token_ids), vocab]."""
+        self._require_open()
         ids = self.encode(list(token_ids))
         self.check_context(len(ids), 0)
-        cache = KVCache(self.config.num_hidden_layers, len(ids))
+        kv = KVCache(self.config.num_hidden_layers, len(ids))
         tokens = torch.tensor([ids], device=self.device)
         chunks = tokens.split(PREFILL_CHUNK, dim=1)  # as a prefill does: bounded activations
-        return torch.cat([self.model(chunk, cache)[0].float().cpu() for chunk in chunks])
+        return torch.cat([self.model(chunk, kv)[0].float().cpu() for chunk in chunks])

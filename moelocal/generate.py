@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models.common import KVCache, Transformer
+from .models.common import KVCache
+from .models.transformer import Transformer
 from .sample import sample
 
 
@@ -67,17 +68,17 @@ class Stats:
 PREFILL_CHUNK = 4096
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def prefill(model: Transformer, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
     """The prompt (B, T), in passes of at most PREFILL_CHUNK tokens -> logits of its last
     position (B, V)."""
     for chunk in tokens.split(PREFILL_CHUNK, dim=1):
-        logits = model(chunk, cache, last_only=True)
+        logits = model(chunk, kv, last_only=True)
     return logits[:, -1]
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_one_token(model: Transformer, token: torch.Tensor, kv: KVCache) -> torch.Tensor:
     """One new token per sequence (B, 1) -> next-token logits (B, V)."""
-    return model(token, cache)[:, -1]
+    return model(token, kv)[:, -1]
 
 
 @dataclass
@@ -100,12 +101,12 @@ def generate(
     stop_ids: set[int] = frozenset(),
     stats: list[Stats] | None = None,
     finished: list[bool] | None = None,
-    cache: KVCache | None = None,
+    kv: KVCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Decode the requests together; yield, each step, every row's new token (None once a row is
     done). A row ends after its max_new_tokens, after an id in stop_ids (which it yields), or
-    when the consumer sets finished[row] (a stop string). `cache`, for one request, already holds
-    the first cache.length tokens of its prompt: only the rest is prefilled."""
+    when the consumer sets finished[row] (a stop string). `kv`, for one request, already holds
+    the first kv.length tokens of its prompt: only the rest is prefilled."""
     B = len(requests)
     stats = stats if stats is not None else [Stats() for _ in requests]
     finished = finished if finished is not None else [False] * B
@@ -117,12 +118,12 @@ def generate(
     pads = [T - len(r.prompt) for r in requests]  # prompts are left-padded to a common length
     decode_start = [0.0] * B
     cached = 0
-    if cache is None:
-        cache = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
+    if kv is None:
+        kv = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
     else:
-        assert B == 1 and 0 <= cache.length < T and T + steps <= cache.max_len, (
-            B, cache.length, T, steps, cache.max_len)  # fmt: skip
-        cached = cache.length
+        assert B == 1 and 0 <= kv.length < T and T + steps <= kv.max_len, (
+            B, kv.length, T, steps, kv.max_len)  # fmt: skip
+        cached = kv.length
     for r, s, b in zip(requests, stats, range(B), strict=True):
         s.prompt_tokens, s.finish_reason = len(r.prompt), "length"
         finished[b] = finished[b] or r.max_new_tokens <= 0
@@ -130,7 +131,7 @@ def generate(
         return
     start = time.perf_counter()
     tokens = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, requests, strict=True)])
-    logits = prefill(model, tokens[:, cached:].to(device), cache)
+    logits = prefill(model, tokens[:, cached:].to(device), kv)
     for i in range(steps):
         new: list[int | None] = [None] * B
         for b, r in enumerate(requests):
@@ -153,4 +154,4 @@ def generate(
             break
         # finished rows keep a place in the batch; what they decode is never read
         step = torch.tensor([[t if t is not None else 0] for t in new], device=device)
-        logits = decode_one_token(model, step, cache)
+        logits = decode_one_token(model, step, kv)

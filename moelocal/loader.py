@@ -1,8 +1,9 @@
 """Checkpoint -> model: every tensor sorted into resident weights or routed experts by a key table.
 
 The resident model is built on the meta device and its weights are assigned from the lazy reader,
-so nothing is allocated twice. Routed experts never become parameters: the expert cache reads
-them by file offset into its slots. A checkpoint key the table does not map is an error naming it.
+so nothing is allocated twice. Routed experts never become parameters: the model is built with
+its expert cache, which reads them by file offset into its slots. A checkpoint key the table does
+not map is an error naming it.
 """
 
 import re
@@ -16,13 +17,17 @@ from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout
+from .io_queue import IOQueue
 from .models import FAMILIES
-from .models.common import Attention, Rotary, Transformer, activation, router_dtype
+from .models.common import Attention, Rotary
 from .models.family import Family
+from .models.moe import router_dtype
+from .models.transformer import Transformer
+from .movers import CpuMover, CudaMover
 from .plan import ROUTER, OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import check_mode, dequantize_checkpoint, quantize_linears
-from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
+from .store import IO_THREADS, DiskReader, check_shapes, expert_pieces, packed_pieces
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -39,9 +44,9 @@ BNB_AUX = re.compile(
 @dataclass
 class LoadedModel:
     cfg: ModelConfig
-    model: Transformer  # its layers hold the expert cache and the prefetcher
+    model: Transformer  # built with its expert cache and prefetcher
     plan: Plan
-    cache: ExpertCache | None  # None for a model without routed experts
+    expert_cache: ExpertCache | None  # None for a model without routed experts
 
 
 def family_of(raw_config: dict) -> Family:
@@ -186,8 +191,6 @@ def load_model(
     family, cfg, dtype, model, resident, pieces, plan, layout, bnb = plan_model(
         ckpt, device, dtype, options, quant
     )  # fmt: skip
-    moe_layers = sorted({layer for layer, _ in pieces})
-
     state = {
         name: read_weight(ckpt, key, bnb).to(device=device, dtype=dtype)
         for name, key in resident.items()
@@ -196,29 +199,57 @@ def load_model(
         state[name] = state[name].to(router_dtype(dtype, device))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    try:
+    try:  # checked on the planned model, before any expert is read
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise MoelocalError(
             f"{ckpt.dir}: weights do not match config.json ({e})".split("\n")[0]
         ) from None
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
-    model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
-    if plan.quant != "none":
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.fuse_qkv()
-    quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
-
-    cache = None
-    if moe_layers:
-        cache = ExpertCache(
-            layout, activation(cfg.hidden_act), DiskReader(pieces, layout), moe_layers,
-            cfg.num_experts, plan.device_slots, device, policy=options.cache_policy,
-            host_experts=plan.host_experts, miss_policy=options.miss_policy,
-        )  # fmt: skip
-        for i in moe_layers:
-            model.model.layers[i].mlp.experts = cache
-        if options.prefetch and cache.streaming:
-            Prefetcher(model, cache, options.prefetch_margin)  # installs itself on the layers
+    moe_layers = sorted({layer for layer, _ in pieces})
+    cache = (
+        open_expert_cache(pieces, layout, plan, moe_layers, device, options) if moe_layers else None
+    )
+    try:
+        prefetcher = None
+        if cache is not None and options.prefetch and cache.streaming:
+            prefetcher = Prefetcher(cache, options.prefetch_margin)
+        with torch.device("meta"):
+            model = family.build(cfg, cache, prefetcher)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
+        if plan.quant != "none":
+            for m in model.modules():
+                if isinstance(m, Attention):
+                    m.fuse_qkv()
+        quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     return LoadedModel(cfg, model.eval(), plan, cache)
+
+
+def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers: list[int],
+                      device: torch.device, options: OffloadOptions) -> ExpertCache:  # fmt: skip
+    """The expert cache, its slots filled; its reader, I/O threads and mover released if that
+    fails."""
+    reader, queue = DiskReader(pieces, layout), IOQueue(IO_THREADS)
+    try:
+        if device.type == "cuda":
+            mover = CudaMover(reader, queue, device, moe_layers, plan.host_experts,
+                              plan.cpu_miss_tokens)  # fmt: skip
+        else:
+            mover = CpuMover(reader, queue)
+    except BaseException:
+        queue.close()
+        reader.close()
+        raise
+    try:
+        cache = ExpertCache(layout, mover, moe_layers, plan.n_experts, plan.device_slots,
+                            options.cache_policy)  # fmt: skip
+    except BaseException:
+        mover.close()
+        raise
+    reader.trim = cache.streaming  # from now on, after each expert converted as it is read
+    return cache

@@ -8,6 +8,7 @@ resident bytes by component. It does not move anything (store.py and expert_cach
 import re
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from rich.table import Table
 
@@ -15,6 +16,12 @@ from .config import ModelConfig
 from .errors import MoelocalError
 from .quant import MatrixFormat
 from .store import ALIGN, IO_THREADS
+
+# --miss-policy auto on CUDA: a miss routed to this many tokens or fewer runs on the CPU from
+# host RAM, more are copied to the GPU. One token's expert is a matrix-vector product that reads
+# the weights once, about as fast from host RAM as a copy over PCIe; a batch reuses the copy.
+# A fixed number, not a timing: the tokens must not depend on how fast a run happened to be.
+AUTO_CPU_TOKENS = 4
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
@@ -99,7 +106,7 @@ class OffloadOptions:
     cache_policy: str = "lru"
     prefetch: bool = True
     prefetch_margin: int = 1  # extra experts guessed beyond the router's top-k
-    miss_policy: str = "auto"  # CUDA: load a missing expert, run it on the CPU, or choose
+    miss_policy: str = "auto"  # CUDA: load a missing expert, run it on the CPU, or choose by tokens
     context: int | None = None  # tokens of KV cache to plan for (default: the model's context)
 
     def __post_init__(self):
@@ -126,8 +133,10 @@ class Plan:
     moe_layers: int
     top_k: int
     device_slots: int  # expert slots per MoE layer in the device cache
-    host_experts: int  # experts kept in host RAM (CUDA); 0 on a CPU-only machine
+    host_experts: int  # experts kept in page-locked host RAM (CUDA); 0 on a CPU-only machine
     staging_bytes: int
+    # CUDA: a miss held in host RAM routed to at most this many tokens runs on the CPU
+    cpu_miss_tokens: int = 0
     gpu_budget: int | None = None
     cpu_budget: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -173,7 +182,8 @@ class Plan:
         )  # fmt: skip
         if self.device == "cuda":
             table.add_row(f"host store: {self.host_experts} experts",
-                          human(self.host_experts * self.expert_bytes), "RAM (pinned)")  # fmt: skip
+                          human(self.host_experts * self.expert_bytes),
+                          "RAM (page-locked)")  # fmt: skip
         table.add_row(f"disk: {self.disk_experts} experts",
                       human(self.disk_experts * self.expert_bytes), "read on demand")  # fmt: skip
         return table
@@ -195,6 +205,7 @@ class Plan:
             "host_experts": self.host_experts,
             "disk_experts": self.disk_experts,
             "staging_bytes": self.staging_bytes,
+            "cpu_miss_tokens": self.cpu_miss_tokens,
             "gpu_budget": self.gpu_budget,
             "cpu_budget": self.cpu_budget,
         }
@@ -249,12 +260,21 @@ def make_plan(
         free = budget - fixed - (0 if cuda else staging)
         slots = min(E, free // (moe_layers * expert_bytes))
     host = 0
-    if cuda:
-        room = (cpu_mem - staging) // expert_bytes if cpu_mem is not None else moe_layers * E
-        host = max(0, min(moe_layers * E, room))
+    if cuda:  # the host store: whole layers' shares of what --cpu-mem (or free RAM) holds
+        host_budget = cpu_mem if cpu_mem is not None else default_host_budget()
+        room = max(0, (host_budget - staging) // expert_bytes)
+        host = min(E, room // max(1, moe_layers)) * moe_layers
+    cpu_miss_tokens = {"load": 0, "cpu": 2**62, "auto": AUTO_CPU_TOKENS}[options.miss_policy]
     return Plan(
         device=device.type, dtype=dtype, quant=quant, resident=resident, context=context,
         kv_bytes=kv, expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
         top_k=cfg.num_experts_per_tok, device_slots=int(slots), host_experts=int(host),
-        staging_bytes=staging, gpu_budget=gpu_mem, cpu_budget=cpu_mem,
+        staging_bytes=staging, cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
+        gpu_budget=gpu_mem, cpu_budget=cpu_mem,
     )  # fmt: skip
+
+
+def default_host_budget() -> int:
+    """The host store's budget on CUDA without --cpu-mem: half the RAM free now, leaving the
+    rest to the OS, the page cache and other programs (page-locked memory cannot be swapped)."""
+    return psutil.virtual_memory().available // 2

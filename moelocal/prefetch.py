@@ -2,38 +2,28 @@
 loading the ones that are not cached.
 
 The hidden state entering layer L+1 is close to the one leaving layer L's attention (the residual
-stream changes slowly), so layer L+1's own norm and router applied to it are a good guess. The
-guess is the same pure `route()` the MoE block uses, with a margin of extra experts.
+stream changes slowly), so layer L+1's own `route()` applied to it is a good guess, taken with a
+margin of extra experts.
 """
 
-from dataclasses import replace
+from collections import Counter
 
 import torch
 
 from .expert_cache import ExpertCache
-from .models.common import MoE, Transformer, route
 
 
 class Prefetcher:
-    def __init__(self, model: Transformer, cache: ExpertCache, margin: int = 1):
-        cfg = model.cfg
-        self.model, self.cache = model, cache
-        self.guess_cfg = replace(
-            cfg, num_experts_per_tok=min(cfg.num_experts, cfg.num_experts_per_tok + margin)
-        )
-        for layer in model.model.layers:
-            layer.after_attention = self
+    def __init__(self, cache: ExpertCache, margin: int = 1):
+        self.cache, self.margin = cache, margin
 
     @torch.no_grad()
-    def __call__(self, layer: int, h: torch.Tensor):
-        layers = self.model.model.layers
-        if layer + 1 >= len(layers) or not isinstance(layers[layer + 1].mlp, MoE):
+    def __call__(self, layer, h: torch.Tensor):
+        """layer: the next DecoderLayer; h: the hidden state after this layer's attention."""
+        guess = layer.route(h, self.margin)
+        if guess is None:  # a dense layer
             return
-        nxt = layers[layer + 1]
-        x = nxt.post_attention_layernorm(h).reshape(-1, h.shape[-1])
-        gate = nxt.mlp.gate
-        ids, _ = route(gate(x), self.guess_cfg, getattr(gate, "e_score_correction_bias", None))
-        # rank by how many tokens chose each expert: for one token, the router's own order
-        votes = torch.bincount(ids.flatten(), minlength=self.guess_cfg.num_experts)
-        ranked = [e for e in votes.argsort(descending=True, stable=True).tolist() if votes[e] > 0]
-        self.cache.prefetch(layer + 1, ranked)
+        rows = guess[0].tolist()  # one transfer from the device per layer
+        # rank by how many tokens chose each expert, ties in the router's order (stable sort)
+        votes = Counter(e for row in rows for e in row)
+        self.cache.prefetch(layer.layer, sorted(votes, key=votes.__getitem__, reverse=True))

@@ -1,12 +1,12 @@
 """The disk tier: experts read by file offset, from a checkpoint's safetensors files or from a
 converted model's experts.bin.
 
-Reads go through a small thread pool, with O_DIRECT where the file system allows it, so that the
-page cache does not quietly hold a second copy of the model; elsewhere each read is followed by a
-hint to drop its pages. A read lands in an aligned staging buffer, then is copied into the
-destination blob as it is (a converted model, after its CRC32 check), or cast, dequantized
-(bitsandbytes) and quantized into the blob's layout. This module does not decide what to load;
-the expert cache does (and keeps, on CUDA, the pinned host store).
+Reads run on the I/O queue's threads (io_queue.py), with O_DIRECT where the file system allows
+it, so that the page cache does not quietly hold a second copy of the model; elsewhere each read
+is followed by a hint to drop its pages. A read lands in an aligned staging buffer, then is
+copied into the destination blob as it is (a converted model, after its CRC32 check), or cast,
+dequantized (bitsandbytes) and quantized into the blob's layout. This module does not decide
+what to load; the expert cache does, and its movers (movers.py) put the blobs where they go.
 """
 
 import ctypes
@@ -15,7 +15,6 @@ import os
 import struct
 import threading
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .experts import ExpertLayout
 from .quant import dequantize_checkpoint
 
 ALIGN = 4096
-IO_THREADS = 4  # disk reads in flight at once, each with a staging buffer for one matrix
+IO_THREADS = 4  # disk reads in flight at once (io_queue.py), each with a staging buffer
 LIBC = ctypes.CDLL(None) if os.name == "posix" else None  # the C library we run on
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8}  # fmt: skip
@@ -156,7 +155,7 @@ def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
 class DiskReader:
     """Reads whole experts from the checkpoint into blobs, by offset."""
 
-    def __init__(self, pieces: dict, layout: ExpertLayout, threads: int = IO_THREADS):
+    def __init__(self, pieces: dict, layout: ExpertLayout):
         self.pieces, self.layout = pieces, layout
         self.fds, self.direct = {}, {}
         for path in {p.path for parts in pieces.values() for p in parts}:
@@ -170,7 +169,6 @@ class DiskReader:
         self.staging_bytes = largest + 2 * ALIGN
         self.local = threading.local()  # one staging buffer per I/O thread
         self.trim = False  # release_freed_memory() after each expert converted as read
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="moelocal-io")
 
     def _staging(self) -> tuple[torch.Tensor, int]:
         if not hasattr(self.local, "buf"):
@@ -250,11 +248,8 @@ class DiskReader:
                 dst.copy_(src)
         return dest
 
-    def submit(self, fn, *args) -> Future:
-        return self.pool.submit(fn, *args)
-
     def close(self):
-        self.pool.shutdown(wait=True)
+        """Close the files (no read may be running: the I/O queue is closed first)."""
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}

@@ -1,66 +1,197 @@
-"""The expert cache as data: access sequences in, evictions and hit counts out."""
+"""The expert cache: its slot map as data, its I/O queue's priorities, and the cache itself with
+a reader whose reads can be held back, fail or be interrupted."""
 
-from concurrent.futures import Future
+import signal
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from moelocal.errors import MoelocalError
 from moelocal.expert_cache import ExpertCache
 from moelocal.experts import ExpertLayout
+from moelocal.io_queue import DEMAND, GUESS, IOQueue, Job
+from moelocal.models.moe import MoE
+from moelocal.movers import CpuMover
+from moelocal.slot_map import SlotMap
 
 D, I, E = 8, 4, 6
 LAYOUT = ExpertLayout(D, I, torch.float32)
 
 
-class FakeReader:
-    """Expert e of layer l is random weights seeded by (l, e); loads finish when told to."""
+# ---- the slot map, as data -------------------------------------------------------------------
 
-    def __init__(self, instant=True, layout=LAYOUT):
-        self.instant, self.pending, self.reads, self.layout = instant, [], [], layout
-        self.local = type("Local", (), {})()
+
+class Ticket:
+    def __init__(self, done=False, ok=True):
+        self.is_done, self.is_ok = done, ok
+
+    def done(self):
+        return self.is_done
+
+    def ok(self):
+        return self.is_done and self.is_ok
+
+
+def filled(n_slots, policy="lru"):
+    m = SlotMap(n_slots, policy)
+    for slot in range(n_slots):
+        m.place(slot, slot)
+    return m
+
+
+def test_lru_gives_up_the_least_recent_expert():
+    m = filled(3)
+    for e in (0, 2):
+        m.use(e)
+    assert m.free_slot() == 1 and set(m.slot_of) == {0, 2}
+    m.start(5, 1, Ticket(done=True))
+    m.reap()
+    m.use(5)
+    assert m.free_slot() == 0  # recency now 2, 5
+
+
+def test_lfu_keeps_the_frequent_expert_and_forgets_an_evicted_one():
+    m = filled(2, "lfu")
+    for _ in range(3):
+        m.use(0)
+    m.use(1)
+    assert m.free_slot() == 1  # 1 was used once, 0 three times
+    m.start(4, 1, Ticket(done=True))
+    m.reap()
+    for _ in range(4):
+        m.use(4)
+    assert m.free_slot() == 0
+    m.place(1, 0)  # back after its eviction: its old count is gone
+    assert m.policy.uses.get(1, 0) == 0
+
+
+def test_in_use_loading_and_protected_experts_are_never_evicted():
+    m = filled(3)
+    m.in_use.add(0)
+    slot = m.free_slot()
+    m.start(7, slot, Ticket())  # in flight
+    assert m.free_slot(protect={2}) is None
+    assert set(m.slot_of) == {0, 7, 2} and m.loading.keys() == {7}
+
+
+def test_a_failed_load_unmaps_and_its_slot_drains_until_the_read_ends():
+    m = filled(2)
+    slot = m.free_slot()
+    running = Ticket()
+    m.start(5, slot, running)
+    m.fail(5)  # e.g. Ctrl-C while waiting: the read goes on
+    assert 5 not in m.slot_of and slot in m.draining
+    other = m.free_slot()
+    assert other != slot and other is not None  # the draining slot is not handed out
+    m.place(6, other)
+    m.in_use.add(6)
+    assert m.free_slot() is None
+    running.is_done = True
+    m.reap()
+    assert m.free_slot() == slot
+
+
+def test_a_load_that_ended_in_an_error_is_unmapped_when_reaped():
+    m = filled(1)
+    slot = m.free_slot()
+    m.start(3, slot, Ticket(done=True, ok=False), guess=True)
+    m.reap()
+    assert 3 not in m.slot_of and not m.guessed and m.free_slot() == slot
+
+
+# ---- the I/O queue ---------------------------------------------------------------------------
+
+
+def test_demand_goes_before_guesses_and_a_queued_guess_can_be_dropped():
+    queue = IOQueue(1)
+    gate, order = threading.Event(), []
+    first = queue.put(Job(gate.wait), GUESS)  # holds the only thread
+    while first.state != "running":
+        time.sleep(0.001)
+    guesses = [queue.put(Job(order.append, f"guess{i}"), GUESS) for i in range(3)]
+    demand = queue.put(Job(order.append, "demand"), DEMAND)
+    assert queue.drop(guesses[1]) and guesses[1].done()
+    queue.promote(guesses[2])
+    assert not queue.drop(first)  # running: it will finish
+    gate.set()
+    demand.wait()
+    guesses[0].wait()
+    queue.close()
+    assert order == ["demand", "guess2", "guess0"]
+
+
+def test_a_job_error_reaches_the_waiter_and_close_drops_what_is_queued():
+    queue = IOQueue(1)
+    gate = threading.Event()
+    queue.put(Job(gate.wait))
+    failing = queue.put(Job(lambda: 1 / 0))
+    queued = queue.put(Job(lambda: None))
+    gate.set()
+    with pytest.raises(ZeroDivisionError):
+        failing.wait()
+    queue.close()
+    assert queued.done() and all(not t.is_alive() for t in queue.threads)
+
+
+# ---- the cache -------------------------------------------------------------------------------
+
+
+class FakeReader:
+    """Expert e of layer l is random weights seeded by (l, e). A read waits for its gate, if it
+    has one, and raises the error set for it, once."""
+
+    def __init__(self, layout=LAYOUT, layers=(0,)):
+        self.layout = layout
+        self.pieces = {(layer, e): None for layer in layers for e in range(E)}
+        self.reads, self.gates, self.errors = [], {}, {}
 
     def weights(self, layer, e):
         gen = torch.Generator().manual_seed(100 * layer + e)
         return torch.randn(2 * I, D, generator=gen), torch.randn(D, I, generator=gen)
 
     def read(self, layer, e, dest):
+        gate = self.gates.get((layer, e))
+        if gate is not None:
+            assert gate.wait(10)
         self.reads.append((layer, e))
+        if (layer, e) in self.errors:
+            raise self.errors.pop((layer, e))
         return self.layout.fill(dest, *self.weights(layer, e))
-
-    def submit(self, fn, *args):
-        future = Future()
-        if self.instant:
-            future.set_result(fn(*args))
-        else:
-            self.pending.append((future, fn, args))
-        return future
-
-    def complete_all(self):
-        for future, fn, args in self.pending:
-            future.set_result(fn(*args))
-        self.pending = []
 
     def close(self):
         pass
 
 
-def make_cache(n_slots, policy="lru", reader=None, layout=LAYOUT):
-    reader = reader or FakeReader(layout=layout)
-    cache = ExpertCache(layout, torch.nn.functional.silu, reader, [0], E, n_slots,
-                        torch.device("cpu"), policy=policy)  # fmt: skip
-    return cache, reader
+def make_cache(n_slots, policy="lru", layout=LAYOUT, threads=2, layers=(0,)):
+    reader = FakeReader(layout, layers)
+    mover = CpuMover(reader, IOQueue(threads))
+    return ExpertCache(layout, mover, list(layers), E, n_slots, policy), reader
 
 
-def step(cache, experts, n_tokens=1):
-    """One layer call in which every token picks `experts`."""
+def step(cache, experts, n_tokens=1, layer=0):
+    """One layer call in which every token picks `experts`, through the MoE block's dispatch."""
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([experts] * n_tokens)
     weights = torch.full(ids.shape, 1.0 / len(experts))
-    return cache(0, x, ids, weights), x, ids, weights
+    block = SimpleNamespace(experts=cache, layer=layer, act=F.silu)
+    return MoE.routed_experts(block, x, ids, weights), x, ids, weights
 
 
-def cached(cache):
-    return set(cache.layers[0].slot_of)
+def expected(reader, x, experts, weights):
+    out = torch.zeros_like(x)
+    for k, e in enumerate(experts):
+        gate_up, down = reader.weights(0, e)
+        gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
+        out += ((F.silu(gate) * up) @ down.t()) * weights[:, k, None]
+    return out
+
+
+def cached(cache, layer=0):
+    return set(cache.maps[layer].slot_of)
 
 
 def test_preload_fills_slots_then_lru_evicts_least_recent():
@@ -73,39 +204,25 @@ def test_preload_fills_slots_then_lru_evicts_least_recent():
     assert cached(cache) == {3, 4, 5}
     s = cache.stats.total()
     assert (s.uses, s.hits, s.misses) == (6, 3, 3)
-
-
-def test_lfu_keeps_the_frequent_expert():
-    cache, _ = make_cache(2, policy="lfu")
-    for _ in range(3):
-        step(cache, [0])
-    step(cache, [1])
-    step(cache, [2])  # LFU evicts 1 (used once), LRU would have evicted 0
-    assert cached(cache) == {0, 2}
-    lru, _ = make_cache(2, policy="lru")
-    for experts in ([0], [0], [0], [1], [2]):
-        step(lru, experts)
-    assert cached(lru) == {1, 2}
+    cache.close()
 
 
 def test_one_slot_serves_a_top_two_layer():
     cache, reader = make_cache(1)
     out, x, ids, weights = step(cache, [4, 2], n_tokens=3)
-    expected = torch.zeros_like(x)
-    for k, e in enumerate([4, 2]):
-        gate_up, down = reader.weights(0, e)
-        gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(gate) * up) @ down.t()
-        expected += y * weights[:, k, None]
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out, expected(reader, x, [4, 2], weights), atol=1e-6)
     assert cache.stats.total().misses == 2
+    cache.close()
 
 
-def test_outputs_do_not_depend_on_the_number_of_slots():
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_outputs_do_not_depend_on_the_number_of_slots(policy):
     outs = []
-    for n_slots in (1, 2, E):
-        cache, _ = make_cache(n_slots)
-        outs.append([step(cache, experts, n_tokens=2)[0] for experts in ([5, 1], [1, 3], [0, 5])])
+    for n_slots in (1, 2, 3, E):
+        cache, _ = make_cache(n_slots, policy)
+        sequence = ([5, 1], [1, 3], [0, 5], [2, 4], [4, 0])
+        outs.append([step(cache, experts, n_tokens=2)[0] for experts in sequence])
+        cache.close()
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a, b)
@@ -119,29 +236,32 @@ def test_one_token_sums_like_the_general_path(dtype):
     cache, reader = make_cache(E, layout=layout)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     ids, weights = torch.tensor([[4, 1]]), torch.tensor([[0.7, 0.3]])
-    expected = torch.zeros_like(x)
+    want = torch.zeros_like(x)
     for e, k in ((1, 1), (4, 0)):
         blob = layout.fill(torch.empty(layout.nbytes, dtype=torch.uint8), *reader.weights(0, e))
-        y = layout.forward(x, layout.views(blob), torch.nn.functional.silu) * weights[:, k, None]
-        expected.index_add_(0, torch.tensor([0]), y.to(dtype))
-    out = cache(0, x, ids, weights)
-    assert out.dtype == dtype and torch.equal(out, expected)
+        y = layout.forward(x, layout.views(blob), F.silu) * weights[:, k, None]
+        want.index_add_(0, torch.tensor([0]), y.to(dtype))
+    block = SimpleNamespace(experts=cache, layer=0, act=F.silu)
+    out = MoE.routed_experts(block, x, ids, weights)
+    assert out.dtype == dtype and torch.equal(out, want)
+    cache.close()
 
 
 def test_in_flight_prefetch_is_never_evicted():
-    reader = FakeReader(instant=False)
-    cache, _ = make_cache(2, reader=reader)  # preload is synchronous: holds 0, 1
+    cache, reader = make_cache(2)  # holds 0, 1
+    reader.gates[0, 4] = reader.gates[0, 5] = gate = threading.Event()
     cache.prefetch(0, [4])  # evicts the least recent (0); 4 is in flight
-    lc = cache.layers[0]
-    assert 4 in lc.loading and 4 in lc.slot_of
+    m = cache.maps[0]
+    assert 4 in m.loading and 4 in m.slot_of
     cache.prefetch(0, [5])  # the only other slot holds 1: evictable, so 5 replaces 1
-    assert set(lc.slot_of) == {4, 5}
+    assert set(m.slot_of) == {4, 5}
     cache.prefetch(0, [2])  # both slots in flight: nothing to evict, no load
-    assert 2 not in lc.slot_of and cache.stats.total().prefetch_issued == 2
-    reader.complete_all()
+    assert 2 not in m.slot_of and cache.stats.total().prefetch_issued == 2
+    gate.set()
     step(cache, [4])
     s = cache.stats.total()
-    assert (s.hits, s.misses, s.prefetch_used) == (1, 0, 1)
+    assert (s.hits, s.misses, s.prefetch_used) == (0, 0, 1)
+    cache.close()
 
 
 def test_prediction_recall_counts_guessed_experts():
@@ -150,6 +270,84 @@ def test_prediction_recall_counts_guessed_experts():
     step(cache, [3, 5])
     s = cache.stats.total()
     assert (s.predicted_needed, s.needed_with_guess) == (1, 2)
+    cache.close()
+
+
+def test_a_guess_not_started_is_dropped_when_its_layer_runs():
+    cache, reader = make_cache(3, threads=1)
+    reader.gates[0, 3] = gate = threading.Event()
+    cache.prefetch(0, [3, 4])  # 3 is read (held at its gate), 4 waits in the queue
+    while cache.maps[0].loading[3].job.state != "running":
+        time.sleep(0.001)
+    out, x, _, weights = step(cache, [2])
+    m = cache.maps[0]
+    assert 4 not in m.slot_of and 3 in m.loading  # dropped; 3's read runs on
+    gate.set()
+    step(cache, [3])
+    assert reader.reads.count((0, 4)) == 0 and cache.stats.total().prefetch_used == 1
+    assert torch.equal(out, expected(reader, x, [2], weights))
+    cache.close()
+
+
+def test_a_layers_misses_are_read_before_the_next_layers_guesses():
+    cache, reader = make_cache(2, threads=1, layers=(0, 1))
+    reader.gates[1, 3] = gate = threading.Event()
+    cache.prefetch(1, [3, 4])  # 3 holds the only I/O thread, 4 waits
+    while cache.maps[1].loading[3].job.state != "running":
+        time.sleep(0.001)
+    threading.Timer(0.05, gate.set).start()
+    step(cache, [5], layer=0)  # a miss, asked after the guesses
+    cache.close()
+    after = reader.reads[reader.reads.index((1, 3)) :]
+    assert after in ([(1, 3), (0, 5), (1, 4)], [(1, 3), (0, 5)])  # 4: read next, or dropped
+
+
+def test_waiting_for_a_slot_held_by_a_guess_counts_as_stall():
+    cache, reader = make_cache(1, threads=2)
+    reader.gates[0, 3] = gate = threading.Event()
+    cache.prefetch(0, [3])  # the only slot: 3's read, held
+    while cache.maps[0].loading[3].job.state != "running":
+        time.sleep(0.001)
+    threading.Timer(0.2, gate.set).start()
+    out, x, _, weights = step(cache, [5])
+    assert cache.stats.total().stall_s >= 0.15
+    assert torch.equal(out, expected(reader, x, [5], weights))
+    cache.close()
+
+
+def test_a_failed_read_unmaps_the_expert_and_a_later_call_reads_it_again():
+    cache, reader = make_cache(2)
+    reader.errors[0, 4] = MoelocalError("experts.bin: expert 4 of layer 0 fails its checksum")
+    with pytest.raises(MoelocalError, match="checksum"):
+        step(cache, [4])
+    m = cache.maps[0]
+    assert 4 not in m.slot_of and not m.loading and not m.in_use
+    out, x, _, weights = step(cache, [4, 0])
+    assert torch.equal(out, expected(reader, x, [4, 0], weights))
+    assert reader.reads.count((0, 4)) == 2
+    cache.close()
+
+
+def test_ctrl_c_while_waiting_leaves_no_half_read_expert_behind():
+    """SIGINT while the layer waits for a miss: the expert is unmapped, its slot stays out of
+    use until the read behind it ends, and later calls compute what they should."""
+    cache, reader = make_cache(2)
+    reader.gates[0, 4] = gate = threading.Event()
+    main = threading.get_ident()
+    threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        step(cache, [4])
+    m = cache.maps[0]
+    assert 4 not in m.slot_of and len(m.draining) == 1 and not m.in_use
+    draining = next(iter(m.draining))
+    out, x, _, weights = step(cache, [5])  # must not load into the slot still being written
+    assert m.slot_of[5] != draining
+    assert torch.equal(out, expected(reader, x, [5], weights))
+    gate.set()
+    out, x, _, weights = step(cache, [4, 5])
+    assert torch.equal(out, expected(reader, x, [4, 5], weights))
+    assert reader.reads.count((0, 4)) == 2
+    cache.close()
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
@@ -163,7 +361,8 @@ def test_stats_are_consistent(policy):
         step(cache, experts)
     s = cache.stats.total()
     d = cache.stats.as_dict(cache.expert_bytes)
-    assert s.hits + s.misses == s.uses == 60
-    assert 0 <= d["prefetch_precision"] <= 1 and 0 <= d["recall"] <= 1
-    assert d["bytes_moved"] == s.misses * cache.expert_bytes
-    assert d["bytes_from_disk"] == (s.misses + s.prefetch_issued) * cache.expert_bytes
+    assert s.hits + s.prefetch_used + s.misses == s.uses == 60
+    assert 0 <= d["prefetch_precision"] <= 1 and 0 <= d["prefetch_recall"] <= 1
+    assert d["demand_bytes"] == s.misses * cache.expert_bytes
+    assert d["bytes_moved"] == d["bytes_from_disk"] == d["demand_bytes"] + d["prefetch_bytes"]
+    cache.close()

@@ -36,7 +36,7 @@ def resident_runs(tiny):
     def get(arch):
         if arch not in runs:
             engine = moelocal.load(tiny(arch)[0], device="cpu")
-            assert engine.cache.n_slots == engine.config.num_experts
+            assert engine.expert_cache.n_slots == engine.config.num_experts
             ids = prompt(20)
             runs[arch] = (
                 ids,
@@ -55,7 +55,7 @@ def resident_runs(tiny):
 def test_streaming_gives_identical_results(tiny, resident_runs, arch, setting):
     ids, logits, tokens = resident_runs(arch)
     engine = moelocal.load(tiny(arch)[0], device="cpu", **setting)
-    assert engine.cache.streaming
+    assert engine.expert_cache.streaming
     assert torch.equal(engine.logits(ids), logits)
     out = engine.generate(ids, max_new_tokens=12)
     assert out.token_ids == tokens
@@ -97,7 +97,7 @@ def test_sharded_checkpoint_streams_the_same(tmp_path, resident_runs):
 
 def test_budget_holding_every_expert_never_misses(tiny):
     engine = moelocal.load(tiny("olmoe")[0], device="cpu", cpu_mem="512MiB")
-    assert not engine.cache.streaming
+    assert not engine.expert_cache.streaming
     for seed in range(3):
         out = engine.generate(prompt(10, seed), max_new_tokens=8)
         assert out.stats.extra["experts"]["misses"] == 0
@@ -124,12 +124,13 @@ def test_stats_add_up(tiny):
     engine = moelocal.load(tiny("qwen3_moe")[0], device="cpu", cache_experts=2)
     out = engine.generate(prompt(16), max_new_tokens=10)
     s = out.stats.extra["experts"]
-    assert s["hits"] + s["misses"] == s["expert_uses"]
-    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["recall"] <= 1
-    assert 0 <= s["prefetch_recall"] <= 1
-    assert s["bytes_moved"] == s["misses"] * s["expert_bytes"]
+    assert s["hits"] + s["prefetch_used"] + s["misses"] == s["expert_uses"]
+    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
+    assert s["hit_rate"] == pytest.approx(s["hits"] / s["expert_uses"], abs=1e-4)
+    assert s["demand_bytes"] == s["misses"] * s["expert_bytes"]
     assert s["prefetch_bytes"] == s["prefetch_issued"] * s["expert_bytes"]
-    assert s["bytes_from_disk"] == s["bytes_moved"] + s["prefetch_bytes"]
+    # one definition of bytes moved: every byte copied into a slot, by a miss or a prefetch
+    assert s["bytes_moved"] == s["bytes_from_disk"] == s["demand_bytes"] + s["prefetch_bytes"]
     per_layer = s["per_layer"].values()
     assert sum(layer["misses"] for layer in per_layer) == s["misses"]
     assert sum(layer["expert_uses"] for layer in per_layer) == s["expert_uses"]
@@ -137,7 +138,7 @@ def test_stats_add_up(tiny):
     assert engine.stats["experts"]["expert_uses"] >= s["expert_uses"]
     no_prefetch = moelocal.load(tiny("qwen3_moe")[0], device="cpu", cache_experts=2, prefetch=False)
     s = no_prefetch.generate(prompt(16), max_new_tokens=10).stats.extra["experts"]
-    assert s["bytes_moved"] == s["misses"] * s["expert_bytes"]
+    assert s["bytes_moved"] == s["misses"] * s["expert_bytes"] and s["prefetch_used"] == 0
 
 
 def test_generate_cli_reports_offload_stats():
@@ -201,3 +202,24 @@ def test_stats_by_key_and_on_the_engine(tiny):
     )
     assert engine.stats["misses"] == engine.stats["experts"]["misses"] >= out.stats["misses"]
     assert set(engine.stats["experts"]["per_layer"]) == {"0", "1", "2"}
+
+
+@pytest.mark.parametrize("miss_policy", ["load", "cpu", "auto"])
+def test_cuda_plan_counts_a_host_store_of_whole_layers(tiny, miss_policy):
+    """The CUDA plan's bookkeeping, checked without a GPU: the host store holds the same number
+    of experts in every layer, fits --cpu-mem with the staging pieces, and the miss policy is a
+    token count fixed by the plan, not a timing."""
+    from moelocal.checkpoint import Checkpoint
+    from moelocal.loader import plan_model
+    from moelocal.plan import OffloadOptions
+
+    path = tiny("mixtral")[0]
+    free = plan_model(Checkpoint(path), torch.device("cuda"), None, OffloadOptions()).plan
+    for room in (1, 3, 7):
+        budget = free.staging_bytes + room * free.expert_bytes + free.expert_bytes // 2
+        options = OffloadOptions(cpu_mem=budget, miss_policy=miss_policy)
+        p = plan_model(Checkpoint(path), torch.device("cuda"), None, options).plan
+        assert p.host_experts % p.moe_layers == 0 and p.host_experts <= room
+        assert p.host_experts >= room - p.moe_layers + 1
+        assert p.staging_bytes + p.host_experts * p.expert_bytes <= budget
+        assert p.cpu_miss_tokens == {"load": 0, "cpu": 2**62, "auto": 4}[miss_policy]

@@ -1,9 +1,9 @@
-"""The layers every family shares: norms, RoPE, attention with a KV cache, MLPs, routing, MoE.
+"""The layers every family shares: norms, RoPE, attention with a KV cache, dense MLPs.
 
 A family file (mixtral.py, deepseek.py, ...) holds only what differs: its config names, its key
 table and, for DeepSeek, latent attention. Module and parameter names follow the Hugging Face
-checkpoints (`self_attn.q_proj`, `mlp.gate`), so resident weights load by name. Routed experts are
-not parameters of the model: each MoE block asks its `experts` object (experts.py) for the math.
+checkpoints (`self_attn.q_proj`, `mlp.gate`), so resident weights load by name. Routing and the
+MoE block are in moe.py, the decoder stack in transformer.py.
 """
 
 import math
@@ -214,7 +214,7 @@ class Attention(nn.Module):
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, rope, cache: KVCache, mask):
+    def forward(self, x, rope, kv: KVCache, mask):
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -229,7 +229,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = cache.update(self.layer, k, v)
+        k, v = kv.update(self.layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.H != self.KV)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -247,156 +247,3 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Router(nn.Module):
-    """The gate: one logit per routed expert; DeepSeek-V3 adds a score correction bias."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
-        if cfg.router_bias:
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
-        self.fp32 = cfg.router_fp32
-
-    def forward(self, x):
-        if self.fp32 or self.weight.dtype != x.dtype:  # float32 weights: see router_dtype
-            logits = F.linear(x.float(), self.weight.float())
-            return logits if self.fp32 else logits.to(x.dtype)
-        return F.linear(x, self.weight)
-
-
-def router_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype routers are kept in. On the CPU, float32: a bf16/fp16 GEMV with a few dozen
-    output rows takes 2-3x longer there than in float32, and products of half-precision numbers
-    are exact in float32, so the logits differ at most in summation order before rounding."""
-    return torch.float32 if device.type == "cpu" else dtype
-
-
-def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None):
-    """Router logits (N, E) -> expert ids (N, K) and their weights (N, K) in float32.
-
-    A pure function: the MoE block calls it before any expert math, and the prefetcher calls it on
-    the next layer's router to guess which experts to load.
-    """
-    K, E = cfg.num_experts_per_tok, cfg.num_experts
-    if cfg.scoring == "sigmoid":  # DeepSeek-V3: bias picks the experts, the plain scores weigh them
-        scores = logits.float().sigmoid()
-        choice = scores + bias if bias is not None else scores
-        group_scores = choice.view(-1, cfg.n_group, E // cfg.n_group).topk(2, dim=-1)[0].sum(-1)
-        choice = choice.masked_fill(~group_mask(group_scores, cfg), float("-inf"))
-        ids = choice.topk(K, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * cfg.routed_scaling_factor
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: best experts of the best groups
-        group_scores = probs.view(-1, cfg.n_group, E // cfg.n_group).max(dim=-1).values
-        probs = probs.masked_fill(~group_mask(group_scores, cfg), 0.0)
-    weights, ids = probs.topk(K, dim=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
-    if cfg.routed_scaling_factor != 1.0:
-        weights = weights * cfg.routed_scaling_factor
-    return ids, weights
-
-
-def group_mask(group_scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """(N, n_group) scores -> (N, E) bool: True for experts of the top `topk_group` groups."""
-    top = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
-    return mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=-1)
-
-
-class MoE(nn.Module):
-    """Route, run the selected experts, weigh and sum them (+ the shared experts)."""
-
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
-        self.gate = Router(cfg)
-        self.experts = None  # set by the loader: routed experts live outside the module tree
-        if cfg.shared_expert_intermediate_size:
-            self.shared_expert = MLP(
-                cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
-            )
-        if cfg.shared_expert_gate:
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        x = x.reshape(-1, D)
-        ids, weights = route(
-            self.gate(x), self.cfg, getattr(self.gate, "e_score_correction_bias", None)
-        )
-        y = self.experts(self.layer, x, ids, weights)
-        if hasattr(self, "shared_expert"):
-            shared = self.shared_expert(x)
-            if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        return y.view(B, T, D)
-
-
-# ---- the model ------------------------------------------------------------------------------
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention):
-        super().__init__()
-        self.window = cfg.sliding_windows[layer]
-        self.self_attn = attention_cls(cfg, layer)
-        if cfg.moe_layers[layer]:
-            self.mlp = MoE(cfg, layer)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.layer = layer
-        self.after_attention = None  # the prefetcher: sees h before this layer's MoE runs
-
-    def forward(self, x, rope, cache, masks):
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, masks[self.window])
-        if self.after_attention is not None:
-            self.after_attention(self.layer, h)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class Body(nn.Module):
-    """`model.*` in the checkpoint: embeddings, decoder layers, final norm."""
-
-    def __init__(self, cfg: ModelConfig, attention_cls):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, attention_cls) for i in range(cfg.num_hidden_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention_cls=Attention, rope_dim: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.model = Body(cfg, attention_cls)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(rope_dim or cfg.head_dim, cfg.rope)
-
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
-        """tokens (B, T) at positions cache.length.. -> logits (B, T, V) in float32."""
-        B, T = tokens.shape
-        start = cache.length
-        x = self.model.embed_tokens(tokens)
-        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if cache.pads is not None:
-            positions = (positions - cache.pads.to(tokens.device)[:, None]).clamp(min=0)
-        rope = self.rotary(positions, x.dtype)
-        masks = {w: attention_mask(start, T, w, cache.pads, x.device)
-                 for w in set(self.cfg.sliding_windows)}  # fmt: skip
-        for layer in self.model.layers:
-            x = layer(x, rope, cache, masks)
-        cache.length += T
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()

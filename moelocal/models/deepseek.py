@@ -92,7 +92,7 @@ class LatentAttention(nn.Module):
         if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
             self.scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
 
-    def forward(self, x, rope, cache, mask):
+    def forward(self, x, rope, kv, mask):
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -104,7 +104,7 @@ class LatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)
         k_pe = k_pe.view(B, 1, T, self.rope)
         q_pe, k_pe = (apply_rope(t, *rope, self.interleaved) for t in (q_pe, k_pe))
-        latent, k_pe = cache.update(self.layer, latent, k_pe)  # (B, 1, S, rank), (B, 1, S, rope)
+        latent, k_pe = kv.update(self.layer, latent, k_pe)  # (B, 1, S, rank), (B, 1, S, rope)
         S = latent.shape[2]
         kv = self.kv_b_proj(latent).view(B, S, self.H, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)

@@ -4,7 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig, num_experts
-from .common import Attention, Transformer
+from .common import Attention
+from .transformer import Transformer
 
 
 @dataclass
@@ -22,8 +23,9 @@ class Family:
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
     ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
 
-    def build(self, cfg: ModelConfig) -> Transformer:
-        return Transformer(cfg, self.attention_cls, self.rope_dim(cfg))
+    def build(self, cfg: ModelConfig, experts=None, prefetcher=None) -> Transformer:
+        """The model, its MoE blocks served by `experts` (see Transformer)."""
+        return Transformer(cfg, self.attention_cls, self.rope_dim(cfg), experts, prefetcher)
 
 
 def sparse_layers(raw: dict, n_layers: int, default_experts: int) -> list[bool]:

@@ -1,0 +1,113 @@
+"""One queue of reads for the whole expert cache, served by a few threads, most urgent first.
+
+A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS); a guess can be promoted
+when its layer turns out to need it, and a guess that has not started can be dropped once its
+layer has run. Equal priorities are served in the order they came.
+"""
+
+import heapq
+import itertools
+import threading
+
+DEMAND, GUESS = 0, 1
+
+
+class Job:
+    """One call to run on an I/O thread: queued, running, then done (a result or an error)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+        self.state = "new"  # new, queued, running, done, dropped
+        self.result = self.error = None
+        self.finished = threading.Event()
+
+    def done(self) -> bool:
+        """True once nothing of this job runs any more (finished, failed or dropped), or while
+        nothing of it has been queued (a start interrupted by Ctrl-C)."""
+        return self.state == "new" or self.finished.is_set()
+
+    def wait(self):
+        """Block until the job has run; its result, or its error raised here."""
+        if self.state == "new":
+            raise RuntimeError("waited for a job never queued")
+        self.finished.wait()
+        if self.state == "dropped":
+            raise RuntimeError("waited for a dropped job")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # handed to whoever waits
+            self.error = e
+        self.state = "done"
+        self.finished.set()
+
+
+class IOQueue:
+    def __init__(self, threads: int, name: str = "moelocal-io"):
+        self.heap: list[tuple[int, int, Job]] = []
+        self.order = itertools.count()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def put(self, job: Job, priority: int = DEMAND) -> Job:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the I/O queue is closed")
+            heapq.heappush(self.heap, (priority, next(self.order), job))
+            job.state = "queued"  # last: a job interrupted before this is never run
+            self.lock.notify()
+        return job
+
+    def promote(self, job: Job, priority: int = DEMAND):
+        """Serve a job that has not started yet at `priority` (its old entry is skipped)."""
+        with self.lock:
+            if job.state == "queued":
+                heapq.heappush(self.heap, (priority, next(self.order), job))
+                self.lock.notify()
+
+    def drop(self, job: Job) -> bool:
+        """Cancel a job that has not started; False when it has (it will finish)."""
+        with self.lock:
+            if job.state != "queued":
+                return job.state == "dropped"
+            job.state = "dropped"
+        job.finished.set()
+        return True
+
+    def _serve(self):
+        while True:
+            with self.lock:
+                while not self.heap and not self.closed:
+                    self.lock.wait()
+                if not self.heap:  # closed and nothing left
+                    return
+                job = heapq.heappop(self.heap)[2]
+                if job.state != "queued":  # dropped, or an entry left behind by promote
+                    continue
+                job.state = "running"
+            job.run()
+
+    def close(self):
+        """Drop what has not started, let what runs finish, and stop the threads."""
+        with self.lock:
+            self.closed = True
+            pending = [job for _, _, job in self.heap if job.state == "queued"]
+            for job in pending:
+                job.state = "dropped"
+            self.heap.clear()
+            self.lock.notify_all()
+        for job in pending:
+            job.finished.set()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()

@@ -1,0 +1,86 @@
+"""The decoder stack: embeddings, decoder layers (attention, then a dense MLP or a MoE block),
+final norm and head. Built with its expert provider and, when streaming, its prefetcher."""
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .common import MLP, Attention, KVCache, RMSNorm, Rotary, attention_mask
+from .moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention, experts=None):
+        super().__init__()
+        self.window = cfg.sliding_windows[layer]
+        self.self_attn = attention_cls(cfg, layer)
+        if cfg.moe_layers[layer]:
+            self.mlp = MoE(cfg, layer, experts)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layer = layer
+
+    def route(self, h: torch.Tensor, extra: int = 0):
+        """The experts this layer's MoE block would pick for hidden state h (B, T, D), with
+        `extra` more: (ids, weights), or None for a dense layer."""
+        if not isinstance(self.mlp, MoE):
+            return None
+        return self.mlp.route(self.post_attention_layernorm(h).reshape(-1, h.shape[-1]), extra)
+
+    def forward(self, x, rope, kv: KVCache, masks, after_attention=None):
+        h = x + self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
+        if after_attention is not None:  # the prefetcher sees h before the MoE block runs
+            after_attention(h)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """`model.*` in the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, attention_cls, experts=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, attention_cls, experts) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """experts: the routed experts' provider (expert_cache.ExpertCache); prefetcher: called after
+    each layer's attention with the next layer and the hidden state (prefetch.Prefetcher)."""
+
+    def __init__(self, cfg: ModelConfig, attention_cls=Attention, rope_dim: int | None = None,
+                 experts=None, prefetcher=None):  # fmt: skip
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg, attention_cls, experts)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(rope_dim or cfg.head_dim, cfg.rope)
+        self.prefetcher = prefetcher
+
+    def forward(self, tokens: torch.Tensor, kv: KVCache, last_only: bool = False):
+        """tokens (B, T) at positions kv.length.. -> logits (B, T, V) in float32."""
+        B, T = tokens.shape
+        start = kv.length
+        x = self.model.embed_tokens(tokens)
+        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if kv.pads is not None:
+            positions = (positions - kv.pads.to(tokens.device)[:, None]).clamp(min=0)
+        rope = self.rotary(positions, x.dtype)
+        masks = {w: attention_mask(start, T, w, kv.pads, x.device)
+                 for w in set(self.cfg.sliding_windows)}  # fmt: skip
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            guess = None
+            if self.prefetcher is not None and i + 1 < len(layers):
+                guess = partial(self.prefetcher, layers[i + 1])
+            x = layer(x, rope, kv, masks, guess)
+        kv.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()

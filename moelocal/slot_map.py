@@ -1,0 +1,132 @@
+"""One layer's expert cache as data: which expert is in which slot, which slots are loading, in use
+or out of use, and which expert the eviction policy gives up next. No tensors, no I/O.
+
+A load is an opaque ticket here, with `done()` (nothing of it runs any more) and `ok()` (it
+landed). An expert is mapped to its slot from the moment
+its load is started; a load that fails or is abandoned unmaps it at once, and its slot stays out
+of use ("draining") until the read behind it has really finished, so no later load or compute
+ever shares a slot with a write still in flight.
+"""
+
+from collections import OrderedDict
+
+
+class LRU:
+    """Evict the least recently used expert."""
+
+    def __init__(self):
+        self.order: OrderedDict[int, None] = OrderedDict()
+
+    def insert(self, e: int):
+        """e was just loaded."""
+        self.order[e] = None
+        self.order.move_to_end(e)
+
+    def touch(self, e: int):
+        """e was just used."""
+        self.insert(e)
+
+    def remove(self, e: int):
+        self.order.pop(e, None)
+
+    def victim(self, candidates: set[int]) -> int:
+        return next(e for e in self.order if e in candidates)
+
+
+class LFU(LRU):
+    """Evict the least frequently used expert (uses counted since load); ties go to LRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.uses: dict[int, int] = {}
+
+    def touch(self, e: int):
+        super().touch(e)
+        self.uses[e] = self.uses.get(e, 0) + 1
+
+    def remove(self, e: int):
+        super().remove(e)
+        self.uses.pop(e, None)
+
+    def victim(self, candidates: set[int]) -> int:
+        rank = {e: i for i, e in enumerate(self.order)}
+        return min(candidates, key=lambda e: (self.uses.get(e, 0), rank[e]))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+class SlotMap:
+    def __init__(self, n_slots: int, policy: str = "lru"):
+        self.n_slots = n_slots
+        self.expert_in: list[int | None] = [None] * n_slots  # slot -> expert (ready or loading)
+        self.slot_of: dict[int, int] = {}  # expert -> slot
+        self.loading: dict[int, object] = {}  # expert -> its load's ticket
+        self.guessed: set[int] = set()  # brought by a prefetch, not used since
+        self.draining: dict[int, object] = {}  # slot -> a failed or abandoned load still running
+        self.in_use: set[int] = set()  # read by the layer running now
+        self.policy = POLICIES[policy]()
+
+    def ready(self, e: int) -> bool:
+        return e in self.slot_of and e not in self.loading
+
+    def reap(self):
+        """Take in every load that has finished: a landed expert is ready, a failed or dropped
+        one unmapped, a draining slot free again."""
+        for slot in [s for s, ticket in self.draining.items() if ticket.done()]:
+            del self.draining[slot]
+        for e, ticket in list(self.loading.items()):
+            if ticket.done():
+                if ticket.ok():
+                    del self.loading[e]
+                else:
+                    self._unmap(e)
+
+    def free_slot(self, protect: frozenset | set = frozenset()) -> int | None:
+        """A slot to load into: an empty one, else the policy's victim among the experts neither
+        in use, loading nor protected (unmapped here); None when every slot is held."""
+        for slot, e in enumerate(self.expert_in):
+            if e is None and slot not in self.draining:
+                return slot
+        candidates = set(self.slot_of) - self.in_use - set(self.loading) - set(protect)
+        if not candidates:
+            return None
+        victim = self.policy.victim(candidates)
+        slot = self.slot_of[victim]
+        self._unmap(victim)
+        return slot
+
+    def start(self, e: int, slot: int, ticket, guess: bool = False):
+        """e's load into slot has begun (ticket: its load)."""
+        assert self.expert_in[slot] is None and slot not in self.draining and e not in self.slot_of
+        self.expert_in[slot], self.slot_of[e] = e, slot
+        self.loading[e] = ticket
+        self.policy.insert(e)
+        if guess:
+            self.guessed.add(e)
+
+    def place(self, e: int, slot: int):
+        """e is in slot, ready (a preload)."""
+        self.start(e, slot, None)
+        del self.loading[e]
+
+    def fail(self, e: int):
+        """e's load failed or was abandoned: unmap e now; its slot is out of use until the load
+        has finished."""
+        slot, ticket = self.slot_of[e], self.loading.get(e)
+        self._unmap(e)
+        if ticket is not None and not ticket.done():
+            self.draining[slot] = ticket
+
+    def use(self, e: int):
+        """e was read by a layer: it is no longer a guess and counts for the policy."""
+        self.guessed.discard(e)
+        self.policy.touch(e)
+
+    def _unmap(self, e: int):
+        slot = self.slot_of.pop(e)
+        self.expert_in[slot] = None
+        self.loading.pop(e, None)
+        self.guessed.discard(e)
+        self.in_use.discard(e)
+        self.policy.remove(e)
