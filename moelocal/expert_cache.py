@@ -19,6 +19,7 @@ from .cache_stats import CacheStats
 from .experts import ExpertLayout
 from .io_queue import DEMAND, GUESS
 from .movers import Load
+from .prefetch import GuessRanks
 from .slot_map import SlotMap
 from .store import release_freed_memory
 
@@ -39,7 +40,8 @@ class ExpertCache:
         }
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
-        self.guesses: dict[int, set[int]] = {}  # layer -> the prefetcher's last guess for it
+        self.guesses: dict[int, list[int]] = {}  # layer -> the prefetcher's last guess, ranked
+        self.guess_ranks = GuessRanks()
         self.stats = CacheStats()
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
         self._preload()
@@ -89,7 +91,8 @@ class ExpertCache:
         guess = self.guesses.pop(layer, None)
         if guess is not None:
             stats.needed_with_guess += len(needed)
-            stats.predicted_needed += len(guess.intersection(needed))
+            stats.predicted_needed += len(set(guess).intersection(needed))
+            self.guess_ranks.record(guess, set(needed))
         in_slot = [e for e in needed if e in m.slot_of]
         stats.prefetch_used += len(m.guessed.intersection(in_slot))
         stats.hits += len(in_slot) - len(m.guessed.intersection(in_slot))
@@ -190,14 +193,14 @@ class ExpertCache:
 
     def prefetch(self, layer: int, ranked: list[int]):
         """Start loading the guessed experts (best first) that are not cached, while slots allow,
-        behind every miss."""
+        behind every miss, and only the ranks whose guesses have been needed often enough."""
         m = self.maps[layer]
-        self.guesses[layer] = set(ranked)
+        self.guesses[layer] = ranked
         ranked = ranked[: self.n_slots]  # the best guesses that can be cached at once
         protect = set(ranked)  # never evict one guess to make room for another
         m.reap()
-        for e in ranked:
-            if e in m.slot_of:
+        for rank, e in enumerate(ranked):
+            if e in m.slot_of or not self.guess_ranks.worth_loading(rank):
                 continue
             slot = m.free_slot(protect)
             if slot is None:

@@ -1,8 +1,9 @@
 """One queue of reads for the whole expert cache, served by a few threads, most urgent first.
 
-A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS); a guess can be promoted
-when its layer turns out to need it, and a guess that has not started can be dropped once its
-layer has run. Equal priorities are served in the order they came.
+A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS), and no guess starts
+while a demand read runs: parallel reads share the disk, and a guess beside a miss would slow the
+miss down. A guess can be promoted when its layer turns out to need it, and a guess that has not
+started can be dropped once its layer has run. Equal priorities are served in the order they came.
 """
 
 import heapq
@@ -52,6 +53,7 @@ class IOQueue:
         self.order = itertools.count()
         self.lock = threading.Condition()
         self.closed = False
+        self.demand_running = 0
         self.threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -84,18 +86,33 @@ class IOQueue:
         job.finished.set()
         return True
 
+    def _next(self) -> tuple[int, Job] | None:
+        """Under the lock: the next job to run and its priority, waiting until there is one;
+        None once closed."""
+        while True:
+            while self.heap and self.heap[0][2].state != "queued":
+                heapq.heappop(self.heap)  # dropped, or an entry left behind by promote
+            if self.closed:
+                return None
+            if self.heap and (self.heap[0][0] == DEMAND or not self.demand_running):
+                priority, _, job = heapq.heappop(self.heap)
+                job.state = "running"
+                return priority, job
+            self.lock.wait()
+
     def _serve(self):
         while True:
             with self.lock:
-                while not self.heap and not self.closed:
-                    self.lock.wait()
-                if not self.heap:  # closed and nothing left
+                picked = self._next()
+                if picked is None:
                     return
-                job = heapq.heappop(self.heap)[2]
-                if job.state != "queued":  # dropped, or an entry left behind by promote
-                    continue
-                job.state = "running"
+                priority, job = picked
+                self.demand_running += priority == DEMAND
             job.run()
+            if priority == DEMAND:
+                with self.lock:
+                    self.demand_running -= 1
+                    self.lock.notify_all()  # guesses held back may start
 
     def close(self):
         """Drop what has not started, let what runs finish, and stop the threads."""

@@ -10,16 +10,44 @@ from collections import Counter
 
 import torch
 
-from .expert_cache import ExpertCache
+# a guess rank is loaded only while at least this share of its guesses turned out needed: a
+# wrong guess costs a read that the layer's own misses then share the disk with, and evicts an
+# expert that a later token may need
+MIN_PRECISION = 0.5
+
+
+class GuessRanks:
+    """Per rank in the prefetcher's guesses (best first): how often a guess of that rank was
+    needed by its layer. Counts of tokens and routing only, never timings, so what is loaded
+    does not depend on how fast a run happened to be."""
+
+    def __init__(self):
+        self.guessed: list[int] = []
+        self.needed: list[int] = []
+
+    def record(self, ranked: list[int], needed: set[int]):
+        for r, e in enumerate(ranked):
+            if r == len(self.guessed):
+                self.guessed.append(0)
+                self.needed.append(0)
+            self.guessed[r] += 1
+            self.needed[r] += e in needed
+
+    def worth_loading(self, rank: int) -> bool:
+        """True while this rank's guesses are needed often enough (an unseen rank is tried)."""
+        if rank >= len(self.guessed):
+            return True
+        return (self.needed[rank] + 1) / (self.guessed[rank] + 2) >= MIN_PRECISION
 
 
 class Prefetcher:
-    def __init__(self, cache: ExpertCache, margin: int = 1):
+    def __init__(self, cache, margin: int = 1):
         self.cache, self.margin = cache, margin
 
     @torch.no_grad()
     def __call__(self, layer, h: torch.Tensor):
-        """layer: the next DecoderLayer; h: the hidden state after this layer's attention."""
+        """layer: the next DecoderLayer; h: the hidden state after this layer's attention;
+        the cache is an expert_cache.ExpertCache."""
         guess = layer.route(h, self.margin)
         if guess is None:  # a dense layer
             return
