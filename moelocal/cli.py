@@ -178,13 +178,14 @@ def generate_cmd(
                                                     batch_kwargs)))  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, quant=quant, threads=threads, **options)
-        ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
-        stream = None if as_json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
-        out = engine.generate(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stream=stream,
-        )  # fmt: skip
+        with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
+                  **options) as engine:  # fmt: skip
+            ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
+            stream = None if as_json else lambda p: (sys.stdout.write(p), sys.stdout.flush())
+            out = engine.generate(
+                ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, stream=stream,
+            )  # fmt: skip
         if as_json:
             print(json.dumps(out.as_dict(), ensure_ascii=False))
         else:
@@ -234,6 +235,7 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
         finally:
             if progress_bar is not None:
                 progress_bar.stop()
+            engine.close()
     err.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already in the "
               f"output; {summary.generated_tokens} tokens at {summary.tokens_per_s:.1f} tok/s",
               soft_wrap=True,
@@ -274,9 +276,10 @@ def chat_cmd(
                               miss_policy, context)  # fmt: skip
 
     def go():
-        engine = load(model, device=device, dtype=dtype, quant=quant, threads=threads, **options)
-        Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-             top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
+        with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
+                  **options) as engine:  # fmt: skip
+            Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
 
     run(go)
 

@@ -40,7 +40,8 @@ class ExpertCache:
         }
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
-        self.guesses: dict[int, list[int]] = {}  # layer -> the prefetcher's last guess, ranked
+        # layer -> the prefetcher's last guess, and (rank, expert) of its guesses not cached
+        self.guesses: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         self.guess_ranks = GuessRanks()
         self.stats = CacheStats()
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
@@ -88,11 +89,11 @@ class ExpertCache:
             return
         self._settle_guesses(layer, set(needed))
         m.reap()
-        guess = self.guesses.pop(layer, None)
-        if guess is not None:
+        if layer in self.guesses:
+            guess, uncached = self.guesses.pop(layer)
             stats.needed_with_guess += len(needed)
             stats.predicted_needed += len(set(guess).intersection(needed))
-            self.guess_ranks.record(guess, set(needed))
+            self.guess_ranks.record(uncached, set(needed))
         in_slot = [e for e in needed if e in m.slot_of]
         stats.prefetch_used += len(m.guessed.intersection(in_slot))
         stats.hits += len(in_slot) - len(m.guessed.intersection(in_slot))
@@ -195,12 +196,12 @@ class ExpertCache:
         """Start loading the guessed experts (best first) that are not cached, while slots allow,
         behind every miss, and only the ranks whose guesses have been needed often enough."""
         m = self.maps[layer]
-        self.guesses[layer] = ranked
-        ranked = ranked[: self.n_slots]  # the best guesses that can be cached at once
-        protect = set(ranked)  # never evict one guess to make room for another
+        uncached = [(r, e) for r, e in enumerate(ranked[: self.n_slots]) if e not in m.slot_of]
+        self.guesses[layer] = ranked, uncached
+        protect = set(ranked[: self.n_slots])  # never evict one guess to make room for another
         m.reap()
-        for rank, e in enumerate(ranked):
-            if e in m.slot_of or not self.guess_ranks.worth_loading(rank):
+        for rank, e in uncached:
+            if not self.guess_ranks.worth_loading(rank):
                 continue
             slot = m.free_slot(protect)
             if slot is None:

@@ -161,7 +161,9 @@ class Plan:
         return max(0, self.total_experts - in_memory)
 
     def bytes_moved_per_token(self, hit_rate: float) -> float:
-        """Expected bytes into the device cache per decoded token at a given hit rate."""
+        """Expected bytes moved into the expert cache per decoded token at a given hit rate:
+        each needed expert not already cached is moved once, by a miss or a right guess (the
+        stats' bytes_moved; wrong guesses add to it)."""
         return self.moe_layers * self.top_k * (1 - hit_rate) * self.expert_bytes
 
     def table(self) -> Table:

@@ -148,6 +148,7 @@ class FakeReader:
         self.layout = layout
         self.pieces = {(layer, e): None for layer in layers for e in range(E)}
         self.reads, self.gates, self.errors = [], {}, {}
+        self.waiting = {}  # (layer, e) -> set once its read waits at its gate
 
     def weights(self, layer, e):
         gen = torch.Generator().manual_seed(100 * layer + e)
@@ -156,6 +157,7 @@ class FakeReader:
     def read(self, layer, e, dest):
         gate = self.gates.get((layer, e))
         if gate is not None:
+            self.waiting.setdefault((layer, e), threading.Event()).set()
             assert gate.wait(10)
         self.reads.append((layer, e))
         if (layer, e) in self.errors:
@@ -295,7 +297,13 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     cache.prefetch(1, [3, 4])  # 3 holds the only I/O thread, 4 waits
     while cache.maps[1].loading[3].job.state != "running":
         time.sleep(0.001)
-    threading.Timer(0.05, gate.set).start()
+
+    def release_once_the_miss_is_queued():
+        while (load := cache.maps[0].loading.get(5)) is None or load.job.state == "new":
+            time.sleep(0.001)
+        gate.set()
+
+    threading.Thread(target=release_once_the_miss_is_queued).start()
     step(cache, [5], layer=0)  # a miss, asked after the guesses
     cache.close()
     after = reader.reads[reader.reads.index((1, 3)) :]
@@ -308,9 +316,9 @@ def test_waiting_for_a_slot_held_by_a_guess_counts_as_stall():
     cache.prefetch(0, [3])  # the only slot: 3's read, held
     while cache.maps[0].loading[3].job.state != "running":
         time.sleep(0.001)
-    threading.Timer(0.2, gate.set).start()
+    threading.Timer(0.3, gate.set).start()
     out, x, _, weights = step(cache, [5])
-    assert cache.stats.total().stall_s >= 0.15
+    assert cache.stats.total().stall_s >= 0.1
     assert torch.equal(out, expected(reader, x, [5], weights))
     cache.close()
 
@@ -334,7 +342,14 @@ def test_ctrl_c_while_waiting_leaves_no_half_read_expert_behind():
     cache, reader = make_cache(2)
     reader.gates[0, 4] = gate = threading.Event()
     main = threading.get_ident()
-    threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()
+    reader.waiting[0, 4] = started = threading.Event()
+
+    def ctrl_c_once_the_read_runs():
+        started.wait(10)
+        time.sleep(0.05)  # the main thread is waiting for it by now
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_the_read_runs).start()
     with pytest.raises(KeyboardInterrupt):
         step(cache, [4])
     m = cache.maps[0]

@@ -4,6 +4,7 @@ setting, on every architecture; budgets are honoured; stats add up."""
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -223,3 +224,18 @@ def test_cuda_plan_counts_a_host_store_of_whole_layers(tiny, miss_policy):
         assert p.host_experts >= room - p.moe_layers + 1
         assert p.staging_bytes + p.host_experts * p.expert_bytes <= budget
         assert p.cpu_miss_tokens == {"load": 0, "cpu": 2**62, "auto": 4}[miss_policy]
+
+
+def test_close_releases_io_threads_and_files(tiny):
+    def io_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("moelocal-io")]
+
+    before = len(io_threads())
+    with moelocal.load(tiny("mixtral")[0], device="cpu", cache_experts=1) as engine:
+        reader = engine.expert_cache.mover.reader
+        assert len(io_threads()) > before and reader.fds
+        engine.generate(prompt(8), max_new_tokens=3)
+    assert len(io_threads()) == before and not reader.fds
+    with pytest.raises(moelocal.MoelocalError, match="closed"):
+        engine.generate(prompt(8), max_new_tokens=3)
+    engine.close()  # twice: nothing
