@@ -37,7 +37,7 @@ class Load:
 
     def settle(self):
         """Drop it if it has not started, else wait until nothing of it runs; errors ignored."""
-        if not self.drop() and self.job is not None:
+        if not self.drop() and self.job is not None and not self.job.done():
             self.job.finished.wait()
         event = self._event()
         if event is not None:
