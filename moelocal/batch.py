@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import validate
 from .engine import Engine
 from .errors import MoelocalError, reason
 
@@ -33,43 +34,123 @@ def key(record: dict) -> str:
     return f"line:{record.get('line')}"
 
 
-def finished_keys(output: Path) -> set[str]:
-    """Keys already in the output. A torn last line (a crash mid-write) is cut off."""
-    if not output.is_file():
+def as_record(raw: bytes) -> dict | None:
+    """A line of moelocal's output as a record (a result or an error), else None."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if isinstance(record, dict) and "id" in record and ("text" in record or "error" in record):
+        return record
+    return None
+
+
+def resume_output(output: Path) -> set[str]:
+    """The keys of the lines that already have a result in `output` (error records do not count:
+    those lines run again). Refuses a file that is not moelocal's output. A torn last line (a
+    crash mid-write) is cut; a whole record lacking only its newline gets one."""
+    if not output.exists():
         return set()
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(output, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    keys = set()
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            keys.add(key(json.loads(line)))
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return keys
+    try:
+        data = output.read_bytes()
+    except OSError as e:
+        raise MoelocalError(f"--output {output}: {reason(e)}") from None
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: b"" in a whole file
+    records = []
+    for n, raw in enumerate(lines, 1):
+        record = as_record(raw)
+        if record is None and raw.strip():
+            raise MoelocalError(f"--output {output}: line {n} is not a moelocal result; give a "
+                                "new file, or one that moelocal wrote")  # fmt: skip
+        records.append(record)
+    if tail:
+        record = as_record(tail)
+        if record is not None:
+            with open(output, "ab") as f:
+                f.write(b"\n")
+            records.append(record)
+        elif tail.startswith(b'{"id": '):  # how every record begins: one cut short
+            with open(output, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+        else:
+            raise MoelocalError(f"--output {output}: its last line is not a moelocal result; "
+                                "give a new file, or one that moelocal wrote")  # fmt: skip
+    return {key(r) for r in records if r is not None and "error" not in r}
 
 
-def parse_line(engine: Engine, n: int, line: str, defaults: dict, chat: bool) -> Job:
-    """One input line -> a Job, or MoelocalError saying what is wrong with it."""
+def read_lines(data: bytes) -> list[str]:
+    """The input's lines. Only \\n ends a line (a JSON string may hold U+2028 and the like);
+    bytes that are not UTF-8 become lone surrogates, which that line's parse reports."""
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+@dataclass
+class Entry:
+    """A non-blank input line: its JSON object, or what is wrong with it."""
+
+    line: int
+    item: dict | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return key({"id": self.item.get("id") if self.item else None, "line": self.line})
+
+
+def parse_item(line: str) -> dict:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoelocalError(f"not valid UTF-8 (at character {e.start + 1})") from None
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
         raise MoelocalError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise MoelocalError("invalid JSON (nested too deeply)") from None
     if not isinstance(item, dict):
         raise MoelocalError("each line must be a JSON object")
-    if item.get("id") is None:
+    item_id = item.get("id")
+    if item_id is None:
         raise MoelocalError("missing 'id'")
+    if not isinstance(item_id, str | int) or isinstance(item_id, bool):
+        item["id"] = None  # the error record is keyed by the line
+        raise MoelocalError(f"'id' must be a string or a whole number, got {item_id!r}")
+    return item
+
+
+def scan(lines: list[str]) -> list[Entry]:
+    """Every non-blank line parsed. Two lines with one id are refused before anything runs: a
+    resumed run could not tell their results apart."""
+    entries, first = [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = Entry(n, parse_item(line))
+        except MoelocalError as e:
+            entry = Entry(n, error=str(e))
+        if entry.item is not None:
+            if entry.key in first:
+                raise MoelocalError(f"--input: lines {first[entry.key]} and {n} have the same id "
+                                    f"{entry.key}; give each line its own id")  # fmt: skip
+            first[entry.key] = n
+        entries.append(entry)
+    return entries
+
+
+def make_job(engine: Engine, entry: Entry, defaults: dict, chat: bool) -> Job:
+    """One parsed line -> a Job, or MoelocalError saying what is wrong with it."""
+    item = entry.item
     max_new = item.get("max_new_tokens", defaults["max_new_tokens"])
     temperature = item.get("temperature", defaults["temperature"])
     seed = item.get("seed", defaults["seed"])
-    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
-        raise MoelocalError(f"'max_new_tokens' must be a whole number >= 0, got {max_new!r}")
-    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or temperature < 0:
-        raise MoelocalError(f"'temperature' must be a number >= 0, got {temperature!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise MoelocalError(f"'seed' must be a whole number, got {seed!r}")
+    validate.whole("'max_new_tokens'", max_new)
+    validate.sampling(temperature, seed=seed)
     if "messages" in item:
         messages = item["messages"]
         if not isinstance(messages, list) or not all(
@@ -85,29 +166,21 @@ def parse_line(engine: Engine, n: int, line: str, defaults: dict, chat: bool) ->
     else:
         raise MoelocalError("needs a 'prompt' string or a 'messages' list")
     engine.check_context(len(ids), max_new)
-    return Job(n, item["id"], ids, max_new, float(temperature), seed)
+    return Job(entry.line, item["id"], ids, max_new, float(temperature), seed)
 
 
-def read_jobs(engine, lines, skip: set[str], defaults: dict, chat: bool) -> Iterator[Job | dict]:
-    """Jobs to run and error records, in input order, leaving out what `skip` holds."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+def read_jobs(engine, entries, done: set[str], defaults: dict, chat: bool) -> Iterator[Job | dict]:
+    """Jobs to run and error records, in input order, leaving out the lines already done."""
+    for entry in entries:
+        if entry.key in done:
             continue
         try:
-            job = parse_line(engine, n, line, defaults, chat)
+            if entry.error:
+                raise MoelocalError(entry.error)
+            yield make_job(engine, entry, defaults, chat)
         except MoelocalError as e:
-            item_id = None
-            try:
-                item = json.loads(line)
-                item_id = item.get("id") if isinstance(item, dict) else None
-            except json.JSONDecodeError:
-                pass
-            record = {"id": item_id, "line": n, "error": str(e)}
-            if key(record) not in skip:
-                yield record
-            continue
-        if key({"id": job.id}) not in skip:
-            yield job
+            yield {"id": entry.item.get("id") if entry.item else None, "line": entry.line,
+                   "error": str(e)}  # fmt: skip
 
 
 @dataclass
@@ -125,10 +198,10 @@ class Summary:
 
 def run_batch(
     engine: Engine,
-    lines,
+    entries: list[Entry],
     write: Callable[[dict], None],
     *,
-    skip: set[str] = frozenset(),
+    done: set[str] = frozenset(),
     batch_size: int = 1,
     defaults: dict,
     chat: bool = True,
@@ -136,8 +209,9 @@ def run_batch(
     top_p: float | None = None,
     progress: Callable[[Summary], None] = lambda summary: None,
 ) -> Summary:
-    """Generate for every pending line, `batch_size` prompts decoded together."""
-    summary = Summary(skipped=len(skip))
+    """Generate for every line of `entries` (see scan) whose key is not in `done`, `batch_size`
+    prompts decoded together."""
+    summary = Summary(skipped=sum(e.key in done for e in entries))
     group: list[Job] = []
 
     def flush_group():
@@ -156,7 +230,7 @@ def run_batch(
         group.clear()
         progress(summary)
 
-    for item in read_jobs(engine, lines, skip, defaults, chat):
+    for item in read_jobs(engine, entries, done, defaults, chat):
         if isinstance(item, dict):
             write(item)
             summary.failed += 1
@@ -186,7 +260,11 @@ class JsonlWriter:
             raise MoelocalError(f"--output {path}: {reason(e)}") from None
 
     def __call__(self, record: dict):
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it escaped
+            line = json.dumps(record, allow_nan=False) + "\n"
         if self.file is None:
             print(line, end="", flush=True)
             return

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import validate
 from .errors import MoelocalError, reason
 
 app = typer.Typer(
@@ -167,6 +168,9 @@ def generate_cmd(
                               miss_policy, context)  # fmt: skip
     if (prompt is None) == (input_path is None):
         fail("give either --prompt or --input")
+    if output_path is not None and input_path is None:
+        fail("--output goes with --input; for one prompt, --json > FILE")
+    run(lambda: validate.sampling(temperature, top_k, top_p, seed))
     if batch_size < 1:
         fail(f"--batch-size {batch_size}: must be at least 1")
     if input_path is not None:
@@ -201,23 +205,29 @@ def generate_cmd(
 
 def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):
     """--input mode of generate: returns the exit code (1 if any line failed)."""
-    from .batch import JsonlWriter, finished_keys, run_batch
+    from .batch import JsonlWriter, read_lines, resume_output, run_batch, scan
     from .engine import load
 
-    if str(input_path) != "-" and not input_path.is_file():
+    from_stdin = str(input_path) == "-"
+    if not from_stdin and not input_path.is_file():
         raise MoelocalError(f"--input {input_path}: no such file")
-    lines = sys.stdin if str(input_path) == "-" else input_path.read_text().splitlines()
-    skip = finished_keys(output_path) if output_path else set()
+    if (output_path and not from_stdin and output_path.exists()
+            and os.path.samefile(input_path, output_path)):  # fmt: skip
+        raise MoelocalError(f"--input and --output are the same file ({output_path})")
+    # every line is read and checked first: duplicate ids are refused before anything runs
+    entries = scan(read_lines(sys.stdin.buffer.read() if from_stdin else input_path.read_bytes()))
+    done = resume_output(output_path) if output_path else set()
     with JsonlWriter(output_path) as writer:  # opened before the load: a bad --output fails now
         engine = load(model, **load_kwargs)
-        total = None if lines is sys.stdin else sum(1 for line in lines if line.strip())
+        total = len(entries)
         progress_bar = None
-        if err.is_terminal and total is not None:
+        if err.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             progress_bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
                                     TextColumn("{task.fields[speed]}"), console=err)  # fmt: skip
-            task = progress_bar.add_task("", total=total, completed=len(skip), speed="")
+            skipped = sum(e.key in done for e in entries)
+            task = progress_bar.add_task("", total=total, completed=skipped, speed="")
             progress_bar.start()
 
         def progress(s):
@@ -226,7 +236,8 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
                 progress_bar.update(task, completed=s.skipped + s.done + s.failed, speed=speed)
 
         try:
-            summary = run_batch(engine, lines, writer, skip=skip, progress=progress, **batch_kwargs)
+            summary = run_batch(engine, entries, writer, done=done, progress=progress,
+                                **batch_kwargs)  # fmt: skip
         except KeyboardInterrupt:
             where = (
                 f"in {output_path}; rerun the same command to resume" if output_path else "above"
@@ -274,6 +285,8 @@ def chat_cmd(
 
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
                               miss_policy, context)  # fmt: skip
+
+    run(lambda: validate.sampling(temperature, top_k, top_p, seed))
 
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,

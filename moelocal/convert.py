@@ -45,17 +45,41 @@ def default_out(model: str | None, model_dir: Path, quant: str) -> Path:
     return data_dir() / "models" / f"{name}-{quant}"
 
 
+WRITTEN = {EXPERTS, RESIDENT, MANIFEST, PARTIAL, *COPIED}  # every name a conversion holds
+
+
 def check_out(out: Path):
-    """Refuse an output that is not ours to replace: anything but a new or empty directory, an
-    earlier conversion (its manifest) or an interrupted one (its partial mark)."""
+    """Refuse an output that is not ours to replace. Replaced are only an empty directory and a
+    provable earlier conversion: a manifest that reads as one, and no file convert would not
+    have written. Anything else may be the user's work."""
+    if out.is_symlink():
+        raise MoelocalError(f"--out {out} is a symbolic link: give the directory itself")
     if not out.exists():
         return
     if not out.is_dir():
         raise MoelocalError(f"--out {out} is a file: give a directory")
-    if any(out.iterdir()) and not ((out / MANIFEST).is_file() or (out / PARTIAL).exists()):
-        raise MoelocalError(
-            f"--out {out} holds files that are not a converted model: choose a new directory"
-        )
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    foreign = sorted(names - WRITTEN) or sorted(
+        n for n in names if not (out / n).is_file() or (out / n).is_symlink()
+    )
+    if foreign or not earlier_conversion(out / MANIFEST):
+        what = f" ({', '.join(foreign[:3])}{', ...' * (len(foreign) > 3)})" if foreign else ""
+        raise MoelocalError(f"--out {out} holds files that are not a converted model{what}: "
+                            "choose a new directory")  # fmt: skip
+
+
+def earlier_conversion(manifest: Path) -> bool:
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("format"), int)
+        and isinstance(data.get("experts"), dict)
+    )
 
 
 def remove_stale(out: Path):
@@ -63,7 +87,8 @@ def remove_stale(out: Path):
     removes its own)."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+        marked = (tmp / PARTIAL).exists() or (tmp / MANIFEST).exists()  # one of ours
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and marked and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -95,10 +120,18 @@ def convert(
         if isinstance(e, OSError):  # a full disk, a directory we may not write to
             raise MoelocalError(f"--out {out}: {reason(e)}") from None
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
+
+
+def replace_dir(new: Path, out: Path):
+    """Put `new` in place of `out`; the earlier conversion there goes only once `new` is in."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        check_out(out)  # again: it may have changed while converting
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):

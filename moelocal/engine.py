@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import cpu_kernels
+from . import cpu_kernels, validate
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
@@ -327,8 +327,7 @@ class Engine:
         return self.encode(prompt)
 
     def check_context(self, n_prompt: int, max_new_tokens: int):
-        if max_new_tokens < 0:
-            raise MoelocalError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        validate.whole("max_new_tokens", max_new_tokens)
         if n_prompt + max_new_tokens > self.context_length:
             raise MoelocalError(
                 f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -386,6 +385,7 @@ class Engine:
         requests = []
         for prompt, n, t, s in zip(prompts, each(max_new_tokens), each(temperature), each(seed),
                                    strict=True):  # fmt: skip
+            validate.sampling(t, top_k, top_p, s)
             ids = self.encode(prompt)
             self.check_context(len(ids), n)
             requests.append(Request(ids, n, t, top_k, top_p, s))

@@ -13,7 +13,9 @@ def sample(
     """logits (B, V) -> token ids (B,). temperature 0 means argmax."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # below 1e-30, logits / temperature overflow float32 (inf - inf is NaN); the distribution
+    # there is an argmax anyway
+    logits = logits.float() / max(temperature, 1e-30)
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

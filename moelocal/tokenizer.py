@@ -59,6 +59,11 @@ class Tokenizer:
         return self.hf.token_to_id(self.eos_token) if self.eos_token else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: from invalid UTF-8 or a JSON escape
+            raise MoelocalError(f"the text is not valid Unicode (character {e.start + 1} is "
+                                f"{text[e.start]!r})") from None  # fmt: skip
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -17,6 +17,15 @@ def moelocal_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_model(tmp_path_factory):
+    """A random-weight Mixtral with the default model's chat template: its replies run on to the
+    token limit (the trained default model's end at EOS)."""
+    from moelocal.synthetic import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("random") / "small")
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(arch, **overrides) -> (checkpoint dir, reference transformers model), made once each."""
     made = {}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 import moelocal
@@ -24,7 +25,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_batch_with_a_malformed_line(tmp_path):
+def test_batch_with_a_malformed_line(tmp_path, random_model):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, [
         {"id": "a", "prompt": "Hello"},
@@ -34,7 +35,8 @@ def test_batch_with_a_malformed_line(tmp_path):
         {"id": "d", "prompt": "x", "temperature": "hot"},
         {"id": "e", "prompt": "Bye", "seed": 1, "temperature": 0.9},
     ])  # fmt: skip
-    result = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out), "-n", "5"])
+    args = ["generate", str(random_model), "-i", str(inp), "-o", str(out), "-n", "5"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 1  # some lines failed
     records = read_jsonl(out)
     errors = {r["line"]: r for r in records if "error" in r}
@@ -65,7 +67,7 @@ def test_rerun_skips_what_is_done_and_keeps_it(tmp_path):
     assert records[2]["token_ids"] == expected.token_ids
 
 
-def test_batched_results_equal_single_results(tmp_path):
+def test_batched_results_equal_single_results(tmp_path, random_model):
     inp = tmp_path / "in.jsonl"
     prompts = ["a", "a much longer prompt than the others", "mid length one", "b", "ccc"]
     write_jsonl(
@@ -74,8 +76,8 @@ def test_batched_results_equal_single_results(tmp_path):
     outs = {}
     for batch in (1, 3):
         out = tmp_path / f"out{batch}.jsonl"
-        args = ["generate", "-i", str(inp), "-o", str(out), "--batch-size", str(batch),
-                "--cache-experts", "3"]  # fmt: skip
+        args = ["generate", str(random_model), "-i", str(inp), "-o", str(out), "--batch-size",
+                str(batch), "--cache-experts", "3"]  # fmt: skip
         assert runner.invoke(app, args).exit_code == 0
         outs[batch] = {r["id"]: r["token_ids"] for r in read_jsonl(out)}
     assert outs[1] == outs[3]
@@ -131,3 +133,105 @@ def test_stdout_when_no_output(tmp_path):
     assert result.exit_code == 0
     assert json.loads(result.stdout.splitlines()[0])["id"] == 7
     assert os.path.exists(inp)
+
+
+def run_batch(inp, out, *args):
+    return runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out), "-n", "3", *args])
+
+
+def test_a_last_record_without_its_newline_is_kept(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": i, "prompt": f"prompt {i}"} for i in range(3)])
+    out.write_text(json.dumps({"id": 1, "text": "kept", "generated_tokens": 0}))
+    assert run_batch(inp, out).exit_code == 0
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [1, 0, 2] and records[0]["text"] == "kept"
+
+
+@pytest.mark.parametrize("content", [
+    "my notes\nline two\nthe last line, no newline",
+    "first line\nsecond line\n",
+    '{"id": 1, "text": "ok"}\n{"user": "data"}\n',
+    '[1, 2, 3]',
+])  # fmt: skip
+def test_a_file_that_is_not_our_output_is_refused_untouched(tmp_path, content):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": 0, "prompt": "Hi"}])
+    out.write_text(content)
+    result = run_batch(inp, out)
+    assert result.exit_code == 1 and "not a moelocal result" in result.stderr
+    assert out.read_text() == content
+
+
+def test_duplicate_ids_are_refused_before_anything_runs(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
+                      {"id": "a", "prompt": "z"}])  # fmt: skip
+    result = run_batch(inp, out)
+    assert result.exit_code == 1 and "lines 1 and 3" in result.stderr
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_failed_lines_run_again_on_a_rerun(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": "ok", "prompt": "x"}, {"id": "fix", "prompt": "y", "seed": "one"}])
+    assert run_batch(inp, out).exit_code == 1
+    again = run_batch(inp, out)  # nothing changed: still failing, still exit 1
+    assert again.exit_code == 1 and "1 failed" in again.stderr
+    write_jsonl(inp, [{"id": "ok", "prompt": "x"}, {"id": "fix", "prompt": "y", "seed": 1}])
+    fixed = run_batch(inp, out)
+    assert fixed.exit_code == 0, fixed.output
+    records = read_jsonl(out)
+    assert [r["id"] for r in records if "error" not in r] == ["ok", "fix"]
+
+
+def test_bad_values_become_error_records_and_the_run_goes_on(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        '{"id": 1, "prompt": "a", "temperature": NaN}',
+        '{"id": 2, "prompt": "b", "temperature": Infinity}',
+        '{"id": 3, "prompt": "c", "seed": 1e23}',
+        '{"id": 4, "prompt": "d", "seed": 100000000000000000000000000}',
+        '{"id": 5, "prompt": "\\udcff lone surrogate"}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"id": 7, "prompt": "e", "max_new_tokens": -2}',
+        '{"id": NaN, "prompt": "f"}',
+        '{"id": 9, "prompt": "tiny temperature", "temperature": 1e-300, "seed": 3}',
+        '{"id": 10, "prompt": "good"}',
+    ]
+    data = "\n".join(lines).encode() + b'\n{"id": 11, "prompt": "\xff\xfe bytes"}\n'
+    inp.write_bytes(data)
+    result = run_batch(inp, out)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    records = read_jsonl(out)
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7, 8, 11]
+    assert "temperature" in errors[1] and "temperature" in errors[2] and "seed" in errors[3]
+    assert "seed" in errors[4] and "Unicode" in errors[5] and "nested" in errors[6]
+    assert "max_new_tokens" in errors[7] and "'id'" in errors[8] and "UTF-8" in errors[11]
+    done = {r["id"]: r for r in records if "error" not in r}
+    assert set(done) == {9, 10}
+    engine = moelocal.load()
+    greedy = engine.generate(engine.prompt_ids("tiny temperature"), max_new_tokens=3)
+    assert done[9]["token_ids"] == greedy.token_ids  # a vanishing temperature is greedy
+
+
+def test_same_file_for_input_and_output_or_output_without_input(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"id": 0, "prompt": "Hi"}])
+    before = inp.read_text()
+    result = run_batch(inp, inp)
+    assert result.exit_code == 1 and "same file" in result.stderr and inp.read_text() == before
+    alone = runner.invoke(app, ["generate", "-p", "Hi", "-o", str(tmp_path / "o.jsonl")])
+    assert alone.exit_code == 1 and "--output goes with --input" in alone.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "-1"), ("--temperature", "nan"),
+                                           ("--temperature", "inf"), ("--top-p", "0"),
+                                           ("--top-p", "1.5"), ("--top-k", "-5"),
+                                           ("--seed", str(2**70))])  # fmt: skip
+def test_sampling_options_out_of_range_are_one_line(option, value):
+    result = runner.invoke(app, ["generate", "-p", "Hi", "-n", "2", option, value])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.strip(), result.output

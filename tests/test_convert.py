@@ -2,6 +2,7 @@
 checked on read, and an interrupted convert never looks like a model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -121,6 +122,52 @@ def test_convert_replaces_only_a_converted_model(tiny, tmp_path):
     out = convert(str(src), "int8", tmp_path / "packed")
     convert(str(src), "int4", out)
     assert moelocal.load(out, device="cpu").plan.quant == "int4"
+
+
+@pytest.mark.parametrize("mark", ["{}", "partial", "valid manifest"])
+def test_a_project_with_a_moelocal_file_is_never_replaced(tiny, tmp_path, mark):
+    """Only a directory that is provably an earlier conversion (a manifest that reads as one, and
+    nothing convert would not write) is replaced; a stray moelocal.json or moelocal.partial in
+    someone's project does not make it one."""
+    src = tiny("mixtral")[0]
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (project / "main.py").write_text("print('keep me')")
+    if mark == "partial":
+        (project / "moelocal.partial").touch()
+    elif mark == "{}":
+        (project / "moelocal.json").write_text("{}")
+    else:
+        packed = convert(str(src), "int8", tmp_path / "packed")
+        shutil.copy(packed / "moelocal.json", project / "moelocal.json")
+    result = runner.invoke(app, ["convert", str(src), "--quant", "int8", "--out", str(project)])
+    assert result.exit_code == 1 and "not a converted model" in result.stderr
+    assert (project / "main.py").read_text() == "print('keep me')"
+    assert (project / ".git" / "HEAD").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["project"] + (["packed"] if mark == "valid manifest" else [])
+    )
+
+
+def test_a_converted_model_with_a_user_file_added_is_kept(tiny, tmp_path):
+    src = tiny("mixtral")[0]
+    out = convert(str(src), "int8", tmp_path / "packed")
+    (out / "my-notes.md").write_text("keep me")
+    with pytest.raises(MoelocalError, match="my-notes.md"):
+        convert(str(src), "int4", out)
+    assert (out / "my-notes.md").read_text() == "keep me"
+
+
+def test_out_as_a_symlink_is_refused_leaving_nothing(tiny, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    result = runner.invoke(app, ["convert", str(tiny("mixtral")[0]), "--out", str(link)])
+    assert result.exit_code == 1 and "symbolic link" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    assert not any(target.iterdir())
 
 
 def test_an_output_that_cannot_be_written_is_one_line(tiny, tmp_path):
