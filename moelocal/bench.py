@@ -13,20 +13,35 @@ from rich.table import Table
 from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
-from .plan import human
+from .plan import human, parse_size
+from .quant import MODES
+from .slot_map import POLICIES
 
 
 def parse_sweep(name: str, value: str | None) -> list:
     """'1,2,4' -> [1, 2, 4]; 'on,off' -> [True, False]; None -> [None] (the default)."""
     if value is None:
         return [None]
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    items = [v.strip() for v in str(value).split(",")]
+    option = "--" + name.replace("_", "-")
+    if not all(items):
+        raise MoelocalError(f"{option} '{value}': an empty item in the list")
     if name in ("cache_experts", "threads"):
+        low = 1 if name == "threads" else 0
         try:
-            return [int(v) for v in items]
+            numbers = [int(v) for v in items]
         except ValueError:
-            option = "--" + name.replace("_", "-")
-            raise MoelocalError(f"{option} '{value}': whole numbers, comma-separated") from None
+            numbers = []
+        if not numbers or min(numbers) < low:
+            raise MoelocalError(f"{option} '{value}': whole numbers >= {low}, comma-separated")
+        return numbers
+    if name in ("gpu_mem", "cpu_mem"):
+        for v in items:
+            parse_size(v, option)
+    if name == "quant" and any(v not in MODES for v in items):
+        raise MoelocalError(f"{option} '{value}': {', '.join(MODES)}, comma-separated")
+    if name == "cache_policy" and any(v not in POLICIES for v in items):
+        raise MoelocalError(f"{option} '{value}': {' or '.join(POLICIES)}, comma-separated")
     if name == "prefetch":
         flags = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
         if any(v.lower() not in flags for v in items):

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import read_config_json
 from .errors import MoelocalError
+from .model_files import model_file
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST = "moelocal.json"  # a model packed by `moelocal convert`
@@ -38,8 +39,8 @@ class Checkpoint:
         self._shards = {name: self._open(name) for name in sorted(set(self.weight_map.values()))}
 
     def _manifest(self) -> dict | None:
-        path = self.dir / MANIFEST
-        if not path.is_file():
+        path = model_file(self.dir, MANIFEST)
+        if path is None:
             return None
         try:
             manifest = json.loads(path.read_text())
@@ -62,14 +63,18 @@ class Checkpoint:
             return {
                 key: "resident.safetensors" for key in self._open("resident.safetensors").keys()
             }
-        index = self.dir / INDEX_NAME
-        if index.is_file():
+        index = model_file(self.dir, INDEX_NAME)
+        if index is not None:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise MoelocalError(f"{index}: invalid index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise MoelocalError(f"{index}: weight_map must map tensor names to file names")
             for shard in sorted(set(weight_map.values())):
-                if not (self.dir / shard).is_file():
+                if model_file(self.dir, shard) is None:
                     raise MoelocalError(
                         f"{self.dir}: shard {shard} named in {INDEX_NAME} is missing"
                     )
@@ -88,8 +93,11 @@ class Checkpoint:
         return {key: name for name in files for key in self._open(name).keys()}
 
     def _open(self, name: str):
+        path = model_file(self.dir, name)
+        if path is None:
+            raise MoelocalError(f"{self.dir}: {name} is missing")
         try:
-            return safe_open(self.dir / name, framework="pt")
+            return safe_open(path, framework="pt")
         except (SafetensorError, OSError) as e:
             raise MoelocalError(
                 f"{self.dir / name}: truncated or corrupt safetensors file ({e})"

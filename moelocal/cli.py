@@ -91,8 +91,14 @@ def main_callback():
     """Run big Mixture-of-Experts models on small hardware."""
 
 
+def printable(text) -> str:
+    """Text from a model's files or the user, safe for a terminal and one line: control
+    characters (escape sequences, newlines) are shown as escapes, never sent."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(printable(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -319,6 +325,9 @@ def plan_cmd(
     from .engine import plan
     from .plan import human
 
+    if not 0 <= hit_rate <= 1:  # NaN included
+        fail(f"--hit-rate {hit_rate}: a share from 0 to 1 (0.8 is 80%)")
+
     def go():
         p = plan(model, device=device, dtype=dtype, quant=quant, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
                  cache_experts=cache_experts, context=context)  # fmt: skip
@@ -476,9 +485,14 @@ def list_cmd(as_json: JsonOpt = False):
     for column in ("model", "architecture", "size", "experts", "quantization", "source"):
         table.add_column(column, justify="right" if column in ("size", "experts") else "left")
     for r in rows:
-        table.add_row(r["name"], r["architecture"], f"{r['size_bytes'] / 1e9:.2f} GB",
-                      f"{r['experts_per_token']} of {r['experts']}", r["quantization"],
-                      r["source"])  # fmt: skip
+        if r.get("broken"):
+            table.add_row(escape(printable(r["name"])), "[red]broken[/]", "", "",
+                          escape(printable(r["broken"])), r["source"])  # fmt: skip
+            continue
+        experts = f"{r['experts_per_token']} of {r['experts']}"
+        cells = (r["name"], r["architecture"], f"{r['size_bytes'] / 1e9:.2f} GB", experts,
+                 r["quantization"], r["source"])  # fmt: skip
+        table.add_row(*(escape(printable(c)) for c in cells))
     Console().print(table)
 
 

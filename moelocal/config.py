@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoelocalError
+from .model_files import model_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,18 +68,55 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False
 
+    def __post_init__(self):
+        """Ranges every family's fields must be in, checked once, where the config is read."""
+        if self.torch_dtype not in (None, "auto", *DTYPES):
+            raise MoelocalError(f"config.json: dtype {self.torch_dtype!r} is not one of "
+                                f"{', '.join(DTYPES)}")  # fmt: skip
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MoelocalError(f"config.json: num_attention_heads ({self.num_attention_heads}) is "
+                                f"not a multiple of num_key_value_heads "
+                                f"({self.num_key_value_heads})")  # fmt: skip
+        bounded("num_experts", self.num_experts, 0, MAX_EXPERTS)
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise MoelocalError(f"config.json: num_experts_per_tok must be 1..{self.num_experts} "
+                                f"(the expert count), got {self.num_experts_per_tok}")  # fmt: skip
+        bounded("moe_intermediate_size", self.moe_intermediate_size, 0, MAX_WIDTH)
+        bounded("shared_expert_intermediate_size", self.shared_expert_intermediate_size, 0,
+                MAX_WIDTH)  # fmt: skip
+
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES.get(self.torch_dtype or "float32", torch.float32)
 
 
+# beyond any released model by far, and small enough that planning never allocates much
+MAX_LAYERS, MAX_WIDTH, MAX_VOCAB, MAX_HEADS, MAX_EXPERTS = 4096, 1 << 20, 1 << 24, 4096, 1 << 16
+
+
+def bounded(name: str, value, low: int, high: int) -> int:
+    """A whole number of config.json in [low, high], else one line naming the field."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise MoelocalError(f"config.json: {name} must be a whole number in {low}..{high}, "
+                            f"got {value!r}")  # fmt: skip
+    return value
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise MoelocalError(f"config.json: {name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def read_config_json(model_dir: Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    path = model_file(Path(model_dir), "config.json")
+    if path is None:
         raise MoelocalError(f"{model_dir}: no config.json; is this a Hugging Face model directory?")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise MoelocalError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise MoelocalError(f"{path}: expected a JSON object")
@@ -100,7 +138,7 @@ def num_experts(raw: dict, default: int) -> int:
     any of the names appear in a saved config.json."""
     for name in ("num_experts", "num_local_experts", "n_routed_experts"):
         if raw.get(name) is not None:
-            return int(raw[name])
+            return bounded(name, raw[name], 0, MAX_EXPERTS)
     return default
 
 
@@ -123,20 +161,25 @@ def eos_ids(raw: dict) -> list[int]:
 
 def common_fields(raw: dict, default_theta: float = 10000.0) -> dict:
     """Fields every family reads the same way."""
-    hidden = int(require(raw, "hidden_size"))
-    heads = int(require(raw, "num_attention_heads"))
-    layers = int(require(raw, "num_hidden_layers"))
+    hidden = bounded("hidden_size", require(raw, "hidden_size"), 1, MAX_WIDTH)
+    heads = bounded("num_attention_heads", require(raw, "num_attention_heads"), 1, MAX_HEADS)
+    layers = bounded("num_hidden_layers", require(raw, "num_hidden_layers"), 1, MAX_LAYERS)
+    kv_heads = raw.get("num_key_value_heads") or heads
     return dict(
         model_type=raw["model_type"],
-        vocab_size=int(require(raw, "vocab_size")),
+        vocab_size=bounded("vocab_size", require(raw, "vocab_size"), 1, MAX_VOCAB),
         hidden_size=hidden,
-        intermediate_size=int(raw.get("intermediate_size") or 0),
+        intermediate_size=bounded(
+            "intermediate_size", raw.get("intermediate_size") or 0, 0, MAX_WIDTH
+        ),  # fmt: skip
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
-        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        num_key_value_heads=bounded("num_key_value_heads", kv_heads, 1, MAX_HEADS),
+        head_dim=bounded("head_dim", raw.get("head_dim") or hidden // heads, 1, MAX_WIDTH),
+        max_position_embeddings=bounded(
+            "max_position_embeddings", raw.get("max_position_embeddings") or 4096, 1, 1 << 30
+        ),
+        rms_norm_eps=positive_float("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
         hidden_act=raw.get("hidden_act", "silu"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope=rope_parameters(raw, default_theta),

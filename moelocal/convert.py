@@ -28,6 +28,7 @@ from .checkpoint import FORMAT, MANIFEST, PARTIAL, Checkpoint
 from .errors import MoelocalError, reason
 from .hub import data_dir, resolve_model
 from .loader import Planned, bnb_quant, plan_model, read_weight
+from .model_files import model_file
 from .plan import OffloadOptions
 from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
@@ -160,8 +161,8 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     finally:
         reader.close()
     for name in COPIED:
-        if (ckpt.dir / name).is_file():
-            shutil.copyfile(ckpt.dir / name, tmp / name)
+        if (source := model_file(ckpt.dir, name)) is not None:
+            shutil.copyfile(source, tmp / name)
     manifest = {
         "format": FORMAT,
         "source": str(ckpt.dir),

@@ -21,6 +21,7 @@ from .errors import MoelocalError
 from .generate import PREFILL_CHUNK, Request, Stats, generate
 from .hub import resolve_model
 from .loader import load_model, plan_model
+from .model_files import model_file
 from .models.common import KVCache
 from .plan import OffloadOptions
 from .tokenizer import Tokenizer
@@ -54,7 +55,11 @@ class Generation:
 def pick_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        supported = "auto, cpu, cuda, cuda:N"
+        raise MoelocalError(f"unsupported device '{device}' (supported: {supported})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoelocalError("--device cuda: no CUDA GPU is available (use --device cpu)")
     if device.type not in ("cpu", "cuda"):
@@ -97,7 +102,8 @@ def load(
     ckpt = Checkpoint(model_dir)
     loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
     try:
-        tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        has_tokenizer = model_file(model_dir, "tokenizer.json") is not None
+        tokenizer = Tokenizer(model_dir) if has_tokenizer else None
         return Engine(model_dir, loaded, tokenizer, device, baseline_rss)
     except BaseException:  # e.g. a damaged tokenizer.json: no I/O threads left behind
         if loaded.expert_cache is not None:
@@ -108,14 +114,19 @@ def load(
 def stop_token_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
     """generation_config.json's eos ids (what transformers' generate stops on), else config.json's,
     else the tokenizer's eos token."""
-    path = model_dir / "generation_config.json"
-    if path.is_file():
+    path = model_file(model_dir, "generation_config.json")
+    if path is not None:
         try:
             eos = json.loads(path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise MoelocalError(f"{path}: invalid JSON ({e})") from None
+        except (ValueError, RecursionError, AttributeError) as e:
+            raise MoelocalError(f"{path}: invalid JSON object ({e})") from None
+        ids = [eos] if isinstance(eos, int) else eos
         if eos is not None:
-            return {eos} if isinstance(eos, int) else set(eos)
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
+                raise MoelocalError(f"{path}: eos_token_id must be a token id or a list of them")
+            return set(ids)
     if cfg.eos_token_id:
         return set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:

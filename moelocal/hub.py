@@ -124,20 +124,29 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
 
 
 def describe(model_dir: Path, name: str, source: str) -> dict | None:
-    """One row of `moelocal list`, or None for a directory that is not a supported MoE model."""
+    """One row of `moelocal list`: None for a model of a family moelocal does not run, a row
+    with `broken` (what is wrong) for one that cannot be read."""
+    try:
+        return describe_model(model_dir, name, source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            MoelocalError) as e:  # fmt: skip
+        return {"name": name, "source": source, "broken": str(e), "path": str(model_dir)}
+
+
+def describe_model(model_dir: Path, name: str, source: str) -> dict | None:
     import json
 
+    from .config import read_config_json
+    from .model_files import model_file
     from .models import FAMILIES
 
-    try:
-        raw = json.loads((model_dir / "config.json").read_text())
-        family = FAMILIES[raw.get("model_type")]
-        cfg = family.parse_config(raw)
-    except (OSError, ValueError, KeyError, TypeError, MoelocalError):
+    raw = read_config_json(model_dir)
+    if raw.get("model_type") not in FAMILIES:
         return None
+    cfg = FAMILIES[raw["model_type"]].read_config(raw)
     quant = (raw.get("quantization_config") or {}).get("quant_method") or cfg.torch_dtype or "-"
-    manifest = model_dir / "moelocal.json"
-    if manifest.is_file():  # converted by moelocal
+    manifest = model_file(model_dir, "moelocal.json")
+    if manifest is not None:  # converted by moelocal
         quant = json.loads(manifest.read_text()).get("quant", quant)
     weights = [*model_dir.glob("*.safetensors"), *model_dir.glob("experts.bin")]
     return {
@@ -157,6 +166,8 @@ def local_models() -> list[dict]:
     """Supported MoE models in moelocal's data directory and in the Hugging Face cache."""
     rows = []
     for config in sorted((data_dir() / "models").glob("*/config.json")):
+        if config.parent.name.startswith("."):  # a conversion or install in progress
+            continue
         rows.append(describe(config.parent, config.parent.name, "moelocal"))
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound

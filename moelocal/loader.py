@@ -131,7 +131,7 @@ def plan_model(
     """Family, config, the model on the meta device, resident keys, each expert's pieces on
     disk, and the placement within the budgets: checked before anything is loaded."""
     family = family_of(ckpt.config)
-    cfg = family.parse_config(ckpt.config)
+    cfg = family.read_config(ckpt.config)
     if ckpt.manifest is not None:  # a converted model fixes its dtype and quantization
         packed = (DTYPES[ckpt.manifest["dtype"]], ckpt.manifest["quant"])
         if (dtype or packed[0], quant or packed[1]) != packed:

@@ -22,6 +22,7 @@ import torch
 
 from .errors import MoelocalError
 from .experts import ExpertLayout
+from .model_files import model_file
 from .quant import dequantize_checkpoint
 
 ALIGN = 4096
@@ -111,7 +112,9 @@ def expert_pieces(
 
 def packed_pieces(ckpt, moe_layers, n_experts) -> dict[tuple, list[Piece]]:
     """(layer, expert) -> its blob in a converted model's experts.bin."""
-    entries, path = ckpt.manifest["experts"], ckpt.dir / "experts.bin"
+    entries, path = ckpt.manifest["experts"], model_file(ckpt.dir, "experts.bin")
+    if path is None:
+        raise MoelocalError(f"{ckpt.dir}: experts.bin is missing")
     size = ckpt.manifest["expert_bytes"]
     pieces = {}
     for layer in moe_layers:

@@ -1,16 +1,15 @@
-"""Tokenizer (tokenizer.json through the `tokenizers` library) and the chat template, rendered in
-a sandboxed jinja2 environment: a template can format text, never touch files or Python objects."""
+"""Tokenizer (tokenizer.json through the `tokenizers` library) and the chat template of a model
+(rendered by chat_template.py)."""
 
 import json
-from datetime import datetime
 from pathlib import Path
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from .chat_template import render
 from .errors import MoelocalError
+from .model_files import model_file
 
 
 def token_text(value) -> str | None:
@@ -23,18 +22,20 @@ def token_text(value) -> str | None:
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
+        path = model_file(model_dir, "tokenizer.json")
+        if path is None:
             raise MoelocalError(f"{model_dir}: no tokenizer.json; pass token ids instead of text")
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises plain Exceptions
             raise MoelocalError(f"{path}: cannot read tokenizer ({e})") from None
-        config_path = model_dir / "tokenizer_config.json"
+        config_path = model_file(model_dir, "tokenizer_config.json")
         try:
-            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        except json.JSONDecodeError as e:
+            config = json.loads(config_path.read_text()) if config_path else {}
+        except (ValueError, RecursionError) as e:
             raise MoelocalError(f"{config_path}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise MoelocalError(f"{config_path}: expected a JSON object")
         self.bos_token = token_text(config.get("bos_token"))
         self.eos_token = token_text(config.get("eos_token"))
         self.special_tokens = {
@@ -46,12 +47,19 @@ class Tokenizer:
 
     @staticmethod
     def _chat_template(model_dir: Path, template) -> str | None:
-        jinja_file = model_dir / "chat_template.jinja"
-        if jinja_file.is_file():
+        jinja_file = model_file(model_dir, "chat_template.jinja")
+        if jinja_file is not None:
             return jinja_file.read_text()
         if isinstance(template, list):  # named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in template}
+            if not all(
+                isinstance(t, dict) and isinstance(t.get("template"), str) for t in template
+            ):
+                raise MoelocalError(f"{model_dir}: chat_template must be a string or a list of "
+                                    "{name, template} objects")  # fmt: skip
+            named = {t.get("name"): t["template"] for t in template}
             return named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise MoelocalError(f"{model_dir}: chat_template must be a string, got {template!r}")
         return template
 
     @property
@@ -78,30 +86,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise MoelocalError("this tokenizer has no chat template")
-        try:
-            template = chat_environment().from_string(self.chat_template)
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
-        except TemplateError as e:
-            raise MoelocalError(f"chat template failed: {e}") from None
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt)
+        return render(self.chat_template, **variables, **self.special_tokens)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # the template writes the special tokens itself (as transformers does)
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
-
-
-def raise_exception(message):
-    raise TemplateError(message)
-
-
-def chat_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-        x, ensure_ascii=False, indent=indent
-    )
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env

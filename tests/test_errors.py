@@ -147,3 +147,122 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors"])  # fmt: skip
+def test_shard_names_outside_the_model_are_refused(model_copy, shard):
+    """Weights from elsewhere never load, whatever the index names."""
+    shutil.copy(
+        sorted(model_copy.glob("model-*.safetensors"))[0], model_copy.parent / "outside.safetensors"
+    )
+    index_path = model_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    assert_one_line_error(run_generate(model_copy), repr(shard))
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model-00001-of-"])
+def test_a_link_to_a_file_outside_the_model_is_refused(model_copy, tmp_path, name):
+    target = next(p for p in sorted(model_copy.iterdir()) if p.name.startswith(name))
+    outside = tmp_path / "elsewhere" / target.name
+    outside.parent.mkdir()
+    shutil.move(target, outside)
+    target.symlink_to(outside)
+    assert_one_line_error(run_generate(model_copy), "outside the model directory")
+
+
+def test_a_hub_snapshot_with_links_into_its_blobs_loads(model_copy, tmp_path):
+    """In a Hugging Face cache the snapshot's files are links into the repository's blobs/."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(model_copy.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    result = run_generate(snapshot)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_fifo_in_place_of_a_weights_file_does_not_hang(model_copy):
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    assert_one_line_error(run_generate(model_copy), shard.name, "not a regular file")
+
+
+@pytest.mark.parametrize("file, content, fragment", [
+    ("model.safetensors.index.json", '{"weight_map": [1, 2]}', "weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": 3}}', "weight_map"),
+    ("tokenizer_config.json", '["not", "an", "object"]', "JSON object"),
+    ("generation_config.json", '{"eos_token_id": "two"}', "eos_token_id"),
+    ("generation_config.json", '[]', "generation_config.json"),
+    ("config.json", '[' * 50000 + ']' * 50000, "invalid JSON"),
+])  # fmt: skip
+def test_wrong_json_shapes_in_model_files_are_one_line(model_copy, file, content, fragment):
+    (model_copy / file).write_text(content)
+    assert_one_line_error(run_generate(model_copy), fragment)
+
+
+def test_control_characters_from_model_files_never_reach_the_terminal(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    evil = "\x1b]0;pwned\x07\x1b[2J\nsecond line"
+    (model_copy / "config.json").write_text(json.dumps(config | {"model_type": evil}))
+    result = run_generate(model_copy)
+    assert_one_line_error(result, "\\x1b")
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+
+
+def test_list_shows_a_broken_model_and_the_rest(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("MOELOCAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(tiny("mixtral")[0], models / "good")
+    shutil.copytree(tiny("mixtral")[0], models / "broken")
+    (models / "broken" / "moelocal.json").write_text("{ torn")
+    shutil.copytree(tiny("mixtral")[0], models / ".good.install-1")  # work in progress: hidden
+    result = runner.invoke(app, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"good", "broken"}
+    assert rows["good"]["architecture"] == "mixtral" and "broken" not in rows["good"]
+    assert rows["broken"]["broken"]
+    table = runner.invoke(app, ["list"])
+    assert table.exit_code == 0 and "broken" in table.stdout and "good" in table.stdout
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_hidden_layers", 1_000_000_000), ("num_hidden_layers", 0), ("hidden_size", -64),
+    ("num_attention_heads", 0), ("num_local_experts", 0.5), ("num_experts_per_tok", 7),
+    ("num_experts_per_tok", 0), ("rms_norm_eps", float("nan")), ("dtype", "int7"),
+    ("vocab_size", "many"), ("num_key_value_heads", 3), ("intermediate_size", [1]),
+])  # fmt: skip
+def test_config_values_out_of_range_name_the_field(model_copy, field, value):
+    """Checked when config.json is read, by generate and by plan (which allocates nothing)."""
+    config = json.loads((model_copy / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (model_copy / "config.json").write_text(json.dumps(config | {field: value}))
+    assert_one_line_error(run_generate(model_copy), "config.json")
+    planned = runner.invoke(app, ["plan", str(model_copy)])
+    assert_one_line_error(planned, "config.json")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "--cache-experts", "2,,4"], "empty item"),
+    (["bench", "--cache-experts", "2,-1"], "--cache-experts"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--quant", "int4,q3"], "--quant"),
+    (["bench", "--cpu-mem", "1GiB,lots"], "lots"),
+    (["bench", "--cache-policy", "lru,mru"], "--cache-policy"),
+    (["plan", "--hit-rate", "-3"], "--hit-rate"),
+    (["plan", "--hit-rate", "nan"], "--hit-rate"),
+    (["generate", "-p", "hi", "--device", "tpu:x"], "device"),
+    (["generate", "-p", "hi", "--device", "mps"], "device"),
+])  # fmt: skip
+def test_cli_values_out_of_range_are_one_line_before_any_work(args, fragment):
+    assert_one_line_error(runner.invoke(app, args), fragment)

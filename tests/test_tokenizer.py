@@ -55,3 +55,32 @@ def test_template_raise_exception(tok_dir):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(MoelocalError, match="no tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ 'a' * 10**10 }}",
+    "{{ [1] * 10**10 }}",
+    "{{ 2 ** 100000000 }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{{ 1 / 0 }}",
+    "{{ messages[5].content }}",
+    "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "{{ messages | unknown_filter }}",
+])  # fmt: skip
+def test_a_hostile_or_broken_template_is_bounded_and_one_error(tok_dir, template):
+    import time
+
+    (tok_dir / "chat_template.jinja").write_text(template)
+    start = time.time()
+    with pytest.raises(MoelocalError, match="chat template"):
+        Tokenizer(tok_dir).apply_chat_template([{"role": "user", "content": "x"}])
+    assert time.time() - start < 30
+
+
+@pytest.mark.parametrize("value", [5, [1, 2], [{"name": "default"}], {"a": "b"}])
+def test_chat_template_of_a_wrong_type_is_one_error(tok_dir, value):
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": value}))
+    with pytest.raises(MoelocalError, match="chat_template"):
+        Tokenizer(tok_dir)

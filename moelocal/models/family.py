@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig, num_experts
+from ..errors import MoelocalError
 from .common import Attention
 from .transformer import Transformer
 
@@ -22,6 +23,13 @@ class Family:
     rope_dim: Callable[[ModelConfig], int] = lambda cfg: cfg.head_dim
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
     ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
+
+    def read_config(self, raw: dict) -> ModelConfig:
+        """config.json as a ModelConfig; a value of a wrong type is one line, not a traceback."""
+        try:
+            return self.parse_config(raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise MoelocalError(f"config.json: a value of the wrong type or shape ({e})") from None
 
     def build(self, cfg: ModelConfig, experts=None, prefetcher=None) -> Transformer:
         """The model, its MoE blocks served by `experts` (see Transformer)."""
