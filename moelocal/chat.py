@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .engine import Engine, Generation
-from .errors import MoelocalError
+from .errors import MoelocalError, printable
 
 HELP = """commands:
   /help    this list
@@ -33,13 +33,29 @@ class Session:
     history: list[dict] = field(default_factory=list)
 
 
+def transcript(messages: list[dict]) -> str:
+    """A conversation as plain text, for a model without a chat template (as llama.cpp and
+    ollama fall back to): the model continues after "Assistant:" and stops at the next "User:"."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    turns = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    return "\n".join(turns + ["Assistant:"])
+
+
 class Chat:
-    def __init__(self, engine: Engine, *, system: str | None = None, **sampling):
-        if engine.tokenizer is None or not engine.tokenizer.chat_template:
-            raise MoelocalError(f"{engine.model_dir}: the tokenizer has no chat template")
+    def __init__(self, engine: Engine, *, system: str | None = None, plain: bool = False,
+                 **sampling):  # fmt: skip
+        """plain: a plain transcript instead of the chat template (--no-chat-template)."""
+        if engine.tokenizer is None:
+            raise MoelocalError(f"{engine.model_dir}: no tokenizer.json; chat needs one")
         self.engine, self.system, self.sampling = engine, system, sampling
         self.console = Console(highlight=False)  # replies and /stats
         self.notes = Console(stderr=True, highlight=False)  # notices, errors
+        self.plain = plain or not engine.tokenizer.chat_template
+        if self.plain:
+            if not plain:
+                self.notes.print("[yellow]the model has no chat template: a plain User:/Assistant: "
+                                 "transcript stands in for it[/]")  # fmt: skip
+            self.sampling["stop"] = ["\nUser:"]
         self.session = Session()
         ec = engine.expert_cache
         self.expert_stats_start = ec.stats.copy() if ec else None
@@ -49,12 +65,17 @@ class Chat:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.session.history
 
+    def prompt_ids(self) -> list[int]:
+        if self.plain:
+            return self.engine.encode(transcript(self.messages()))
+        return self.engine.chat_prompt(self.messages())
+
     def fit_context(self) -> list[int]:
         """The conversation's ids, dropping the oldest turns until the reply fits the context."""
         limit = self.engine.context_length - self.sampling["max_new_tokens"]
         dropped = 0
         while True:
-            ids = self.engine.chat_prompt(self.messages())
+            ids = self.prompt_ids()
             if len(ids) <= limit:
                 break
             if len(self.session.history) <= 1:
@@ -156,6 +177,10 @@ class Chat:
     def run(self, lines=None):
         """Read turns until /exit or the end of input."""
         interactive = lines is None and sys.stdin.isatty()
+        if lines is None and hasattr(sys.stdin, "reconfigure"):
+            # bytes that are not UTF-8 reach the tokenizer as lone surrogates: one error line
+            # for that turn, not the end of the chat
+            sys.stdin.reconfigure(errors="surrogateescape")
         lines = iter(lines) if lines is not None else sys.stdin
         if interactive:
             self.notes.print("[dim]/help for commands, Ctrl-C stops a reply, Ctrl-D leaves[/]")
@@ -181,4 +206,4 @@ class Chat:
             try:
                 self.reply(line)
             except MoelocalError as e:
-                self.notes.print(f"[red]error:[/] {escape(str(e))}")
+                self.notes.print(f"[red]error:[/] {escape(printable(e))}")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import validate
-from .errors import MoelocalError, reason
+from .errors import MoelocalError, printable, reason
 
 app = typer.Typer(
     help="Run big Mixture-of-Experts models on small hardware.",
@@ -91,12 +91,6 @@ def main_callback():
     """Run big Mixture-of-Experts models on small hardware."""
 
 
-def printable(text) -> str:
-    """Text from a model's files or the user, safe for a terminal and one line: control
-    characters (escape sequences, newlines) are shown as escapes, never sent."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
 def fail(message: str, code: int = 1):
     err.print(f"[bold red]error:[/] {escape(printable(message))}", soft_wrap=True)
     raise typer.Exit(code)
@@ -107,6 +101,8 @@ def run(fn):
     So does an OSError nothing caught before (a full disk, a file that cannot be written)."""
     try:
         return fn()
+    except BrokenPipeError:  # stdout closed (| head): click ends quietly
+        raise
     except (MoelocalError, OSError) as e:
         if os.environ.get("MOELOCAL_DEBUG"):
             raise
@@ -264,6 +260,9 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
 def chat_cmd(
     model: ModelArg = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    no_chat_template: Annotated[
+        bool, typer.Option("--no-chat-template", help="A plain User:/Assistant: transcript.")
+    ] = False,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
@@ -297,8 +296,8 @@ def chat_cmd(
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
                   **options) as engine:  # fmt: skip
-            Chat(engine, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
+            Chat(engine, system=system, plain=no_chat_template, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
 
     run(go)
 

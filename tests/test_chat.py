@@ -49,8 +49,8 @@ def test_system_prompt_and_unknown_command():
                                                   max_new_tokens=3).text)  # fmt: skip
 
 
-def test_oldest_turns_are_dropped_to_fit_the_context(capsys):
-    engine = moelocal.load(context=200)
+def test_oldest_turns_are_dropped_to_fit_the_context(capsys, random_model):
+    engine = moelocal.load(random_model, context=200)
     chat = Chat(engine, max_new_tokens=40)
     chat.run(["first message " * 4, "second message " * 4, "third message " * 4])
     notes = capsys.readouterr().err
@@ -67,25 +67,58 @@ def test_message_too_long_for_the_context_is_one_error(capsys):
     assert chat.session.history == []
 
 
-def test_model_without_chat_template(tmp_path, tiny):
+def test_model_without_chat_template_falls_back_to_a_transcript(tmp_path, tiny):
     import shutil
+
+    from moelocal.chat import transcript
 
     path = tmp_path / "m"
     shutil.copytree(tiny("olmoe")[0], path)
     (path / "tokenizer_config.json").write_text("{}")
-    proc = subprocess.run([*EXE, "chat", str(path)], input="hi\n", capture_output=True, text=True,
+    proc = subprocess.run([*EXE, "chat", str(path), "-n", "4"], input="hi\n",
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "no chat template" in proc.stderr and "transcript" in proc.stderr
+    engine = moelocal.load(path)
+    ids = engine.encode(transcript([{"role": "user", "content": "hi"}]))
+    expected = engine.generate(ids, max_new_tokens=4, stop=["\nUser:"]).text
+    assert proc.stdout.split("\n")[0] == expected
+
+
+def test_no_chat_template_option_and_a_line_that_is_not_utf8():
+    proc = subprocess.run([*EXE, "chat", "--no-chat-template", "-n", "3"],
+                          input=b"caf\xe9 au lait\nHello\n", capture_output=True,
                           timeout=120)  # fmt: skip
-    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
-    assert "no chat template" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    assert "error:" in err and "Unicode" in err and "Traceback" not in err
+    assert "no chat template" not in err  # asked for, not a fallback
+    engine = moelocal.load()
+    from moelocal.chat import transcript
+
+    ids = engine.encode(transcript([{"role": "user", "content": "Hello"}]))
+    expected = engine.generate(ids, max_new_tokens=3, stop=["\nUser:"]).text
+    assert expected in proc.stdout.decode()
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    """moelocal generate ... | head -c 1: no traceback, no error line."""
+    proc = subprocess.Popen([*EXE, "generate", "-p", "hi", "-n", "40", "--no-chat-template"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.read(1)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in stderr and "error:" not in stderr, stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX pseudo-terminal")
-def test_real_terminal_streams_and_ctrl_c_returns_to_the_prompt():
+def test_real_terminal_streams_and_ctrl_c_returns_to_the_prompt(random_model):
     import pty
 
     pid, fd = pty.fork()
-    if pid == 0:  # the child: moelocal chat in a real terminal
-        os.execv(sys.executable, [*EXE, "chat", "-n", "4000"])
+    if pid == 0:  # the child: moelocal chat in a real terminal, on a model that never stops
+        os.execv(sys.executable, [*EXE, "chat", str(random_model), "-n", "4000"])
 
     def read_until(marker: bytes, seconds: float) -> bytes:
         buf, end = b"", time.time() + seconds
