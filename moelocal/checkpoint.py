@@ -7,6 +7,7 @@ nothing about model families; the key tables live in models/.
 """
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ PARTIAL = "moelocal.partial"  # a convert that has not finished
 FORMAT = 2
 OWN_LAYOUT_QUANTS = ("int8", "int4")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+RESIDENT = "resident.safetensors"  # a converted model's non-expert weights
+
+
+def file_crc32(path) -> int:
+    """CRC32 of a whole file, read in 16 MiB pieces."""
+    crc = 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            crc = zlib.crc32(piece, crc)
+    return crc
 
 
 class Checkpoint:
@@ -56,13 +67,17 @@ class Checkpoint:
                 f"{self.dir}: converted by another moelocal version (format {version!r}, --quant "
                 f"{manifest['quant']}; this one reads format {FORMAT}): run moelocal convert again"
             )
+        expected = manifest.get("resident_crc32")  # absent in conversions made before it
+        if expected is not None:
+            path = model_file(self.dir, RESIDENT)
+            if path is None or file_crc32(path) != expected:
+                raise MoelocalError(f"{self.dir / RESIDENT} is missing or fails its checksum: "
+                                    "run moelocal convert again")  # fmt: skip
         return manifest
 
     def _weight_map(self) -> dict[str, str]:
         if self.manifest is not None:
-            return {
-                key: "resident.safetensors" for key in self._open("resident.safetensors").keys()
-            }
+            return {key: RESIDENT for key in self._open(RESIDENT).keys()}
         index = model_file(self.dir, INDEX_NAME)
         if index is not None:
             try:

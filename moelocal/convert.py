@@ -24,7 +24,7 @@ import psutil
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import FORMAT, MANIFEST, PARTIAL, Checkpoint
+from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
 from .errors import MoelocalError, reason
 from .hub import data_dir, resolve_model
 from .loader import Planned, bnb_quant, plan_model, read_weight
@@ -34,7 +34,6 @@ from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
 
 EXPERTS = "experts.bin"
-RESIDENT = "resident.safetensors"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
 
@@ -165,6 +164,7 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
             shutil.copyfile(source, tmp / name)
     manifest = {
         "format": FORMAT,
+        "resident_crc32": file_crc32(tmp / RESIDENT),
         "source": str(ckpt.dir),
         "dtype": str(planned.dtype).removeprefix("torch."),
         "quant": planned.plan.quant,

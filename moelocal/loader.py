@@ -68,6 +68,8 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
             if suffix:  # weight_format is a label, nothing to read
                 bnb.setdefault(f"{m.group(1)}.weight", {})[suffix] = key
             continue
+        if family.ignore(key, cfg):
+            continue
         name = key
         for old, new in family.renames.items():
             name = name.replace(old, new)
@@ -79,14 +81,26 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
                 raise MoelocalError(
                     f"unexpected expert tensor {key} in the {family.name} key table"
                 )
-            experts[int(m.group(1)), int(m.group(2)), part] = key
+            layer, e = int(m.group(1)), int(m.group(2))
+            check_expert_key(key, cfg, layer, e)
+            experts[layer, e, part] = key
         elif m := FUSED_EXPERT_KEY.fullmatch(name):
+            check_expert_key(key, cfg, int(m.group(1)))
             fused[int(m.group(1)), m.group(2)] = key
-        elif not (UNUSED_KEY.fullmatch(name) or family.ignore(key, cfg)):
+        elif not UNUSED_KEY.fullmatch(name):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             raise MoelocalError(f"unexpected tensor {key}: not in the {family.name} key table")
     return resident, experts, fused, bnb
+
+
+def check_expert_key(key: str, cfg: ModelConfig, layer: int, expert: int = 0):
+    """An expert tensor of a layer or expert config.json does not have is an error, never
+    silently ignored: the checkpoint and the config disagree."""
+    if not (layer < cfg.num_hidden_layers and cfg.moe_layers[layer]):
+        raise MoelocalError(f"unexpected tensor {key}: config.json has no MoE layer {layer}")
+    if expert >= cfg.num_experts:
+        raise MoelocalError(f"unexpected tensor {key}: config.json has {cfg.num_experts} experts")
 
 
 def bnb_quant(raw_config: dict) -> str | None:
@@ -199,6 +213,11 @@ def load_model(
         state[name] = state[name].to(router_dtype(dtype, device))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, t in state.items():
+        if name in want and tuple(t.shape) != want[name]:
+            raise MoelocalError(f"{ckpt.dir}: {resident.get(name, name)} has shape "
+                                f"{tuple(t.shape)}, config.json implies {want[name]}")  # fmt: skip
     try:  # checked on the planned model, before any expert is read
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

@@ -193,3 +193,13 @@ def test_converted_model_keeps_its_quantization(tiny, tmp_path):
         moelocal.load(out, device="cpu", quant="int8")
     with pytest.raises(MoelocalError, match="already a converted model"):
         convert(str(out), "int8", tmp_path / "again")
+
+
+def test_a_flipped_byte_in_the_resident_file_is_caught(tiny, tmp_path):
+    out = convert(str(tiny("mixtral")[0]), "int8", tmp_path / "packed")
+    data = bytearray((out / "resident.safetensors").read_bytes())
+    data[-50] ^= 0x01  # in a weight, past the header
+    (out / "resident.safetensors").write_bytes(bytes(data))
+    result = runner.invoke(app, ["generate", str(out), "-p", "hi", "-n", "2"])
+    assert result.exit_code == 1 and "fails its checksum" in result.stderr
+    assert result.stderr.strip().count("\n") == 0

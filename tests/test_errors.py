@@ -266,3 +266,33 @@ def test_config_values_out_of_range_name_the_field(model_copy, field, value):
 ])  # fmt: skip
 def test_cli_values_out_of_range_are_one_line_before_any_work(args, fragment):
     assert_one_line_error(runner.invoke(app, args), fragment)
+
+
+@pytest.mark.parametrize("extra", [
+    "model.layers.0.block_sparse_moe.experts.99.w1.weight",
+    "model.layers.77.block_sparse_moe.experts.0.w1.weight",
+])  # fmt: skip
+def test_expert_tensors_beyond_the_config_are_an_error(model_copy, extra):
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    index_path = model_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    tensors = load_file(shard)
+    tensors[extra] = tensors[sorted(tensors)[0]].clone()
+    index["weight_map"][extra] = shard.name
+    save_file(tensors, shard)
+    index_path.write_text(json.dumps(index))
+    assert_one_line_error(run_generate(model_copy), extra)
+
+
+def test_a_resident_shape_mismatch_names_the_tensor_and_both_shapes(model_copy):
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((model_copy / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.self_attn.o_proj.weight"
+    shard = model_copy / index["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = tensors[key][:, :-1].clone()
+    save_file(tensors, shard)
+    assert_one_line_error(run_generate(model_copy), key, "(64, 63)", "(64, 64)")
