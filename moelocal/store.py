@@ -10,6 +10,7 @@ what to load; the expert cache does, and its movers (movers.py) put the blobs wh
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import struct
@@ -155,6 +156,30 @@ def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     return buf, (-buf.data_ptr()) % ALIGN
 
 
+def open_uncached(path) -> tuple[int, bool]:
+    """A file descriptor whose reads bypass the page cache where the platform allows, and
+    whether they need O_DIRECT's alignment: Linux O_DIRECT (not on tmpfs and some others),
+    macOS F_NOCACHE, elsewhere plain reads (their pages dropped after, where posix_fadvise is)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:  # e.g. tmpfs
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(fcntl, "F_NOCACHE"):
+        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+    return fd, False
+
+
+def read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Read into view at a file offset; bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)  # platforms without preadv: one more copy
+    view.cast("B")[: len(data)] = data
+    return len(data)
+
+
 class DiskReader:
     """Reads whole experts from the checkpoint into blobs, by offset."""
 
@@ -162,12 +187,7 @@ class DiskReader:
         self.pieces, self.layout = pieces, layout
         self.fds, self.direct = {}, {}
         for path in {p.path for parts in pieces.values() for p in parts}:
-            try:
-                self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                self.direct[path] = hasattr(os, "O_DIRECT")
-            except OSError:  # e.g. tmpfs: buffered reads, then drop the pages
-                self.fds[path] = os.open(path, os.O_RDONLY)
-                self.direct[path] = False
+            self.fds[path], self.direct[path] = open_uncached(path)
         largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
         self.staging_bytes = largest + 2 * ALIGN
         self.local = threading.local()  # one staging buffer per I/O thread
@@ -188,11 +208,11 @@ class DiskReader:
         view = (ctypes.c_char * length).from_address(buf.data_ptr() + base)
         got = 0
         while got < p.offset + p.nbytes - start:
-            n = os.preadv(fd, [memoryview(view)[got:]], start + got)
+            n = read_at(fd, memoryview(view)[got:], start + got)
             if n <= 0:
                 raise MoelocalError(f"{p.path}: file ends before offset {p.offset + p.nbytes}")
             got += n
-        if not self.direct[p.path]:
+        if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
         lo = base + p.offset - start
         raw = buf[lo : lo + p.nbytes]

@@ -239,3 +239,24 @@ def test_close_releases_io_threads_and_files(tiny):
     with pytest.raises(moelocal.MoelocalError, match="closed"):
         engine.generate(prompt(8), max_new_tokens=3)
     engine.close()  # twice: nothing
+
+
+@pytest.mark.parametrize("converted", [False, True])
+def test_streaming_without_linux_only_calls(tiny, resident_runs, tmp_path, monkeypatch, converted):
+    """Where O_DIRECT, preadv and posix_fadvise do not exist (macOS), streaming takes the
+    platform's other calls and gives the same tokens."""
+    import os
+
+    from moelocal.convert import convert
+
+    path = tiny("mixtral")[0]
+    if converted:  # a converted model's blobs are read the same way
+        path = convert(str(path), "none", tmp_path / "packed")
+    for name in ("O_DIRECT", "preadv", "posix_fadvise"):
+        monkeypatch.delattr(os, name, raising=False)
+    ids, logits, tokens = resident_runs("mixtral")
+    engine = moelocal.load(path, device="cpu", cache_experts=1)
+    assert torch.equal(engine.logits(ids), logits)
+    assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+    assert engine.expert_cache.stats.total().misses > 0
+    engine.close()
