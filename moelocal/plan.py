@@ -118,6 +118,8 @@ class OffloadOptions:
             raise MoelocalError(f"--miss-policy '{self.miss_policy}': choose auto, load or cpu")
         if self.prefetch_margin < 0:
             raise MoelocalError(f"--prefetch-margin {self.prefetch_margin}: must be >= 0")
+        if self.context is not None and self.context < 1:
+            raise MoelocalError(f"--context {self.context}: must be at least 1 token")
 
 
 @dataclass

@@ -115,7 +115,8 @@ def test_impossible_budget_is_one_line(tiny):
 
 
 @pytest.mark.parametrize("bad", [["--cpu-mem", "lots"], ["--cache-policy", "fifo"],
-                                 ["--cache-experts", "0"], ["--miss-policy", "never"]])  # fmt: skip
+                                 ["--cache-experts", "0"], ["--miss-policy", "never"],
+                                 ["--context", "-5"], ["--context", "0"]])  # fmt: skip
 def test_bad_offload_options_are_one_line(bad):
     result = CliRunner().invoke(app, ["generate", "-p", "hi", "-n", "1", *bad])
     assert result.exit_code == 1 and result.stderr.startswith("error:"), result.output
