@@ -23,13 +23,10 @@ def data_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The embedded default model, created on first use (random weights, a second or two)."""
-    path = data_dir() / "models" / DEFAULT_MODEL
-    if not (path / "config.json").is_file():
-        from .synthetic import make_checkpoint
+    """The embedded default model, installed on first use and checked at every use."""
+    from .embedded_model import installed
 
-        make_checkpoint(path, "default", seed=0, replace=False)
-    return path
+    return installed(data_dir() / "models" / DEFAULT_MODEL)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:

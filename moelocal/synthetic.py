@@ -1,9 +1,9 @@
 """Synthetic Mixtral-shaped checkpoints in Hugging Face layout, with random weights.
 
-They give moelocal something real to run on a machine without a model hub: the embedded default
-model, and checkpoints at real shapes for benchmarks (scripts/make_checkpoint.py). Deterministic:
-the same preset and seed give the same bytes. Written to a temporary directory and renamed into
-place, so an interrupted run never leaves a half-written model.
+They give tests and benchmarks checkpoints of any shape on a machine without a model hub
+(scripts/make_checkpoint.py); the embedded default model is a trained one (embedded_model.py).
+Deterministic: the same preset and seed give the same bytes. Written to a temporary directory and
+renamed into place, so an interrupted run never leaves a half-written model.
 """
 
 import itertools
@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 PRESETS = {
-    # the embedded default model: small enough to create in a second or two
-    "default": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    # small enough to create in a second or two (the shape of the first, random, default model)
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                     num_local_experts=8,
                     num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=4,
                     vocab_size=2048, dtype="bfloat16"),
@@ -107,7 +107,7 @@ def random_matrix(shape, gen) -> torch.Tensor:
 
 
 def make_checkpoint(
-    out_dir: Path, preset: str = "default", seed: int = 0, replace: bool = True, **shape
+    out_dir: Path, preset: str = "small", seed: int = 0, replace: bool = True, **shape
 ) -> Path:
     """Write a random Mixtral-shaped checkpoint, tokenizer and chat template; returns out_dir.
     `shape` overrides the preset's config fields (hidden_size=..., num_local_experts=...)."""

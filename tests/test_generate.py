@@ -25,8 +25,12 @@ def test_generate_default_model_json():
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert isinstance(out["text"], str) and out["text"]
-    assert out["prompt_token_ids"][0] == 1 and len(out["token_ids"]) == 8
-    assert out["stats"]["generated_tokens"] == 8
+    assert out["prompt_token_ids"][0] == 1 and 1 <= len(out["token_ids"]) <= 8
+    assert out["stats"]["generated_tokens"] == len(out["token_ids"])
+    # the trained default model may end its reply (EOS) within 8 tokens
+    ended = out["token_ids"][-1] == 2
+    assert out["finish_reason"] == ("stop" if ended else "length")
+    assert ended or len(out["token_ids"]) == 8
     assert out["stats"]["decode_tokens_per_s"] > 0 and out["stats"]["prefill_tokens_per_s"] > 0
 
 
@@ -50,7 +54,7 @@ def test_chat_template_applied_unless_disabled():
     assert ids_template == engine.tokenizer.encode("<s>[INST] Hi [/INST]", add_special_tokens=False)
 
 
-def test_default_model_is_deterministic(tmp_path):
+def test_synthetic_checkpoints_are_deterministic(tmp_path):
     a = make_checkpoint(tmp_path / "a")
     b = make_checkpoint(tmp_path / "b")
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):

@@ -1,0 +1,71 @@
+"""Expert cache policies replayed on a routing trace: LRU, LFU and Belady's offline optimum.
+
+A trace is one layer's routing, token by token: trace[t] is the set of experts token t needs.
+The cache holds `slots` experts. As in moelocal, a token's cached experts are used first, then
+its misses are loaded one by one; an expert the token has already used may be evicted for the
+next miss (so one slot still serves a top-2 token). The hit rate is hits / expert uses.
+"""
+
+
+class LRU:
+    def __init__(self, trace):
+        self.last: dict[int, int] = {}
+
+    def use(self, t: int, e: int):
+        self.last[e] = t
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return min(held, key=self.last.__getitem__)
+
+
+class LFU(LRU):
+    """Least frequently used so far (over the whole trace), ties to the least recently used."""
+
+    def __init__(self, trace):
+        super().__init__(trace)
+        self.count: dict[int, int] = {}
+
+    def use(self, t: int, e: int):
+        super().use(t, e)
+        self.count[e] = self.count.get(e, 0) + 1
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return min(held, key=lambda e: (self.count[e], self.last[e]))
+
+
+class Belady:
+    """Evict the expert whose next use is farthest away: no policy misses less (Belady 1966)."""
+
+    def __init__(self, trace):
+        self.uses: dict[int, list[int]] = {}  # expert -> the tokens that use it, latest first
+        for t in range(len(trace) - 1, -1, -1):
+            for e in trace[t]:
+                self.uses.setdefault(e, []).append(t)
+        self.end = len(trace)
+
+    def use(self, t: int, e: int):
+        while self.uses[e] and self.uses[e][-1] <= t:
+            self.uses[e].pop()
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return max(held, key=lambda e: self.uses[e][-1] if self.uses[e] else self.end)
+
+
+def hit_rate(trace: list[set[int]], slots: int, policy_cls) -> float:
+    policy = policy_cls(trace)
+    held: set[int] = set()
+    hits = uses = 0
+    for t, needed in enumerate(trace):
+        uses += len(needed)
+        for e in needed & held:
+            hits += 1
+            policy.use(t, e)
+        for e in sorted(needed - held):
+            if len(held) >= slots:
+                held.remove(policy.victim(t, held))
+            held.add(e)
+            policy.use(t, e)
+    return hits / uses
+
+
+POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
