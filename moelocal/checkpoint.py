@@ -7,6 +7,7 @@ nothing about model families; the key tables live in models/.
 """
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -129,6 +130,11 @@ class Checkpoint:
             return self._shards[shard].get_tensor(name)
         except SafetensorError as e:
             raise MoelocalError(f"{self.dir / shard}: cannot read {name} ({e})") from None
+
+    def numel(self, name: str) -> int:
+        """Elements of a tensor, from its header (nothing read)."""
+        shape = self._shards[self.weight_map[name]].get_slice(name).get_shape()
+        return math.prod(shape)
 
     def close(self):
         """Drop the memory maps: what is still needed is read by offset (store.py)."""

@@ -463,6 +463,29 @@ def pull_cmd(
     run(go)
 
 
+@app.command("rm")
+def rm_cmd(
+    model: Annotated[str, typer.Argument(help="A converted model's name, or a hub id.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+):
+    """Remove a converted model from the data directory, or a download from the Hugging Face
+    cache; never anything else.
+
+    Example: moelocal rm Qwen--Qwen3-30B-A3B-int4
+    """
+    from .remove import removal
+
+    target = run(lambda: removal(model))
+    question = f"remove {printable(target.what)} ({target.size / 1e9:.2f} GB)?"
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"{question} add --yes to remove without asking")
+        if not typer.confirm(question, default=False):
+            fail("nothing removed")
+    run(target.run)
+    print(f"removed {target.what}")
+
+
 @app.command("list")
 def list_cmd(as_json: JsonOpt = False):
     """List the MoE models found locally: the Hugging Face cache and moelocal's data directory.

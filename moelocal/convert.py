@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
 from .errors import MoelocalError, reason
-from .hub import data_dir, resolve_model
+from .hub import check_free_space, data_dir, resolve_model
 from .loader import Planned, bnb_quant, plan_model, read_weight
 from .model_files import model_file
 from .plan import OffloadOptions
@@ -110,6 +110,10 @@ def convert(
     out = Path(out) if out else default_out(model, model_dir, quant)
     check_out(out)
     remove_stale(out)
+    stride = round_up(planned.layout.nbytes, ALIGN)
+    resident = sum(ckpt.numel(key) for key in planned.resident.values())
+    needed = resident * planned.dtype.itemsize + len(planned.pieces) * stride
+    check_free_space(out.parent, needed, "converting")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)

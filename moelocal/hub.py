@@ -88,6 +88,26 @@ PULL_PATTERNS = [
 ]
 
 
+def files_to_pull(files) -> dict[str, int]:
+    """(name, size) of a repository's files -> those moelocal reads: top-level files matching
+    PULL_PATTERNS (a sub-folder such as original/ holds another copy of the weights)."""
+    from fnmatch import fnmatch
+
+    return {name: size for name, size in files
+            if "/" not in name and any(fnmatch(name, p) for p in PULL_PATTERNS)}  # fmt: skip
+
+
+def check_free_space(directory: Path, needed: int, doing: str):
+    """Refuse to start writing what cannot fit: a full disk found half way wastes the wait."""
+    import shutil
+
+    directory = next((p for p in (directory, *directory.parents) if p.exists()), directory)
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise MoelocalError(f"{doing} needs {needed / 1e9:.2f} GB in {directory}; "
+                            f"{free / 1e9:.2f} GB are free")  # fmt: skip
+
+
 def pull(repo_id: str, revision: str | None = None) -> Path:
     """Download what moelocal needs of a hub repository into the Hugging Face cache (resumable)."""
     from huggingface_hub import errors as hf
@@ -96,8 +116,18 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
+        patterns = PULL_PATTERNS
+        if not offline:  # only the top-level files moelocal reads, if they fit on the disk
+            from huggingface_hub import HfApi, try_to_load_from_cache
+
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+            files = files_to_pull((s.rfilename, s.size or 0) for s in info.siblings or [])
+            missing = sum(size for name, size in files.items() if not isinstance(
+                try_to_load_from_cache(repo_id, name, hub_cache_dir(), revision), str))  # fmt: skip
+            check_free_space(hub_cache_dir(), missing, f"pulling {where}")
+            patterns = sorted(files)
         path = Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=PULL_PATTERNS,
+            repo_id, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=patterns,
             local_files_only=offline,
         ))  # fmt: skip
     except hf.HFValidationError:

@@ -139,3 +139,44 @@ def test_each_bench_row_peaks_on_its_own():
     before = peak_rss_bytes()
     assert reset_peak_memory()
     assert peak_rss_bytes() < before - 200 * 2**20
+
+
+def test_pull_fetches_top_level_files_that_fit(tmp_path, monkeypatch):
+    """Online, pull asks the hub for the file list: only top-level files moelocal reads are
+    fetched (not an original/ copy of the weights), and only if the disk has room."""
+    from collections import namedtuple
+
+    import huggingface_hub
+
+    from moelocal import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    sibling = namedtuple("sibling", "rfilename size")
+    files = [("config.json", 1000), ("model-00001-of-00002.safetensors", 4 * 10**9),
+             ("model-00002-of-00002.safetensors", 3 * 10**9), ("tokenizer.json", 10**6),
+             ("original/consolidated.safetensors", 7 * 10**9), ("README.md", 100),
+             ("pytorch_model.bin", 7 * 10**9)]  # fmt: skip
+    info = namedtuple("info", "siblings")([sibling(*f) for f in files])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: info)
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns, **kwargs):
+        asked["patterns"] = allow_patterns
+        snapshot = tmp_path / "snap"
+        snapshot.mkdir(exist_ok=True)
+        (snapshot / "config.json").write_text("{}")
+        (snapshot / "model-00001-of-00002.safetensors").write_bytes(b"")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**13, 0, 8 * 10**9))
+    hub.pull("acme/big-moe")
+    assert asked["patterns"] == ["config.json", "model-00001-of-00002.safetensors",
+                                 "model-00002-of-00002.safetensors", "tokenizer.json"]  # fmt: skip
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**13, 0, 6 * 10**9))
+    asked.clear()
+    result = runner.invoke(app, ["pull", "acme/big-moe"])
+    assert result.exit_code == 1 and "needs 7.00 GB" in result.stderr and not asked
+

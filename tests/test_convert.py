@@ -203,3 +203,15 @@ def test_a_flipped_byte_in_the_resident_file_is_caught(tiny, tmp_path):
     result = runner.invoke(app, ["generate", str(out), "-p", "hi", "-n", "2"])
     assert result.exit_code == 1 and "fails its checksum" in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_convert_checks_free_space_before_writing(tiny, tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    result = runner.invoke(app, ["convert", str(tiny("mixtral")[0]), "--out",
+                                 str(tmp_path / "packed")])  # fmt: skip
+    assert result.exit_code == 1 and "GB are free" in result.stderr and "needs" in result.stderr
+    assert not any(tmp_path.iterdir())
