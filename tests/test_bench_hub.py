@@ -180,3 +180,17 @@ def test_pull_fetches_top_level_files_that_fit(tmp_path, monkeypatch):
     result = runner.invoke(app, ["pull", "acme/big-moe"])
     assert result.exit_code == 1 and "needs 7.00 GB" in result.stderr and not asked
 
+
+def test_help_does_not_import_torch():
+    """`moelocal --help` answers at once: neither torch nor the model code is imported."""
+    code = "\n".join([
+        "import sys",
+        "from typer.testing import CliRunner",
+        "from moelocal.cli import app",
+        "for args in (['--help'], ['generate', '--help'], ['rm', '--help']):",
+        "    assert CliRunner().invoke(app, args).exit_code == 0",
+        "print(sorted(m for m in sys.modules if m in ('torch', 'moelocal.models')))",
+    ])  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
