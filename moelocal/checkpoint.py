@@ -21,9 +21,12 @@ from .model_files import model_file
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST = "moelocal.json"  # a model packed by `moelocal convert`
 PARTIAL = "moelocal.partial"  # a convert that has not finished
-# the converted format: 2 stores int8/int4 in quant.py's own layout; 1 stored them in torch's
-# packed layouts, which moelocal no longer reads (none, nf4, fp4 blobs are the same in both)
-FORMAT = 2
+# the converted format: 3 stores the resident weights as they compute (q, k, v fused, Linear
+# layers quantized: "resident": "compute" in the manifest); 2 stored the checkpoint's, quantized
+# at every load, and still loads that way; 2 and 3 store int8/int4 experts in quant.py's layout;
+# 1 stored them in torch's packed layouts, which moelocal no longer reads (none, nf4, fp4 blobs
+# are the same in all)
+FORMAT = 3
 OWN_LAYOUT_QUANTS = ("int8", "int4")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 RESIDENT = "resident.safetensors"  # a converted model's non-expert weights
@@ -63,7 +66,7 @@ class Checkpoint:
                 f"{path}: invalid manifest ({e}); run moelocal convert again"
             ) from None
         old = version == 1 and manifest["quant"] in OWN_LAYOUT_QUANTS
-        if old or not isinstance(version, int) or version not in (1, FORMAT):
+        if old or not isinstance(version, int) or version not in (1, 2, FORMAT):
             raise MoelocalError(
                 f"{self.dir}: converted by another moelocal version (format {version!r}, --quant "
                 f"{manifest['quant']}; this one reads format {FORMAT}): run moelocal convert again"

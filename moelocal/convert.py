@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
 from .errors import MoelocalError, reason
 from .hub import check_free_space, data_dir, resolve_model
-from .loader import Planned, bnb_quant, plan_model, read_weight
+from .loader import Planned, bnb_quant, compute_layout, plan_model, resident_state
 from .model_files import model_file
 from .plan import OffloadOptions
 from .quant import round_up
@@ -138,12 +138,21 @@ def replace_dir(new: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def computed_resident_state(ckpt: Checkpoint, planned: Planned) -> dict[str, torch.Tensor]:
+    """The resident weights as the model computes with them (q, k, v fused, Linear layers
+    quantized), by module name; a tied head is left out (it is the embeddings)."""
+    model = planned.model  # on the meta device: the weights are assigned
+    model.load_state_dict(resident_state(ckpt, planned, torch.device("cpu")), assign=True)
+    compute_layout(model, planned.cfg, planned.plan.quant)
+    state = model.state_dict()
+    if planned.cfg.tie_word_embeddings:
+        del state["lm_head.weight"]
+    return {name: t.contiguous() for name, t in state.items()}
+
+
 def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     """The packed model's files, into tmp; its partial mark goes last."""
-    resident = {key: read_weight(ckpt, key, planned.bnb).to(planned.dtype)
-                for key in planned.resident.values()}  # fmt: skip
-    save_file(resident, tmp / RESIDENT, metadata={"format": "pt"})
-    del resident
+    save_file(computed_resident_state(ckpt, planned), tmp / RESIDENT, metadata={"format": "pt"})
 
     layout, keys = planned.layout, sorted(planned.pieces)
     stride = round_up(layout.nbytes, ALIGN)
@@ -168,6 +177,7 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
             shutil.copyfile(source, tmp / name)
     manifest = {
         "format": FORMAT,
+        "resident": "compute",  # stored as it computes: nothing is quantized at load
         "resident_crc32": file_crc32(tmp / RESIDENT),
         "source": str(ckpt.dir),
         "dtype": str(planned.dtype).removeprefix("torch."),

@@ -159,10 +159,22 @@ def plan_model(
     quant = check_mode(quant or bnb_quant(ckpt.config), device) or "none"
     with torch.device("meta"):
         model = family.build(cfg)
+    sizes = resident_components(
+        model, dtype, quant, lambda name: keep_dense(name, cfg), router_dtype(dtype, device)
+    )
+    if computed_resident(ckpt):  # stored as it computes: check against that shape of the model
+        compute_layout(model, cfg, quant, dtype, empty=True)
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    resident, expert_keys, fused, bnb = sort_keys(ckpt, family, cfg, expected)
+    if computed_resident(ckpt):
+        resident, expert_keys, fused, bnb = {n: n for n in ckpt.keys()}, {}, {}, {}
+        unexpected = sorted(set(resident) - expected)
+        if unexpected:
+            raise MoelocalError(f"{ckpt.dir}: unexpected tensor {unexpected[0]} in "
+                                f"{ckpt.weight_map[unexpected[0]]}")  # fmt: skip
+    else:
+        resident, expert_keys, fused, bnb = sort_keys(ckpt, family, cfg, expected)
     missing = sorted(expected - set(resident))
     if missing:
         raise MoelocalError(
@@ -176,15 +188,46 @@ def plan_model(
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
-    sizes = resident_components(
-        model, dtype, quant, lambda name: keep_dense(name, cfg), router_dtype(dtype, device)
-    )
     # experts read from a Hugging Face checkpoint are converted as they are read
     quantize_on_read = ckpt.manifest is None and (quant != "none" or bool(bnb))
     plan = make_plan(
         cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
     )
     return Planned(family, cfg, dtype, model, resident, pieces, plan, layout, bnb)
+
+
+def computed_resident(ckpt: Checkpoint) -> bool:
+    """A converted model whose resident weights are stored as they compute (format 3: q, k, v
+    fused and Linear layers quantized); older ones hold the checkpoint's and quantize at load."""
+    return ckpt.manifest is not None and ckpt.manifest.get("resident") == "compute"
+
+
+def compute_layout(model, cfg: ModelConfig, quant: str, dtype=None, empty: bool = False):
+    """The resident model as it computes: q, k and v in one projection (quantized formats) and
+    its Linear layers quantized, in place. empty: the same shapes on the meta device, for a state
+    stored that way to be assigned."""
+    if quant != "none":
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
+    quantize_linears(model, quant, lambda name: keep_dense(name, cfg), dtype, empty)
+
+
+def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device) -> dict:
+    """The resident weights by module name, on device, in their dtypes (routers in
+    router_dtype); a tied head is the embeddings."""
+    cfg, dtype = planned.cfg, planned.dtype
+    stored = computed_resident(ckpt)
+    state = {}
+    for name, key in planned.resident.items():
+        t = read_weight(ckpt, key, planned.bnb)
+        # a stored quantized segment keeps its dtype; float weights take the compute dtype
+        state[name] = t.to(device) if stored else t.to(device=device, dtype=dtype)
+    for name in [name for name in state if ROUTER in name]:  # their values stay in dtype
+        state[name] = state[name].to(router_dtype(dtype, device))
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
 
 
 def keep_dense(linear_name: str, cfg: ModelConfig) -> bool:
@@ -202,17 +245,9 @@ def load_model(
     options: OffloadOptions,
     quant: str | None = None,
 ) -> LoadedModel:
-    family, cfg, dtype, model, resident, pieces, plan, layout, bnb = plan_model(
-        ckpt, device, dtype, options, quant
-    )  # fmt: skip
-    state = {
-        name: read_weight(ckpt, key, bnb).to(device=device, dtype=dtype)
-        for name, key in resident.items()
-    }
-    for name in [name for name in state if ROUTER in name]:  # their values stay in dtype
-        state[name] = state[name].to(router_dtype(dtype, device))
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    planned = plan_model(ckpt, device, dtype, options, quant)
+    family, cfg, dtype, model, resident, pieces, plan, layout, bnb = planned
+    state = resident_state(ckpt, planned, device)
     want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, t in state.items():
         if name in want and tuple(t.shape) != want[name]:
@@ -235,13 +270,13 @@ def load_model(
             prefetcher = Prefetcher(cache, options.prefetch_margin)
         with torch.device("meta"):
             model = family.build(cfg, cache, prefetcher)
+        stored = computed_resident(ckpt)
+        if stored:
+            compute_layout(model, cfg, plan.quant, dtype, empty=True)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
-        if plan.quant != "none":
-            for m in model.modules():
-                if isinstance(m, Attention):
-                    m.fuse_qkv()
-        quantize_linears(model, plan.quant, lambda name: keep_dense(name, cfg))
+        if not stored:
+            compute_layout(model, cfg, plan.quant)
     except BaseException:
         if cache is not None:
             cache.close()

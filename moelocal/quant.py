@@ -290,13 +290,23 @@ def dequantize_4bit(q: torch.Tensor, state) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A Linear layer whose weight is stored quantized; the bias stays as it was."""
+    """A Linear layer whose weight is stored quantized; the bias stays as it was.
 
-    def __init__(self, linear: nn.Linear, mode: str):
+    QuantLinear(linear, mode) quantizes linear's weight; with empty=True (on the meta device) it
+    only takes the format's segments' shapes, for a state dict of quantized weights (a
+    converted model's) to be assigned."""
+
+    def __init__(self, linear: nn.Linear, mode: str, dtype: torch.dtype | None = None,
+                 empty: bool = False):  # fmt: skip
         super().__init__()
         N, K = linear.weight.shape
-        self.fmt = MatrixFormat(mode, N, K, linear.weight.dtype)
-        for name, t in quantize(linear.weight.detach(), self.fmt).items():
+        self.fmt = MatrixFormat(mode, N, K, dtype or linear.weight.dtype)
+        if empty:
+            segments = {name: torch.empty(shape, dtype=dt, device="meta")
+                        for name, dt, shape in self.fmt.segments}  # fmt: skip
+        else:
+            segments = quantize(linear.weight.detach(), self.fmt)
+        for name, t in segments.items():
             self.register_buffer(name, t)
         self.bias = linear.bias
 
@@ -306,12 +316,14 @@ class QuantLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def quantize_linears(model: nn.Module, mode: str, skip=lambda name: False):
-    """Swap every nn.Linear (but the skipped ones) for a QuantLinear, in place."""
+def quantize_linears(model: nn.Module, mode: str, skip=lambda name: False, dtype=None,
+                     empty: bool = False):  # fmt: skip
+    """Swap every nn.Linear (but the skipped ones) for a QuantLinear, in place (empty: shells on
+    the meta device in dtype, see QuantLinear)."""
     if mode == "none":
         return
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and not skip(full):
-                setattr(module, child_name, QuantLinear(child, mode))
+                setattr(module, child_name, QuantLinear(child, mode, dtype, empty))

@@ -47,8 +47,8 @@ def test_a_conversion_in_another_format_is_refused_never_misread(tiny, tmp_path,
     so is a format this moelocal does not know."""
     out = convert(str(tiny("mixtral")[0]), quant, tmp_path / "packed")
     manifest = json.loads((out / "moelocal.json").read_text())
-    assert manifest["format"] == 2
-    for version, refused in ((1, quant != "none"), (3, True), ("2", True)):
+    assert manifest["format"] == 3 and manifest["resident"] == "compute"
+    for version, refused in ((1, quant != "none"), (4, True), ("3", True)):
         (out / "moelocal.json").write_text(json.dumps(manifest | {"format": version}))
         if not refused:
             assert moelocal.load(out, device="cpu").plan.quant == quant
@@ -215,3 +215,26 @@ def test_convert_checks_free_space_before_writing(tiny, tmp_path, monkeypatch):
                                  str(tmp_path / "packed")])  # fmt: skip
     assert result.exit_code == 1 and "GB are free" in result.stderr and "needs" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_format_2_conversion_still_loads_the_same(tiny, tmp_path, quant):
+    """Format 2 stored the checkpoint's resident weights, quantized at every load; format 3
+    stores them as they compute. Both give the tokens of quantizing on load."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("mixtral")[0]
+    out = convert(str(src), quant, tmp_path / "packed")
+    resident = load_file(out / "resident.safetensors")
+    assert any(name.endswith("qkv_proj.q") for name in resident)  # stored quantized, fused
+    engine = moelocal.load(src, device="cpu", quant=quant)
+    ids = prompt()
+    expected = engine.generate(ids, max_new_tokens=8).token_ids
+    assert moelocal.load(out, device="cpu").generate(ids, max_new_tokens=8).token_ids == expected
+    old = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()
+           if ".experts." not in k}  # fmt: skip
+    save_file(old, out / "resident.safetensors")
+    manifest = json.loads((out / "moelocal.json").read_text())
+    del manifest["resident"], manifest["resident_crc32"]
+    (out / "moelocal.json").write_text(json.dumps(manifest | {"format": 2}))
+    assert moelocal.load(out, device="cpu").generate(ids, max_new_tokens=8).token_ids == expected
