@@ -1,9 +1,9 @@
 """Scripted batch generation: prompts from JSONL in, one JSON line per finished prompt out.
 
 Each result is appended and flushed as soon as its group finishes, so a crash or Ctrl-C loses
-nothing already done, and a rerun skips the ids already in the output. A bad input line becomes an
-error record (with its line number) and the run goes on. This module knows nothing of terminals:
-the CLI passes a callback for progress.
+nothing already done; a rerun skips the lines that have a result and retries the ones that failed.
+A bad input line becomes an error record (with its line number) and the run goes on. This module
+knows nothing of terminals: the CLI passes a callback for progress.
 """
 
 import json

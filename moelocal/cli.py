@@ -132,7 +132,7 @@ def generate_cmd(
             "--output",
             "-o",
             help="JSONL results, appended as each prompt finishes; "
-            "ids already there are skipped (default: stdout).",
+            "lines with a result there are skipped (default: stdout).",
         ),
     ] = None,
     batch_size: Annotated[
@@ -483,7 +483,7 @@ def rm_cmd(
         if not typer.confirm(question, default=False):
             fail("nothing removed")
     run(target.run)
-    print(f"removed {target.what}")
+    print(f"removed {printable(target.what)}")
 
 
 @app.command("list")

@@ -124,7 +124,11 @@ def convert(
         if isinstance(e, OSError):  # a full disk, a directory we may not write to
             raise MoelocalError(f"--out {out}: {reason(e)}") from None
         raise
-    replace_dir(tmp, out)
+    try:
+        replace_dir(tmp, out)
+    except BaseException:  # e.g. a file the user put into --out meanwhile: theirs stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
