@@ -41,6 +41,30 @@ def file_crc32(path) -> int:
     return crc
 
 
+def check_manifest(m: dict):
+    """The fields moelocal reads from a manifest, of the types it reads them as (a TypeError or
+    ValueError naming the field otherwise)."""
+
+    def whole(value, name, low=0):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+    if not isinstance(m, dict):
+        raise TypeError("not a JSON object")
+    if m["dtype"] not in ("float32", "bfloat16", "float16") or not isinstance(m["quant"], str):
+        raise ValueError(f"dtype {m['dtype']!r} or quant {m['quant']!r}")
+    if not isinstance(m["experts"], dict):
+        raise TypeError("experts must map 'layer.expert' to {offset, crc32}")
+    for key, entry in m["experts"].items():
+        if not isinstance(entry, dict):
+            raise TypeError(f"experts[{key!r}] must be {{offset, crc32}}")
+        whole(entry["offset"], f"experts[{key!r}].offset")
+        whole(entry["crc32"], f"experts[{key!r}].crc32")
+    for name in ("expert_bytes", "stride", "resident_crc32"):
+        if name in m:
+            whole(m[name], name)
+
+
 class Checkpoint:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
@@ -59,9 +83,9 @@ class Checkpoint:
             return None
         try:
             manifest = json.loads(path.read_text())
-            manifest["experts"], manifest["quant"], manifest["dtype"]  # noqa: B018
+            check_manifest(manifest)
             version = manifest.get("format", 1)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise MoelocalError(
                 f"{path}: invalid manifest ({e}); run moelocal convert again"
             ) from None

@@ -123,8 +123,9 @@ def set_threads(threads: int | None):
 
     from .errors import MoelocalError
 
-    if threads is not None and threads < 1:
-        raise MoelocalError(f"--threads {threads}: must be at least 1")
+    most = 4 * (os.cpu_count() or 1)  # beyond that, only more threads to start, none faster
+    if threads is not None and not 1 <= threads <= most:
+        raise MoelocalError(f"--threads {threads}: from 1 to {most} ({os.cpu_count()} CPUs here)")
     threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

@@ -238,3 +238,16 @@ def test_a_format_2_conversion_still_loads_the_same(tiny, tmp_path, quant):
     del manifest["resident"], manifest["resident_crc32"]
     (out / "moelocal.json").write_text(json.dumps(manifest | {"format": 2}))
     assert moelocal.load(out, device="cpu").generate(ids, max_new_tokens=8).token_ids == expected
+
+
+@pytest.mark.parametrize("change", [
+    {"experts": [1, 2]}, {"experts": {"0.0": {"offset": "x", "crc32": 1}}},
+    {"experts": {"0.0": 5}}, {"dtype": "int7"}, {"expert_bytes": -5}, {"resident_crc32": "zz"},
+])  # fmt: skip
+def test_a_manifest_of_wrong_types_is_one_line(tiny, tmp_path, change):
+    out = convert(str(tiny("mixtral")[0]), "int8", tmp_path / "packed")
+    manifest = json.loads((out / "moelocal.json").read_text())
+    (out / "moelocal.json").write_text(json.dumps(manifest | change))
+    result = runner.invoke(app, ["generate", str(out), "-p", "hi", "-n", "2"])
+    assert result.exit_code == 1 and "invalid manifest" in result.stderr, result.output
+    assert result.stderr.strip().count("\n") == 0

@@ -263,6 +263,7 @@ def test_config_values_out_of_range_name_the_field(model_copy, field, value):
     (["plan", "--hit-rate", "nan"], "--hit-rate"),
     (["generate", "-p", "hi", "--device", "tpu:x"], "device"),
     (["generate", "-p", "hi", "--device", "mps"], "device"),
+    (["generate", "-p", "hi", "--threads", "100000"], "--threads"),
 ])  # fmt: skip
 def test_cli_values_out_of_range_are_one_line_before_any_work(args, fragment):
     assert_one_line_error(runner.invoke(app, args), fragment)
