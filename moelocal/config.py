@@ -78,6 +78,9 @@ class ModelConfig:
                                 f"not a multiple of num_key_value_heads "
                                 f"({self.num_key_value_heads})")  # fmt: skip
         bounded("num_experts", self.num_experts, 0, MAX_EXPERTS)
+        for window in self.sliding_windows:
+            if window is not None:
+                bounded("sliding_window", window, 1, 1 << 30)
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise MoelocalError(f"config.json: num_experts_per_tok must be 1..{self.num_experts} "
                                 f"(the expert count), got {self.num_experts_per_tok}")  # fmt: skip
@@ -154,9 +157,13 @@ def rope_parameters(raw: dict, default_theta: float) -> dict:
 
 def eos_ids(raw: dict) -> list[int]:
     eos = raw.get("eos_token_id")
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise MoelocalError(f"config.json: eos_token_id must be a token id or a list of them, "
+                            f"got {eos!r}")  # fmt: skip
+    return ids
 
 
 def common_fields(raw: dict, default_theta: float = 10000.0) -> dict:

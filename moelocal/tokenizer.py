@@ -12,11 +12,13 @@ from .errors import MoelocalError
 from .model_files import model_file
 
 
-def token_text(value) -> str | None:
+def token_text(value, name: str) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise MoelocalError(f"tokenizer_config.json: {name} must be a string or "
+                            f"{{\"content\": string}}, got {value!r}")  # fmt: skip
+    return text
 
 
 class Tokenizer:
@@ -36,10 +38,10 @@ class Tokenizer:
             raise MoelocalError(f"{config_path}: invalid JSON ({e})") from None
         if not isinstance(config, dict):
             raise MoelocalError(f"{config_path}: expected a JSON object")
-        self.bos_token = token_text(config.get("bos_token"))
-        self.eos_token = token_text(config.get("eos_token"))
+        self.bos_token = token_text(config.get("bos_token"), "bos_token")
+        self.eos_token = token_text(config.get("eos_token"), "eos_token")
         self.special_tokens = {
-            name: token_text(config.get(name))
+            name: token_text(config.get(name), name)
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if config.get(name) is not None
         }

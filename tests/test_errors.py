@@ -201,6 +201,8 @@ def test_a_fifo_in_place_of_a_weights_file_does_not_hang(model_copy):
     ("tokenizer_config.json", '["not", "an", "object"]', "JSON object"),
     ("generation_config.json", '{"eos_token_id": "two"}', "eos_token_id"),
     ("generation_config.json", '[]', "generation_config.json"),
+    ("tokenizer_config.json", '{"bos_token": 5}', "bos_token"),
+    ("tokenizer_config.json", '{"eos_token": {"x": 1}, "pad_token": ["a"]}', "pad_token"),
     ("config.json", '[' * 50000 + ']' * 50000, "invalid JSON"),
 ])  # fmt: skip
 def test_wrong_json_shapes_in_model_files_are_one_line(model_copy, file, content, fragment):
@@ -241,6 +243,7 @@ def test_list_shows_a_broken_model_and_the_rest(tmp_path, monkeypatch, tiny):
     ("num_attention_heads", 0), ("num_local_experts", 0.5), ("num_experts_per_tok", 7),
     ("num_experts_per_tok", 0), ("rms_norm_eps", float("nan")), ("dtype", "int7"),
     ("vocab_size", "many"), ("num_key_value_heads", 3), ("intermediate_size", [1]),
+    ("sliding_window", "big"), ("sliding_window", -4), ("eos_token_id", "x"),
 ])  # fmt: skip
 def test_config_values_out_of_range_name_the_field(model_copy, field, value):
     """Checked when config.json is read, by generate and by plan (which allocates nothing)."""
