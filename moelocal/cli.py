@@ -211,9 +211,14 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
     from .engine import load
 
     from_stdin = str(input_path) == "-"
-    if not from_stdin and not input_path.is_file():
+    if not from_stdin and not input_path.exists():
         raise MoelocalError(f"--input {input_path}: no such file")
-    if (output_path and not from_stdin and output_path.exists()
+    if not from_stdin and input_path.is_dir():
+        raise MoelocalError(f"--input {input_path}: is a directory")
+    if output_path is not None and output_path.exists() and not output_path.is_file():
+        what = "a directory" if output_path.is_dir() else "not a regular file"
+        raise MoelocalError(f"--output {output_path}: is {what}; leave --output out for stdout")
+    if (output_path and not from_stdin and output_path.exists() and input_path.is_file()
             and os.path.samefile(input_path, output_path)):  # fmt: skip
         raise MoelocalError(f"--input and --output are the same file ({output_path})")
     # every line is read and checked first: duplicate ids are refused before anything runs

@@ -235,3 +235,25 @@ def test_sampling_options_out_of_range_are_one_line(option, value):
     result = runner.invoke(app, ["generate", "-p", "Hi", "-n", "2", option, value])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert result.stderr.strip().count("\n") == 0 and result.stderr.strip(), result.output
+
+
+def test_input_from_a_pipe_and_an_output_that_is_not_a_file(tmp_path):
+    """-i <(...) is a pipe, not a regular file: it is read. A FIFO as --output would block on
+    reading it back: refused."""
+    import os
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(
+        ["sh", "-c", f'printf \'%s\\n\' \'{{"id": 1, "prompt": "Hi"}}\' > {fifo}']
+    )
+    result = runner.invoke(app, ["generate", "-i", str(fifo), "-n", "2"])
+    writer.wait(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["id"] == 1
+    out_fifo = tmp_path / "out.fifo"
+    os.mkfifo(out_fifo)
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [{"id": 1, "prompt": "Hi"}])
+    refused = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out_fifo)])
+    assert refused.exit_code == 1 and "not a regular file" in refused.stderr
