@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import read_config_json
+from .config import DTYPE_NAMES, read_config_json
 from .errors import MoelocalError
 from .model_files import model_file
 
@@ -51,7 +51,7 @@ def check_manifest(m: dict):
 
     if not isinstance(m, dict):
         raise TypeError("not a JSON object")
-    if m["dtype"] not in ("float32", "bfloat16", "float16") or not isinstance(m["quant"], str):
+    if m["dtype"] not in DTYPE_NAMES or not isinstance(m["quant"], str):
         raise ValueError(f"dtype {m['dtype']!r} or quant {m['quant']!r}")
     if not isinstance(m["experts"], dict):
         raise TypeError("experts must map 'layer.expert' to {offset, crc32}")

@@ -9,12 +9,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import MoelocalError
 from .model_files import model_file
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str):
+    """DTYPES, name -> torch dtype, made on first use: reading a config needs no torch."""
+    if name == "DTYPES":
+        import torch
+
+        return {n: getattr(torch, n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -70,9 +77,9 @@ class ModelConfig:
 
     def __post_init__(self):
         """Ranges every family's fields must be in, checked once, where the config is read."""
-        if self.torch_dtype not in (None, "auto", *DTYPES):
+        if self.torch_dtype not in (None, "auto", *DTYPE_NAMES):
             raise MoelocalError(f"config.json: dtype {self.torch_dtype!r} is not one of "
-                                f"{', '.join(DTYPES)}")  # fmt: skip
+                                f"{', '.join(DTYPE_NAMES)}")  # fmt: skip
         if self.num_attention_heads % self.num_key_value_heads:
             raise MoelocalError(f"config.json: num_attention_heads ({self.num_attention_heads}) is "
                                 f"not a multiple of num_key_value_heads "
@@ -89,8 +96,11 @@ class ModelConfig:
                 MAX_WIDTH)  # fmt: skip
 
     @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES.get(self.torch_dtype or "float32", torch.float32)
+    def dtype(self):
+        """The checkpoint's torch dtype (float32 when it does not say)."""
+        import torch
+
+        return getattr(torch, self.torch_dtype if self.torch_dtype in DTYPE_NAMES else "float32")
 
 
 # beyond any released model by far, and small enough that planning never allocates much

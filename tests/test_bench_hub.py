@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,16 +182,27 @@ def test_pull_fetches_top_level_files_that_fit(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "needs 7.00 GB" in result.stderr and not asked
 
 
-def test_help_does_not_import_torch():
-    """`moelocal --help` answers at once: neither torch nor the model code is imported."""
+def test_help_and_list_do_not_import_torch():
+    """`moelocal --help` answers at once, and `list` reads configs without torch or the model
+    code (it lists a model made by the tests: the configs are parsed and checked)."""
     code = "\n".join([
         "import sys",
         "from typer.testing import CliRunner",
         "from moelocal.cli import app",
-        "for args in (['--help'], ['generate', '--help'], ['rm', '--help']):",
-        "    assert CliRunner().invoke(app, args).exit_code == 0",
-        "print(sorted(m for m in sys.modules if m in ('torch', 'moelocal.models')))",
+        "for args in (['--help'], ['generate', '--help'], ['rm', '--help'], ['list', '--json']):",
+        "    result = CliRunner().invoke(app, args)",
+        "    assert result.exit_code == 0, result.output",
+        "print(result.stdout)",
+        "print(sorted(m for m in sys.modules if m in ('torch', 'moelocal.models.common')))",
     ])  # fmt: skip
+    from moelocal.hub import data_dir
+
+    models = data_dir() / "models"
+    shutil.copytree(Path(__file__).parent.parent / "moelocal" / "data" / "default",
+                    models / "listed", dirs_exist_ok=True)  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    listed, imported = proc.stdout.strip().rsplit("\n", 1)
+    assert "listed" in [r["name"] for r in json.loads(listed)]
+    assert imported == "[]"
+    shutil.rmtree(models / "listed")

@@ -5,8 +5,12 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig, num_experts
 from ..errors import MoelocalError
-from .common import Attention
-from .transformer import Transformer
+
+
+def standard_attention() -> type:
+    from .common import Attention  # torch: imported when a model is built, not to read a config
+
+    return Attention
 
 
 @dataclass
@@ -19,7 +23,7 @@ class Family:
     expert_names: dict[str, str] = field(
         default_factory=lambda: {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
     )
-    attention_cls: type = Attention
+    attention: Callable[[], type] = standard_attention  # the attention class, on first use
     rope_dim: Callable[[ModelConfig], int] = lambda cfg: cfg.head_dim
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
     ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
@@ -31,9 +35,11 @@ class Family:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise MoelocalError(f"config.json: a value of the wrong type or shape ({e})") from None
 
-    def build(self, cfg: ModelConfig, experts=None, prefetcher=None) -> Transformer:
-        """The model, its MoE blocks served by `experts` (see Transformer)."""
-        return Transformer(cfg, self.attention_cls, self.rope_dim(cfg), experts, prefetcher)
+    def build(self, cfg: ModelConfig, experts=None, prefetcher=None):
+        """The model (a Transformer), its MoE blocks served by `experts` (see Transformer)."""
+        from .transformer import Transformer
+
+        return Transformer(cfg, self.attention(), self.rope_dim(cfg), experts, prefetcher)
 
 
 def sparse_layers(raw: dict, n_layers: int, default_experts: int) -> list[bool]:
