@@ -183,8 +183,8 @@ def test_pull_fetches_top_level_files_that_fit(tmp_path, monkeypatch):
 
 
 def test_help_and_list_do_not_import_torch():
-    """`moelocal --help` answers at once, and `list` reads configs without torch or the model
-    code (it lists a model made by the tests: the configs are parsed and checked)."""
+    """`moelocal --help` answers at once; `list` reads configs (a model put there by the test is
+    listed) and `pull` asks the cache, all without torch or the model code."""
     code = "\n".join([
         "import sys",
         "from typer.testing import CliRunner",
@@ -193,6 +193,7 @@ def test_help_and_list_do_not_import_torch():
         "    result = CliRunner().invoke(app, args)",
         "    assert result.exit_code == 0, result.output",
         "print(result.stdout)",
+        "assert 'not in the local cache' in CliRunner().invoke(app, ['pull', 'acme/none']).stderr",
         "print(sorted(m for m in sys.modules if m in ('torch', 'moelocal.models.common')))",
     ])  # fmt: skip
     from moelocal.hub import data_dir
