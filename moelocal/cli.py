@@ -113,6 +113,26 @@ def run(fn):
         fail("interrupted", code=130)
 
 
+def heavy_import(module: str):
+    """moelocal.<module>, imported with Ctrl-C held back until the import ends: torch's import
+    (about a second) swallows a KeyboardInterrupt raised inside it at some points, and the
+    command then ran to its end. An interrupt during the import ends the command afterwards."""
+    import importlib
+    import signal
+
+    interrupted = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread: nothing to hold back
+        return importlib.import_module(f".{module}", __package__)
+    try:
+        return importlib.import_module(f".{module}", __package__)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            fail("interrupted", code=130)
+
+
 @app.command("generate")
 def generate_cmd(
     model: ModelArg = None,
@@ -164,8 +184,6 @@ def generate_cmd(
     Example: moelocal generate --prompt "Write a haiku about experts" -n 64 --cpu-mem 2GiB
     Example: moelocal generate --input prompts.jsonl --output results.jsonl --batch-size 8
     """
-    from .engine import load
-
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
                               miss_policy, context)  # fmt: skip
     if (prompt is None) == (input_path is None):
@@ -182,6 +200,8 @@ def generate_cmd(
         load_kwargs = dict(device=device, dtype=dtype, quant=quant, threads=threads, **options)
         raise typer.Exit(run(lambda: batch_generate(model, input_path, output_path, load_kwargs,
                                                     batch_kwargs)))  # fmt: skip
+
+    load = heavy_import("engine").load
 
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
@@ -207,8 +227,8 @@ def generate_cmd(
 
 def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):
     """--input mode of generate: returns the exit code (1 if any line failed)."""
+    load = heavy_import("engine").load
     from .batch import JsonlWriter, read_lines, resume_output, run_batch, scan
-    from .engine import load
 
     from_stdin = str(input_path) == "-"
     if not from_stdin and not input_path.exists():
@@ -290,8 +310,7 @@ def chat_cmd(
     Reads lines from stdin when it is not a terminal, one reply per line.
     Example: moelocal chat --system "You are terse." --temperature 0.7
     """
-    from .chat import Chat
-    from .engine import load
+    Chat, load = heavy_import("chat").Chat, heavy_import("engine").load
 
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
                               miss_policy, context)  # fmt: skip
@@ -326,7 +345,7 @@ def plan_cmd(
 
     Example: moelocal plan ./Mixtral-8x7B --gpu-mem 6GiB --cpu-mem 24GiB
     """
-    from .engine import plan
+    plan = heavy_import("engine").plan
     from .plan import human
 
     if not 0 <= hit_rate <= 1:  # NaN included
@@ -377,7 +396,9 @@ def bench_cmd(
     Comma-separated values sweep: every combination gets a row.
     Example: moelocal bench --cache-experts 2,4,8 --prefetch on,off -p 256 -n 64
     """
-    from .bench import bench_config, configurations, report_table
+    bench = heavy_import("bench")
+    bench_config, configurations, report_table = (bench.bench_config, bench.configurations,
+                                                  bench.report_table)  # fmt: skip
 
     if min(prompt_tokens, gen_tokens, repetitions) < 1 or gen_tokens < 2:
         fail("--prompt-tokens and --repetitions must be at least 1, --gen-tokens at least 2")
@@ -433,8 +454,7 @@ def convert_cmd(
         TimeRemainingColumn,
     )
 
-    from .convert import convert
-    from .engine import pick_dtype
+    convert, pick_dtype = heavy_import("convert").convert, heavy_import("engine").pick_dtype
 
     columns = (TextColumn("converting experts"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())  # fmt: skip

@@ -300,3 +300,20 @@ def test_a_resident_shape_mismatch_names_the_tensor_and_both_shapes(model_copy):
     tensors[key] = tensors[key][:, :-1].clone()
     save_file(tensors, shard)
     assert_one_line_error(run_generate(model_copy), key, "(64, 63)", "(64, 64)")
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.3, 0.5, 1.0])
+def test_ctrl_c_during_start_up_ends_the_command(random_model, delay):
+    """Ctrl-C while torch is being imported, the model loaded or tokens generated: exit 130 and
+    one line, never a traceback, and never ignored (torch's import swallowed it at some points)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "moelocal.cli", "generate", str(random_model), "-p", "hi",
+           "-n", "4000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") <= 1, stderr
