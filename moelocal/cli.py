@@ -191,6 +191,7 @@ def generate_cmd(
     if output_path is not None and input_path is None:
         fail("--output goes with --input; for one prompt, --json > FILE")
     run(lambda: validate.sampling(temperature, top_k, top_p, seed))
+    run(lambda: validate.whole("--max-new-tokens", max_new_tokens))
     if batch_size < 1:
         fail(f"--batch-size {batch_size}: must be at least 1")
     if input_path is not None:
@@ -316,6 +317,7 @@ def chat_cmd(
                               miss_policy, context)  # fmt: skip
 
     run(lambda: validate.sampling(temperature, top_k, top_p, seed))
+    run(lambda: validate.whole("--max-new-tokens", max_new_tokens))
 
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,

@@ -267,6 +267,8 @@ def test_config_values_out_of_range_name_the_field(model_copy, field, value):
     (["generate", "-p", "hi", "--device", "tpu:x"], "device"),
     (["generate", "-p", "hi", "--device", "mps"], "device"),
     (["generate", "-p", "hi", "--threads", "100000"], "--threads"),
+    (["chat", "-n", "-3"], "--max-new-tokens"),
+    (["generate", "-p", "hi", "-n", "-3"], "--max-new-tokens"),
 ])  # fmt: skip
 def test_cli_values_out_of_range_are_one_line_before_any_work(args, fragment):
     assert_one_line_error(runner.invoke(app, args), fragment)
