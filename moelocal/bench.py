@@ -60,35 +60,47 @@ def configurations(sweeps: dict[str, str | None]) -> list[dict]:
     ]
 
 
-def one_run(engine: Engine, ids: list[int], gen_tokens: int) -> dict:
-    """One prefill + decode; expert figures for the decode alone (the prefill sees every expert)."""
+def one_run(engine: Engine, ids: list[int], gen_tokens: int, trace=None) -> dict:
+    """One prefill + decode; expert figures for the decode alone (the prefill sees every expert).
+    trace: a RoutingTrace that records the decode's routing."""
     stats = Stats()
     ec = engine.expert_cache
     after_prefill = None
-    for i, _ in enumerate(generate(engine.model, [Request(ids, gen_tokens)], stats=[stats])):
-        if i == 0 and ec is not None:
-            after_prefill = ec.stats.copy()
+    try:
+        for i, _ in enumerate(generate(engine.model, [Request(ids, gen_tokens)], stats=[stats])):
+            if i == 0 and ec is not None:
+                after_prefill = ec.stats.copy()
+                ec.trace = trace
+    finally:
+        if ec is not None:
+            ec.trace = None
     decode = ec.stats.since(after_prefill).total() if ec is not None else None
     return {"stats": stats, "decode": decode}
 
 
 def bench_config(model, config: dict, *, device, dtype, prompt_tokens, gen_tokens, repetitions,
-                 context=None) -> dict:  # fmt: skip
+                 context=None, trace=None) -> dict:  # fmt: skip
     options = dict(config)
     options.setdefault("context", context or prompt_tokens + gen_tokens)
     reset_peak_memory()  # each row's peak is its own, not the sweep's so far
     with load(model, device=device, dtype=dtype, **options) as engine:
-        return measure(engine, config, prompt_tokens, gen_tokens, repetitions)
+        return measure(engine, config, prompt_tokens, gen_tokens, repetitions, trace)
 
 
 def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
-            repetitions: int) -> dict:  # fmt: skip
-    """One bench row on a loaded engine."""
+            repetitions: int, trace=None) -> dict:  # fmt: skip
+    """One bench row on a loaded engine; trace (a RoutingTrace) records its first run's decode."""
     engine.check_context(prompt_tokens, gen_tokens)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, engine.config.vocab_size, (prompt_tokens,), generator=gen).tolist()
     one_run(engine, ids[:16], 2)  # warm-up: kernels, allocator, the cache's first fill
-    runs = [one_run(engine, ids, gen_tokens) for _ in range(repetitions)]
+    if trace is not None:
+        cfg, ec = engine.config, engine.expert_cache
+        trace.header |= {"model": engine.model_dir.name, "experts": cfg.num_experts,
+                         "top_k": cfg.num_experts_per_tok,
+                         "moe_layers": sorted(ec.slots) if ec else []}  # fmt: skip
+    runs = [one_run(engine, ids, gen_tokens, trace if r == 0 else None)
+            for r in range(repetitions)]  # fmt: skip
 
     def mean_std(values):
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

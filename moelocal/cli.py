@@ -390,6 +390,10 @@ def bench_cmd(
     threads: Annotated[
         str | None, typer.Option(help="CPU threads, comma-separated (default: physical cores).")
     ] = None,
+    trace_path: Annotated[
+        Path | None,
+        typer.Option("--trace", help="Write the first row's decode routing here (JSON lines)."),
+    ] = None,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV for scripts.")] = False,
 ):
@@ -405,15 +409,24 @@ def bench_cmd(
     if min(prompt_tokens, gen_tokens, repetitions) < 1 or gen_tokens < 2:
         fail("--prompt-tokens and --repetitions must be at least 1, --gen-tokens at least 2")
 
+    from .trace import RoutingTrace
+
     def go():
         sweeps = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
                       cache_policy=cache_policy, prefetch=prefetch, quant=quant,
                       threads=threads)  # fmt: skip
-        return [
-            bench_config(model, config, device=device, dtype=dtype, prompt_tokens=prompt_tokens,
-                         gen_tokens=gen_tokens, repetitions=repetitions)
-            for config in configurations(sweeps)
-        ]  # fmt: skip
+        rows, trace = [], None
+        if trace_path is not None:
+            RoutingTrace.check_path(trace_path)
+            trace = RoutingTrace({})
+        for i, config in enumerate(configurations(sweeps)):
+            rows.append(bench_config(model, config, device=device, dtype=dtype,
+                                     prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                     repetitions=repetitions,
+                                     trace=trace if i == 0 else None))  # fmt: skip
+        if trace is not None:
+            trace.save(trace_path)
+        return rows
 
     rows = run(go)
     if as_json:

@@ -44,6 +44,7 @@ class ExpertCache:
         self.guesses: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         self.guess_ranks = GuessRanks()
         self.stats = CacheStats()
+        self.trace = None  # a trace.RoutingTrace to record each layer's needed experts into
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
         self._preload()
         release_freed_memory()  # the preload's temporaries, if experts were converted as read
@@ -82,6 +83,8 @@ class ExpertCache:
         read: hits first, misses as they land. tokens: expert -> tokens routed to it."""
         m, stats = self.maps[layer], self.stats.layer(layer)
         stats.uses += len(needed)
+        if self.trace is not None:
+            self.trace.record(layer, needed, sum(tokens.values()))
         if not self.streaming:  # every expert has its slot: nothing to load, evict or guess
             stats.hits += len(needed)
             for e in needed:

@@ -1,5 +1,7 @@
 """Expert cache policies replayed on a routing trace: LRU, LFU and Belady's offline optimum.
 
+    python scripts/cache_sim.py TRACE        # a trace from `moelocal bench --trace TRACE`
+
 A trace is one layer's routing, token by token: trace[t] is the set of experts token t needs.
 The cache holds `slots` experts. As in moelocal, a token's cached experts are used first, then
 its misses are loaded one by one; an expert the token has already used may be evicted for the
@@ -69,3 +71,30 @@ def hit_rate(trace: list[set[int]], slots: int, policy_cls) -> float:
 
 
 POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
+
+
+def main():
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from moelocal.trace import RoutingTrace
+
+    ap = argparse.ArgumentParser(description="LRU, LFU and Belady hit rates on a routing trace")
+    ap.add_argument("trace", type=Path)
+    args = ap.parse_args()
+    trace = RoutingTrace.load(args.trace)
+    layers = trace.by_layer()
+    E = trace.header["experts"]
+    print(f"{trace.header.get('model')}: {len(trace.steps)} layer calls, {len(layers)} MoE layers")
+    print("| policy | " + " | ".join(f"{s} slots" for s in range(1, E)) + " |")
+    print("|---" * E + "|")
+    for name, policy in POLICIES.items():
+        rates = [sum(hit_rate(t, s, policy) for t in layers.values()) / len(layers)
+                 for s in range(1, E)]  # fmt: skip
+        print(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rates) + " |")
+
+
+if __name__ == "__main__":
+    main()

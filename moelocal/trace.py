@@ -1,0 +1,64 @@
+"""Routing traces: which experts each MoE layer needed, step by step, as the expert cache saw
+them. `moelocal bench --trace FILE` records the decode of a row; scripts/cache_sim.py replays a
+trace through cache policies (LRU, LFU, Belady's optimum).
+
+A trace is JSON lines: a header {"moe_layers", "experts", "top_k", "model"}, then one line per
+MoE layer call {"layer", "experts", "routed"} in the order they ran: the experts the layer
+needed (for one sequence's decode, the token's top k) and how many (token, expert) pairs were
+routed to them.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MoelocalError, reason
+
+
+@dataclass
+class RoutingTrace:
+    header: dict
+    steps: list[tuple[int, list[int], int]] = field(default_factory=list)  # layer, experts, routed
+
+    def record(self, layer: int, experts: list[int], routed: int):
+        self.steps.append((layer, sorted(experts), routed))
+
+    def by_layer(self) -> dict[int, list[set[int]]]:
+        """Each layer's sequence of needed-expert sets."""
+        out: dict[int, list[set[int]]] = {}
+        for layer, experts, _ in self.steps:
+            out.setdefault(layer, []).append(set(experts))
+        return out
+
+    def save(self, path: Path):
+        lines = [json.dumps(self.header)]
+        lines += [json.dumps({"layer": layer, "experts": e, "routed": n})
+                  for layer, e, n in self.steps]  # fmt: skip
+        try:
+            Path(path).write_text("\n".join(lines) + "\n")
+        except OSError as e:
+            raise MoelocalError(f"--trace {path}: {reason(e)}") from None
+
+    @staticmethod
+    def check_path(path: Path):
+        """A path a trace may be written to: new, or an earlier trace (nothing else is
+        overwritten), in a directory that exists."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise MoelocalError(f"--trace {path}: no such directory {path.parent}")
+        if path.exists():
+            RoutingTrace.load(path)  # refuses what is not a trace
+
+    @classmethod
+    def load(cls, path: Path) -> "RoutingTrace":
+        try:
+            lines = Path(path).read_text().splitlines()
+            trace = cls(json.loads(lines[0]))
+            trace.header["moe_layers"]  # noqa: B018
+            for line in lines[1:]:
+                step = json.loads(line)
+                trace.record(int(step["layer"]), [int(e) for e in step["experts"]],
+                             int(step["routed"]))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise MoelocalError(f"{path}: not a routing trace ({e})") from None
+        return trace

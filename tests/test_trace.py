@@ -1,0 +1,82 @@
+"""Routing traces (`moelocal bench --trace`) and the cache policies replayed on them."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moelocal.cli import app
+from moelocal.trace import RoutingTrace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from cache_sim import POLICIES, hit_rate  # noqa: E402
+
+runner = CliRunner()
+
+
+def bench_trace(path, *args):
+    return runner.invoke(app, ["bench", "-p", "24", "-n", "9", "-r", "2", "--json",
+                               "--trace", str(path), *args])  # fmt: skip
+
+
+def test_bench_records_the_decode_routing(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    result = bench_trace(path, "--cache-experts", "2,8")
+    assert result.exit_code == 0, result.output
+    trace = RoutingTrace.load(path)
+    h = trace.header
+    assert h["model"] == "default" and h["top_k"] == 2 and h["experts"] == 8
+    assert len(trace.steps) == 8 * len(h["moe_layers"])  # 8 decode steps, the first row only
+    assert [layer for layer, _, _ in trace.steps[: len(h["moe_layers"])]] == h["moe_layers"]
+    for _, experts, routed in trace.steps:
+        assert len(experts) == 2 and routed == 2 and all(0 <= e < 8 for e in experts)
+    # greedy decode of the same prompt: the same routing whatever the cache's size
+    again = tmp_path / "again.jsonl"
+    assert bench_trace(again, "--cache-experts", "8").exit_code == 0
+    assert RoutingTrace.load(again).steps == trace.steps
+
+
+def test_a_file_that_is_not_a_trace_is_not_overwritten(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    result = bench_trace(notes)
+    assert result.exit_code == 1 and "not a routing trace" in result.stderr
+    assert notes.read_text() == "keep me"
+    missing = bench_trace(tmp_path / "no" / "t.jsonl")
+    assert missing.exit_code == 1 and "no such directory" in missing.stderr
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_belady_bounds_every_policy(seed):
+    rng = random.Random(seed)
+    E, k = 8, 2
+    hot = rng.sample(range(E), 3)  # some locality, as trained routing has
+    trace = [set(rng.sample(hot if rng.random() < 0.5 else range(E), k)) for _ in range(400)]
+    for slots in range(1, E + 1):
+        best = hit_rate(trace, slots, POLICIES["Belady"])
+        for name in ("LRU", "LFU"):
+            assert hit_rate(trace, slots, POLICIES[name]) <= best + 1e-12, (name, slots)
+    first_uses = len(set().union(*trace))
+    uses = sum(len(t) for t in trace)
+    for policy in POLICIES.values():  # every expert fits: only the first use of each misses
+        assert hit_rate(trace, E, policy) == pytest.approx(1 - first_uses / uses)
+
+
+def test_cache_sim_reads_a_trace(tmp_path):
+    import subprocess
+
+    path = tmp_path / "trace.jsonl"
+    header = {"model": "m", "experts": 4, "top_k": 1, "moe_layers": [0]}
+    steps = [{"layer": 0, "experts": [e], "routed": 1} for e in (0, 1, 0, 2, 0, 3, 0)]
+    path.write_text("\n".join(json.dumps(x) for x in [header, *steps]) + "\n")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "cache_sim.py"
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                         text=True, timeout=60).stdout  # fmt: skip
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if line.startswith("| ") and "policy" not in line}  # fmt: skip
+    # 2 slots: expert 0 comes back every other step; LRU keeps it (3 hits of 7), as Belady does
+    assert float(rows["LRU"][1]) == pytest.approx(3 / 7, abs=1e-3)
+    assert float(rows["Belady"][1]) == pytest.approx(3 / 7, abs=1e-3)
