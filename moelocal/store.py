@@ -220,10 +220,16 @@ class DiskReader:
             raw = raw.clone()
         return raw.view(p.dtype).view(p.shape)
 
-    def _float_matrix(self, p: Piece, layer: int, e: int) -> torch.Tensor:
-        raw = self._read_piece(p).clone()  # the staging buffer is reused by the next piece
+    def _float_matrix(self, p: Piece, layer: int, e: int, out=None) -> torch.Tensor:
+        """The piece as a float matrix of its own (the staging buffer is reused by the next
+        piece): copied into `out` when given (gate and up into their halves of one matrix)."""
+        raw = self._read_piece(p)
         if p.bnb is None:
-            return raw
+            if out is None or out.dtype != raw.dtype or out.shape != raw.shape:
+                return raw.clone()
+            ctypes.memmove(out.data_ptr(), raw.data_ptr(), p.nbytes)  # no OpenMP team here
+            return out
+        raw = raw.clone()
         w = dequantize_checkpoint(raw, p.bnb)
         want = self.layout.shapes()[p.part]
         if tuple(w.shape) != want:
@@ -247,14 +253,20 @@ class DiskReader:
             ctypes.memmove(dest.data_ptr(), raw.data_ptr(), first.nbytes)
             return dest
         if layout.mode != "none" or any(p.bnb is not None for p in parts):
-            # converted as read: the float matrices, then the layout's segments
-            mats = {p.part: self._float_matrix(p, layer, e) for p in parts}
+            # converted as read: the float matrices, then the layout's segments; gate and up
+            # are read straight into the halves of one matrix (no concatenating copy)
+            whole, halves = None, {}
+            if {p.part for p in parts} >= {"gate", "up"}:
+                whole = torch.empty(2 * layout.I, layout.D, dtype=parts[0].dtype)
+                halves = {"gate": whole[: layout.I], "up": whole[layout.I :]}
+            mats = {p.part: self._float_matrix(p, layer, e, halves.get(p.part)) for p in parts}
             gate_up = mats.get("gate_up")
             if gate_up is None:
-                gate_up = torch.cat([mats["gate"], mats["up"]])
+                read_in_place = all(mats[h] is halves[h] for h in ("gate", "up"))
+                gate_up = whole if read_in_place else torch.cat([mats["gate"], mats["up"]])
             layout.fill(dest, gate_up, mats["down"])
             if self.trim:
-                del mats, gate_up
+                del mats, gate_up, whole, halves
                 release_freed_memory()
             return dest
         views = layout.views(dest)
