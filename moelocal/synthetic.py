@@ -9,6 +9,7 @@ renamed into place, so an interrupted run never leaves a half-written model.
 import itertools
 import json
 import os
+import re
 import shutil
 import string
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .errors import MoelocalError
 
 PRESETS = {
     # small enough to create in a second or two (the shape of the first, random, default model)
@@ -106,12 +109,33 @@ def random_matrix(shape, gen) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * shape[-1] ** -0.5
 
 
+WRITTEN = re.compile(
+    r"config\.json|generation_config\.json|tokenizer(_config)?\.json|"
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+def check_replaceable(out_dir: Path):
+    """Only a directory of nothing but the files make_checkpoint writes is replaced: anything
+    else there may be the user's."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise MoelocalError(f"{out_dir} is not a directory of a synthetic checkpoint")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not WRITTEN.fullmatch(p.name))
+        if foreign:
+            names = ", ".join(foreign[:3])
+            raise MoelocalError(f"{out_dir} holds files a synthetic checkpoint does not "
+                                f"({names}); choose another directory")  # fmt: skip
+
+
 def make_checkpoint(
     out_dir: Path, preset: str = "small", seed: int = 0, replace: bool = True, **shape
 ) -> Path:
     """Write a random Mixtral-shaped checkpoint, tokenizer and chat template; returns out_dir.
     `shape` overrides the preset's config fields (hidden_size=..., num_local_experts=...)."""
     out_dir = Path(out_dir)
+    if replace:
+        check_replaceable(out_dir)
     cfg = mixtral_config(PRESETS[preset] | shape)
     dtype = getattr(torch, cfg["dtype"])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

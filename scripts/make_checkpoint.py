@@ -5,9 +5,11 @@ python scripts/make_checkpoint.py mixtral-large --out /tmp/big
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from moelocal.errors import MoelocalError
 from moelocal.hub import data_dir
 from moelocal.synthetic import PRESETS, make_checkpoint
 
@@ -22,7 +24,10 @@ def main():
     args = parser.parse_args()
     out = args.out or data_dir() / "models" / args.preset
     start = time.perf_counter()
-    make_checkpoint(out, args.preset, seed=args.seed)
+    try:
+        make_checkpoint(out, args.preset, seed=args.seed)
+    except MoelocalError as e:
+        sys.exit(f"error: {e}")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.1f}s")
 

@@ -168,6 +168,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def save(model, tok: Tokenizer, out: Path, report: dict):
     """The checkpoint in Hugging Face layout (bf16), tokenizer, chat template and training report;
     written beside `out` and renamed into place."""
+    check_replaceable(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     copy = copy_module.deepcopy(model).to(torch.bfloat16)
@@ -183,6 +184,27 @@ def save(model, tok: Tokenizer, out: Path, report: dict):
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+WRITTEN = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training.json",
+    "NOTICE",
+    "SHA256SUMS.json",
+}
+
+
+def check_replaceable(out: Path):
+    """--out is replaced only when it holds nothing but what this script writes."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        sys.exit(f"--out {out}: not a directory this script wrote")
+    if out.is_dir() and (foreign := sorted(p.name for p in out.iterdir()
+                                           if p.name not in WRITTEN)):  # fmt: skip
+        sys.exit(f"--out {out} holds files this script does not write ({', '.join(foreign[:3])})")
 
 
 def write_notice_and_sums(model_dir: Path):
@@ -215,6 +237,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", type=json.loads, default={}, help="JSON overrides of ARCH")
     args = ap.parse_args()
+    check_replaceable(args.out)  # before an hour of training, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -317,5 +317,6 @@ def test_ctrl_c_during_start_up_ends_the_command(random_model, delay):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    # 130 from moelocal; a signal death only if it came before Python's own handler was set
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr and stderr.count("\n") <= 1, stderr

@@ -177,3 +177,17 @@ def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
     out = engine.generate(other, max_new_tokens=3, prompt_cache=cache)
     assert out.stats.extra["cached_prompt_tokens"] == 4
     assert out.token_ids == engine.generate(other, max_new_tokens=3).token_ids
+
+
+def test_a_synthetic_checkpoint_replaces_only_its_own_files(tmp_path):
+    from moelocal.errors import MoelocalError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "notes.md").write_text("keep me")
+    with pytest.raises(MoelocalError, match="notes.md"):
+        make_checkpoint(project)
+    assert (project / "notes.md").read_text() == "keep me"
+    made = make_checkpoint(tmp_path / "m")
+    assert make_checkpoint(made) == made  # its own files: replaced
