@@ -17,7 +17,9 @@ runner = CliRunner()
 
 
 def test_bench_json_on_the_default_model():
-    result = runner.invoke(app, ["bench", "-p", "48", "-n", "12", "-r", "2", "--cache-experts",
+    # 48 decoded tokens: the trained default model decodes ~350 tok/s, and a run of a few dozen
+    # milliseconds makes the mean of per-run rates and the total-time floor drift apart
+    result = runner.invoke(app, ["bench", "-p", "48", "-n", "48", "-r", "2", "--cache-experts",
                                  "2,8", "--prefetch", "on,off", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
@@ -28,7 +30,7 @@ def test_bench_json_on_the_default_model():
         (8, False),
     ]
     for r in rows:
-        assert r["prompt_tokens"] == 48 and r["gen_tokens"] == 12
+        assert r["prompt_tokens"] == 48 and r["gen_tokens"] == 48
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ttft_ms"] > 0
         assert r["prefill_tok_s_std"] >= 0 and r["decode_tok_s_std"] >= 0
         assert 0 <= r["hit_rate"] <= 1 and 0 <= r["stall_share"] <= 1
