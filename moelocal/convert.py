@@ -28,7 +28,7 @@ from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_cr
 from .errors import MoelocalError, reason
 from .hub import check_free_space, data_dir, resolve_model
 from .loader import Planned, bnb_quant, compute_layout, plan_model, resident_state
-from .model_files import model_file
+from .model_files import foreign_files, model_file
 from .plan import OffloadOptions
 from .quant import round_up
 from .store import ALIGN, DiskReader, aligned_buffer
@@ -58,12 +58,9 @@ def check_out(out: Path):
         return
     if not out.is_dir():
         raise MoelocalError(f"--out {out} is a file: give a directory")
-    names = {p.name for p in out.iterdir()}
-    if not names:
+    if not any(out.iterdir()):
         return
-    foreign = sorted(names - WRITTEN) or sorted(
-        n for n in names if not (out / n).is_file() or (out / n).is_symlink()
-    )
+    foreign = foreign_files(out, WRITTEN)
     if foreign or not earlier_conversion(out / MANIFEST):
         what = f" ({', '.join(foreign[:3])}{', ...' * (len(foreign) > 3)})" if foreign else ""
         raise MoelocalError(f"--out {out} holds files that are not a converted model{what}: "

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import MoelocalError, reason
+from .model_files import foreign_files
 
 SOURCE = Path(__file__).resolve().parent / "data" / "default"
 SUMS = "SHA256SUMS.json"  # {file name: sha256}, beside the shipped files
@@ -45,10 +46,11 @@ def damaged(directory: Path, sums: dict[str, str]) -> list[str]:
 def installed(path: Path) -> Path:
     """The default model at `path`, installed (again) first if it is missing or damaged."""
     sums = checksums()
-    if path.is_dir() and not path.is_symlink() and not damaged(path, sums):
+    bad = damaged(path, sums) if path.is_dir() and not path.is_symlink() else None
+    if bad == []:
         return path
-    if path.is_dir():  # damaged, or left by an older moelocal
-        changed = ", ".join(damaged(path, sums))
+    if bad:  # damaged, or left by an older moelocal
+        changed = ", ".join(bad)
         print(f"moelocal: installing the default model in {path} again ({changed} missing or "
               "changed)", file=sys.stderr)  # fmt: skip
     try:
@@ -66,8 +68,7 @@ def install(path: Path, sums: dict[str, str]):
         raise MoelocalError(f"{path} is not a directory moelocal made; move it away to install "
                             "the default model")  # fmt: skip
     if path.is_dir():
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in sums)
-        if foreign:
+        if foreign := foreign_files(path, sums):
             raise MoelocalError(
                 f"{path} holds files that are not the default model's "
                 f"({', '.join(foreign)}); move them away to install it"

@@ -5,6 +5,7 @@ into the repository's blobs/), inside that repository's cache folder: a shard na
 opened: a FIFO or a device in a file's place would block or never end.
 """
 
+from collections.abc import Callable, Container
 from pathlib import Path, PurePosixPath
 
 from .errors import MoelocalError
@@ -18,6 +19,15 @@ def root(model_dir: Path) -> Path:
     ):
         return model_dir.parent.parent.resolve()
     return model_dir.resolve()
+
+
+def foreign_files(directory: Path, ours: Container[str] | Callable[[str], bool]) -> list[str]:
+    """What in `directory` moelocal did not write: names that are not `ours` (a set of names or
+    a test of one), and anything but a regular file under one of our names. The one check before
+    replacing or removing a directory moelocal made (a user's work may sit where ours would)."""
+    is_ours = ours if callable(ours) else ours.__contains__
+    return sorted(p.name for p in Path(directory).iterdir()
+                  if not is_ours(p.name) or p.is_symlink() or not p.is_file())  # fmt: skip
 
 
 def model_file(model_dir: Path, name) -> Path | None:

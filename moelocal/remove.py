@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import MoelocalError
 from .hub import DEFAULT_MODEL, data_dir, hub_cache_dir
+from .model_files import foreign_files
 
 
 @dataclass
@@ -45,8 +46,7 @@ def data_dir_removal(path: Path, models: Path) -> Removal:
         raise MoelocalError(f"{path} is not a model in moelocal's data directory ({models}); "
                             "rm removes only what moelocal made or downloaded")  # fmt: skip
     if path.name == DEFAULT_MODEL and path.is_dir():
-        foreign = [p.name for p in path.iterdir() if p.name not in checksums()]
-        if foreign:
+        if foreign := foreign_files(path, checksums()):
             raise MoelocalError(f"{path} holds files moelocal did not write ({', '.join(foreign)})")
     else:
         check_out(path)  # only a provable conversion (or an empty directory) passes

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .errors import MoelocalError
+from .model_files import foreign_files
 
 PRESETS = {
     # small enough to create in a second or two (the shape of the first, random, default model)
@@ -121,8 +122,7 @@ def check_replaceable(out_dir: Path):
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise MoelocalError(f"{out_dir} is not a directory of a synthetic checkpoint")
     if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if not WRITTEN.fullmatch(p.name))
-        if foreign:
+        if foreign := foreign_files(out_dir, WRITTEN.fullmatch):
             names = ", ".join(foreign[:3])
             raise MoelocalError(f"{out_dir} holds files a synthetic checkpoint does not "
                                 f"({names}); choose another directory")  # fmt: skip

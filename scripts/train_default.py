@@ -34,6 +34,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moelocal.model_files import foreign_files  # noqa: E402
 from moelocal.synthetic import CHAT_TEMPLATE  # noqa: E402
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -202,8 +203,7 @@ def check_replaceable(out: Path):
     """--out is replaced only when it holds nothing but what this script writes."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         sys.exit(f"--out {out}: not a directory this script wrote")
-    if out.is_dir() and (foreign := sorted(p.name for p in out.iterdir()
-                                           if p.name not in WRITTEN)):  # fmt: skip
+    if out.is_dir() and (foreign := foreign_files(out, WRITTEN)):
         sys.exit(f"--out {out} holds files this script does not write ({', '.join(foreign[:3])})")
 
 
