@@ -6,6 +6,7 @@ performance model: time per token >= max(compute time, bytes moved ÷ measured b
 
 import itertools
 import statistics
+from dataclasses import fields
 
 import torch
 from rich.table import Table
@@ -13,9 +14,8 @@ from rich.table import Table
 from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
-from .plan import human, parse_size
+from .plan import OffloadOptions, human
 from .quant import MODES
-from .slot_map import POLICIES
 
 
 def parse_sweep(name: str, value: str | None) -> list:
@@ -35,13 +35,8 @@ def parse_sweep(name: str, value: str | None) -> list:
         if not numbers or min(numbers) < low:
             raise MoelocalError(f"{option} '{value}': whole numbers >= {low}, comma-separated")
         return numbers
-    if name in ("gpu_mem", "cpu_mem"):
-        for v in items:
-            parse_size(v, option)
     if name == "quant" and any(v not in MODES for v in items):
         raise MoelocalError(f"{option} '{value}': {', '.join(MODES)}, comma-separated")
-    if name == "cache_policy" and any(v not in POLICIES for v in items):
-        raise MoelocalError(f"{option} '{value}': {' or '.join(POLICIES)}, comma-separated")
     if name == "prefetch":
         flags = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
         if any(v.lower() not in flags for v in items):
@@ -54,10 +49,14 @@ def configurations(sweeps: dict[str, str | None]) -> list[dict]:
     """The cartesian product of every swept option: one bench row each."""
     names = list(sweeps)
     values = [parse_sweep(name, sweeps[name]) for name in names]
-    return [
+    configs = [
         {k: v for k, v in zip(names, combo, strict=True) if v is not None}
         for combo in itertools.product(*values)
     ]
+    offload = {f.name for f in fields(OffloadOptions)}
+    for config in configs:  # every row's options checked as load() will, before the first runs
+        OffloadOptions(**{k: v for k, v in config.items() if k in offload})
+    return configs
 
 
 def one_run(engine: Engine, ids: list[int], gen_tokens: int, trace=None) -> dict:
