@@ -22,7 +22,7 @@ from .generate import PREFILL_CHUNK, Request, Stats, generate
 from .hub import resolve_model
 from .loader import load_model, plan_model
 from .model_files import model_file
-from .models.common import KVCache
+from .models.attention import KVCache
 from .plan import OffloadOptions
 from .tokenizer import Tokenizer
 

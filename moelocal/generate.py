@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models.common import KVCache
+from .models.attention import KVCache
 from .models.transformer import Transformer
 from .sample import sample
 

@@ -19,7 +19,8 @@ from .expert_cache import ExpertCache
 from .experts import ExpertLayout
 from .io_queue import IOQueue
 from .models import FAMILIES
-from .models.common import Attention, Rotary
+from .models.attention import Attention
+from .models.common import Rotary
 from .models.family import Family
 from .models.moe import router_dtype
 from .models.transformer import Transformer

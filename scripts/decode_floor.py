@@ -14,7 +14,7 @@ import moelocal
 import moelocal.cpu_kernels
 import moelocal.experts
 import moelocal.quant
-from moelocal.models.common import KVCache
+from moelocal.models.attention import KVCache
 
 
 def per_token(fn, tokens: int, repeats: int = 5) -> float:

@@ -16,7 +16,7 @@ import torch
 
 import moelocal
 import moelocal.quant
-from moelocal.models.common import KVCache
+from moelocal.models.attention import KVCache
 
 
 @torch.inference_mode()

@@ -120,7 +120,7 @@ def prefill_tok_s(engine: moelocal.Engine, tokens: int, repeats: int = 3) -> flo
     """moelocal's best of `repeats` prefills of a `tokens`-token prompt, in tokens/s."""
     import time
 
-    from moelocal.models.common import KVCache
+    from moelocal.models.attention import KVCache
 
     ids = torch.randint(3, engine.config.vocab_size, (1, tokens),
                         generator=torch.Generator().manual_seed(0))  # fmt: skip

@@ -116,7 +116,7 @@ def test_seeded_sampling_repeats(tiny):
 
 def test_kv_cache_decode_equals_full_forward(tiny):
     """Logits of a one-token-at-a-time decode equal those of one pass over the whole sequence."""
-    from moelocal.models.common import KVCache
+    from moelocal.models.attention import KVCache
 
     engine = moelocal.load(tiny("deepseek_v3")[0], device="cpu")
     ids = prompt(10)

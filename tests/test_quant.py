@@ -159,7 +159,7 @@ def test_fused_qkv_projection_gives_the_same_rows(mode, bias):
     """Quantized attention multiplies q, k and v in one call; every row is quantized on its own,
     so q, k and v come out as the three separate projections would give them."""
     from moelocal.config import ModelConfig
-    from moelocal.models.common import Attention
+    from moelocal.models.attention import Attention
     from moelocal.quant import quantize_linears
 
     cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=64, intermediate_size=32,
@@ -292,7 +292,7 @@ def test_prefill_and_decode_agree(mode):
     """Whole-sequence logits (the GEMM path) and one token at a time (the kernels) agree as
     closely as they did with torch's kernels (mean KL over 300 positions, measured: int8 0.0013,
     int4 0.0018; with torch's kernels 0.0022, 0.0016; bf16 alone 0.0002)."""
-    from moelocal.models.common import KVCache
+    from moelocal.models.attention import KVCache
 
     engine = moelocal.load(device="cpu", quant=mode)
     ids = torch.randint(3, 2048, (300,), generator=torch.Generator().manual_seed(0)).tolist()

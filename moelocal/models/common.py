@@ -1,9 +1,10 @@
-"""The layers every family shares: norms, RoPE, attention with a KV cache, dense MLPs.
+"""The layers every family shares: norms, RoPE, activations, dense MLPs.
 
 A family file (mixtral.py, deepseek.py, ...) holds only what differs: its config names, its key
 table and, for DeepSeek, latent attention. Module and parameter names follow the Hugging Face
-checkpoints (`self_attn.q_proj`, `mlp.gate`), so resident weights load by name. Routing and the
-MoE block are in moe.py, the decoder stack in transformer.py.
+checkpoints (`self_attn.q_proj`, `mlp.gate`), so resident weights load by name. Attention and
+its KV cache are in attention.py, routing and the MoE block in moe.py, the decoder stack in
+transformer.py.
 """
 
 import math
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cpu_kernels
-from ..config import ModelConfig
 from ..errors import MoelocalError
 
 ACTIVATIONS = {
@@ -124,114 +124,6 @@ def apply_rope(x, cos, sin, interleaved: bool = False):
         return ops.rope(x, cos, sin)
     # x·cos + rotate_half(x)·sin, where rotate_half(x) = (-x2, x1) = roll(x) with signs in sin
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
-
-
-# ---- attention ------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Per layer, two preallocated tensors (B, heads, max_len, d) filled left to right.
-
-    Standard attention stores keys and values; DeepSeek's latent attention stores the compressed
-    latent and the shared rotary key. `length` advances once per forward pass, after every layer.
-    A batch of prompts of different lengths is left-padded: `pads[b]` leading positions of row b
-    are padding, never attended to, and row b's positions count from its first real token.
-    """
-
-    def __init__(self, n_layers: int, max_len: int, pads: list[int] | None = None):
-        self.max_len = max_len
-        self.length = 0
-        self.pads = torch.tensor(pads) if pads and any(pads) else None
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-
-    def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
-        end = self.length + a.shape[2]
-        assert end <= self.max_len, (end, self.max_len)
-        held = self.tensors[layer]
-        if held is None or held[0].shape[2] < end:
-            # room for what is asked; a long-lived cache (a chat) grows by doubling, not to
-            # max_len at once, which may be the model's whole context
-            size = min(self.max_len, max(end, 2 * held[0].shape[2] if held else end))
-            grown = tuple(t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (a, b))
-            if held is not None:
-                for new, old in zip(grown, held, strict=True):
-                    new[:, :, : self.length] = old[:, :, : self.length]
-            self.tensors[layer] = held = grown
-        ca, cb = held
-        ca[:, :, self.length : end] = a
-        cb[:, :, self.length : end] = b
-        return ca[:, :, :end], cb[:, :, :end]
-
-
-def attention_mask(start: int, T: int, window: int | None, pads, device) -> torch.Tensor | None:
-    """Boolean (T, start+T), or (B, 1, T, start+T) with left padding: causal, within the sliding
-    window when there is one, and never onto padding."""
-    S = start + T
-    if T == 1 and (window is None or S <= window) and pads is None:
-        return None
-    q = torch.arange(start, S, device=device)[:, None]
-    k = torch.arange(S, device=device)[None, :]
-    mask = k <= q
-    if window is not None:
-        mask &= q - k < window
-    if pads is not None:
-        real = k[None] >= pads.to(device)[:, None, None]  # (B, 1, S)
-        # a padding query attends to itself only: its output is unused, and never NaN
-        mask = (mask[None] & real) | (q == k)[None]
-        mask = mask[:, None]
-    return mask
-
-
-class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads (Mixtral, Qwen2/3-MoE, OLMoE)."""
-
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(D, self.H * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.H * hd, D, bias=cfg.o_bias)
-        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
-        elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(self.H * hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.KV * hd, cfg.rms_norm_eps)
-
-    def fuse_qkv(self):
-        """Put q, k and v in one projection: one kernel call instead of three. For quantized
-        layers only: each output row stays what it was, as every row is quantized on its own."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_sizes = [m.out_features for m in parts]
-        fused = nn.Linear(parts[0].in_features, sum(self.qkv_sizes), device="meta")
-        fused.weight = nn.Parameter(torch.cat([m.weight for m in parts]), requires_grad=False)
-        fused.bias = None
-        if parts[0].bias is not None:
-            fused.bias = nn.Parameter(torch.cat([m.bias for m in parts]), requires_grad=False)
-        self.qkv_proj = fused
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def forward(self, x, rope, kv: KVCache, mask):
-        B, T, _ = x.shape
-        if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k, v = (t.view(B, T, -1, self.hd) for t in (q, k, v))
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = kv.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.H != self.KV)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 # ---- feed-forward ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from ..errors import MoelocalError
 
 
 def standard_attention() -> type:
-    from .common import Attention  # torch: imported when a model is built, not to read a config
+    from .attention import Attention  # torch: imported when a model is built, not to read a config
 
     return Attention
 

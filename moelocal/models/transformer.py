@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .common import MLP, Attention, KVCache, RMSNorm, Rotary, attention_mask
+from .attention import Attention, KVCache, attention_mask
+from .common import MLP, RMSNorm, Rotary
 from .moe import MoE
 
 
