@@ -38,6 +38,7 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     rms_norm_eps: float
+    norm_weight_in_float: bool = False  # gpt-oss: RMSNorm weighs in float32, then rounds
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     rope: dict = field(default_factory=dict)  # rope_type, rope_theta, and the type's parameters
@@ -49,6 +50,7 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: str | None = None  # "head" (Qwen3: per head) or "full" (OLMoE: whole projection)
     clip_qkv: float | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
     sliding_windows: list = field(default_factory=list)  # per layer: window in tokens, or None
     # routed experts
     num_experts: int = 0
@@ -56,13 +58,21 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     moe_layers: list = field(default_factory=list)  # per layer: True where the MLP is a MoE block
     norm_topk_prob: bool = False
-    scoring: str = "softmax"  # "softmax" or "sigmoid" (DeepSeek-V3)
+    # "softmax" (over all experts, then top-k), "topk_softmax" (top-k logits, then softmax over
+    # them: gpt-oss) or "sigmoid" (DeepSeek-V3)
+    scoring: str = "softmax"
     topk_method: str = "greedy"  # "greedy", "group_limited_greedy" (V2), "noaux_tc" (V3)
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     router_fp32: bool = False  # DeepSeek computes router logits in float32
     router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    router_linear_bias: bool = False  # gpt-oss: the router is a Linear layer with a bias
+    expert_bias: bool = False  # gpt-oss: routed experts' projections have biases
+    # gpt-oss's clamped SwiGLU: (clamp(up) + 1) * gate * sigmoid(alpha * gate), gate clamped
+    # from above; None: the usual act(gate) * up
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
     # shared experts
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert

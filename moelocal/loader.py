@@ -32,8 +32,11 @@ from .store import IO_THREADS, DiskReader, check_shapes, expert_pieces, packed_p
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
-# experts already stacked on disk: gate_up_proj (E, 2I, D) and down_proj (E, D, I)
-FUSED_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# experts already stacked on disk: gate_up_proj (E, 2I, D) and down_proj (E, D, I) (or as the
+# family's storage says), with their biases or as MXFP4 blocks and scales
+FUSED_EXPERT_KEY = re.compile(
+    r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias|_blocks|_scales)?)"
+)
 UNUSED_KEY = re.compile(r".*rotary_emb\.inv_freq")
 # bitsandbytes' quant state beside a quantized weight X.weight (transformers' load_in_4bit/8bit)
 BNB_AUX = re.compile(
@@ -114,6 +117,16 @@ def bnb_quant(raw_config: dict) -> str | None:
     return q.get("bnb_4bit_quant_type", "fp4")
 
 
+def checkpoint_quant(raw_config: dict, device: torch.device) -> str | None:
+    """The --quant a checkpoint runs in unless told otherwise: a bitsandbytes checkpoint's own
+    format; for MXFP4 experts (gpt-oss), 4-bit, as close as the device has (int4 on the CPU,
+    nf4 on CUDA), not bf16 at four times the size."""
+    q = raw_config.get("quantization_config") or {}
+    if q.get("quant_method") == "mxfp4":
+        return "int4" if device.type == "cpu" else "nf4"
+    return bnb_quant(raw_config)
+
+
 def read_weight(ckpt: Checkpoint, key: str, bnb: dict) -> torch.Tensor:
     """A tensor by key; a bitsandbytes-quantized weight comes back dequantized."""
     if key not in bnb:
@@ -157,7 +170,7 @@ def plan_model(
         dtype, quant = packed
     # a bitsandbytes checkpoint runs in its own format unless told otherwise
     dtype = dtype or cfg.dtype
-    quant = check_mode(quant or bnb_quant(ckpt.config), device) or "none"
+    quant = check_mode(quant or checkpoint_quant(ckpt.config, device), device) or "none"
     with torch.device("meta"):
         model = family.build(cfg)
     sizes = resident_components(
@@ -185,12 +198,16 @@ def plan_model(
     if ckpt.manifest is not None:
         pieces = packed_pieces(ckpt, moe_layers, cfg.num_experts)
     else:
-        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused, bnb)
-    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant)
+        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused, bnb,
+                               family.experts_transposed, family.gate_up_interleaved)  # fmt: skip
+    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant,
+                          cfg.expert_bias)  # fmt: skip
     check_shapes(pieces, layout)
     largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
     # experts read from a Hugging Face checkpoint are converted as they are read
-    quantize_on_read = ckpt.manifest is None and (quant != "none" or bool(bnb))
+    quantize_on_read = ckpt.manifest is None and (
+        quant != "none" or not all(p.plain for parts in pieces.values() for p in parts)
+    )
     plan = make_plan(
         cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
     )

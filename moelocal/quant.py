@@ -289,6 +289,20 @@ def dequantize_4bit(q: torch.Tensor, state) -> torch.Tensor:
     return bitsandbytes().dequantize_4bit(q, flat).reshape(state.shape)
 
 
+# OCP MX FP4 (e2m1): the value of each 4-bit code
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 as gpt-oss's checkpoints store experts -> float32 (N, K): blocks (N, K/32, 16)
+    bytes of two e2m1 codes each, the low nibble first; scales (N, K/32) e8m0, i.e. the power of
+    two 2^(s - 127) each block of 32 is multiplied by."""
+    N, G, _ = blocks.shape
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).view(N, G, 32).long()
+    values = torch.tensor(FP4_E2M1)[codes]
+    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).view(N, G * 32)
+
+
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored quantized; the bias stays as it was.
 

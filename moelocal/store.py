@@ -5,7 +5,8 @@ Reads run on the I/O queue's threads (io_queue.py), with O_DIRECT where the file
 it, so that the page cache does not quietly hold a second copy of the model; elsewhere each read
 is followed by a hint to drop its pages. A read lands in an aligned staging buffer, then is
 copied into the destination blob as it is (a converted model, after its CRC32 check), or cast,
-dequantized (bitsandbytes) and quantized into the blob's layout. This module does not decide
+decoded (bitsandbytes, MXFP4, transposed or interleaved storage) and quantized into the blob's
+layout. This module does not decide
 what to load; the expert cache does, and its movers (movers.py) put the blobs where they go.
 """
 
@@ -16,7 +17,7 @@ import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from .errors import MoelocalError
 from .experts import ExpertLayout
 from .model_files import model_file
-from .quant import dequantize_checkpoint
+from .quant import dequantize_checkpoint, dequantize_mxfp4
 
 ALIGN = 4096
 IO_THREADS = 4  # disk reads in flight at once (io_queue.py), each with a staging buffer
@@ -37,7 +38,9 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 class Piece:
     """One matrix of one expert (or its slice of a fused tensor) in a checkpoint file."""
 
-    part: str  # gate, up, down, gate_up, or blob (a whole expert of a converted model)
+    # gate, up, down, gate_up, their biases (gate_up_bias, down_bias), or blob (a whole expert
+    # of a converted model)
+    part: str
     path: Path
     offset: int  # of its first byte in the file
     nbytes: int
@@ -45,6 +48,23 @@ class Piece:
     shape: tuple[int, ...]
     crc32: int | None = None  # converted models check every read
     bnb: dict | None = field(default=None, compare=False)  # bitsandbytes quant state, if any
+    # how the checkpoint stores it, when not as an (out, in) matrix of gate rows then up rows:
+    transposed: bool = False  # (in, out), for x @ W (gpt-oss)
+    interleaved: bool = False  # gate and up rows alternate (gpt-oss)
+    scales: "Piece | None" = None  # MXFP4: these are the blocks, and `scales` their scales
+
+    @property
+    def plain(self) -> bool:
+        """Stored as the blob holds it, but perhaps for its dtype."""
+        return not (self.bnb or self.transposed or self.interleaved or self.scales)
+
+    @property
+    def decoded_shape(self) -> tuple[int, ...]:
+        """Its shape as a matrix (out, in) or bias once decoded (bitsandbytes: once read)."""
+        shape = self.shape
+        if self.scales is not None:  # blocks (out, in / 32, 16 bytes)
+            shape = (shape[0], shape[1] * 2 * shape[2])
+        return shape[::-1] if self.transposed else shape
 
 
 def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]:
@@ -65,12 +85,16 @@ def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]
     return out
 
 
-def expert_pieces(
-    ckpt, moe_layers, n_experts, expert_keys, fused, bnb=None
-) -> dict[tuple, list[Piece]]:
-    """(layer, expert) -> the pieces to read, from per-expert keys or fused (E, ...) tensors.
-    bnb: weight key -> quant-state keys, for experts quantized by bitsandbytes (their small
-    quant-state tensors are read now, the packed weights by offset when needed)."""
+def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused, bnb=None,
+                  transposed: bool = False, interleaved: bool = False) -> dict:  # fmt: skip
+    """(layer, expert) -> the pieces (list[Piece]) to read, from per-expert keys or fused
+    (E, ...) tensors.
+
+    fused: (layer, name) -> key, name gate_up_proj or down_proj, with a suffix _bias (its
+    biases), or _blocks and _scales (MXFP4). transposed, interleaved: how the family stores its
+    fused matrices (see Piece). bnb: weight key -> quant-state keys, for experts quantized by
+    bitsandbytes (their small quant-state tensors are read now, the packed weights by offset
+    when needed)."""
     bnb = bnb or {}
     offsets, pieces = {}, {}
 
@@ -92,11 +116,32 @@ def expert_pieces(
         row = nbytes // shape[0]  # expert e's slice of a fused (E, ...) tensor
         return Piece(part, shard, offset + e * row, row, dtype, shape[1:])
 
+    def fused_parts(layer, e) -> list[Piece]:
+        parts = []
+        for part in ("gate_up", "down"):
+            name, inter = f"{part}_proj", interleaved and part == "gate_up"
+            if (layer, f"{name}_blocks") in fused:  # MXFP4 blocks are (out, in), never transposed
+                scales = fused.get((layer, f"{name}_scales"))
+                if scales is None:
+                    raise MoelocalError(f"{ckpt.dir}: {fused[layer, f'{name}_blocks']} has no "
+                                        f"{name}_scales beside it")  # fmt: skip
+                blocks = piece(part, fused[layer, f"{name}_blocks"], e)
+                parts.append(replace(blocks, scales=piece(part, scales, e), interleaved=inter))
+            elif (layer, name) in fused:
+                p = piece(part, fused[layer, name], e)
+                parts.append(replace(p, transposed=transposed, interleaved=inter))
+            else:
+                raise MoelocalError(f"{ckpt.dir}: checkpoint lacks the {part} matrices of the "
+                                    f"experts of layer {layer}")  # fmt: skip
+            if (layer, f"{name}_bias") in fused:
+                p = piece(f"{part}_bias", fused[layer, f"{name}_bias"], e)
+                parts.append(replace(p, interleaved=inter))
+        return parts
+
     for layer in moe_layers:
         for e in range(n_experts):
-            if (layer, "gate_up_proj") in fused and (layer, "down_proj") in fused:
-                parts = [piece("gate_up", fused[layer, "gate_up_proj"], e),
-                         piece("down", fused[layer, "down_proj"], e)]  # fmt: skip
+            if any(key_layer == layer for key_layer, _ in fused):
+                parts = fused_parts(layer, e)
             else:
                 parts = []
                 for part in ("gate", "up", "down"):
@@ -131,12 +176,21 @@ def packed_pieces(ckpt, moe_layers, n_experts) -> dict[tuple, list[Piece]]:
 
 
 def check_shapes(pieces: dict, layout: ExpertLayout):
+    """Every expert's pieces have the shapes config.json implies, and biases where the family's
+    experts have them, nowhere else."""
     want = layout.shapes() | {"blob": (layout.nbytes,)}
     for (layer, e), parts in pieces.items():
+        biases = {p.part for p in parts if p.part.endswith("_bias")}
+        if parts[0].part != "blob" and biases != ({"gate_up_bias", "down_bias"} if layout.bias
+                                                  else set()):  # fmt: skip
+            raise MoelocalError(f"{parts[0].path}: expert {e} of layer {layer} has biases "
+                                f"{sorted(biases) or 'none'}; the model's experts "
+                                f"{'have' if layout.bias else 'have none'}")  # fmt: skip
         for p in parts:
-            if p.shape != want[p.part] and p.bnb is None:  # a packed one is checked once read
+            shape = p.decoded_shape
+            if shape != want[p.part] and p.bnb is None:  # a packed one is checked once read
                 raise MoelocalError(
-                    f"{p.path}: expert {e} of layer {layer}: {p.part} has shape {p.shape}, "
+                    f"{p.path}: expert {e} of layer {layer}: {p.part} has shape {shape}, "
                     f"config.json implies {want[p.part]}"
                 )
 
@@ -221,20 +275,28 @@ class DiskReader:
         return raw.view(p.dtype).view(p.shape)
 
     def _float_matrix(self, p: Piece, layer: int, e: int, out=None) -> torch.Tensor:
-        """The piece as a float matrix of its own (the staging buffer is reused by the next
-        piece): copied into `out` when given (gate and up into their halves of one matrix)."""
+        """The piece as a float (out, in) matrix or bias of its own (the staging buffer is reused
+        by the next piece): copied into `out` when given (gate and up into their halves of one
+        matrix). Decoded as the checkpoint stores it: dequantized, transposed, de-interleaved."""
         raw = self._read_piece(p)
-        if p.bnb is None:
+        if p.plain:
             if out is None or out.dtype != raw.dtype or out.shape != raw.shape:
                 return raw.clone()
             ctypes.memmove(out.data_ptr(), raw.data_ptr(), p.nbytes)  # no OpenMP team here
             return out
-        raw = raw.clone()
-        w = dequantize_checkpoint(raw, p.bnb)
-        want = self.layout.shapes()[p.part]
-        if tuple(w.shape) != want:
-            raise MoelocalError(f"{p.path}: expert {e} of layer {layer}: {p.part} has shape "
-                                f"{tuple(w.shape)}, config.json implies {want}")  # fmt: skip
+        w = raw.clone()
+        if p.bnb is not None:
+            w = dequantize_checkpoint(w, p.bnb)
+            want = self.layout.shapes()[p.part]
+            if tuple(w.shape) != want:
+                raise MoelocalError(f"{p.path}: expert {e} of layer {layer}: {p.part} has shape "
+                                    f"{tuple(w.shape)}, config.json implies {want}")  # fmt: skip
+        if p.scales is not None:
+            w = dequantize_mxfp4(w, self._read_piece(p.scales))
+        if p.transposed:
+            w = w.t()
+        if p.interleaved:  # gate rows first, then up rows, as the blob holds them
+            w = torch.cat((w[0::2], w[1::2]))
         return w
 
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
@@ -252,7 +314,7 @@ class DiskReader:
                 )
             ctypes.memmove(dest.data_ptr(), raw.data_ptr(), first.nbytes)
             return dest
-        if layout.mode != "none" or any(p.bnb is not None for p in parts):
+        if layout.mode != "none" or not all(p.plain for p in parts):
             # converted as read: the float matrices, then the layout's segments; gate and up
             # are read straight into the halves of one matrix (no concatenating copy)
             whole, halves = None, {}
@@ -264,7 +326,8 @@ class DiskReader:
             if gate_up is None:
                 read_in_place = all(mats[h] is halves[h] for h in ("gate", "up"))
                 gate_up = whole if read_in_place else torch.cat([mats["gate"], mats["up"]])
-            layout.fill(dest, gate_up, mats["down"])
+            layout.fill(dest, gate_up, mats["down"], mats.get("gate_up_bias"),
+                        mats.get("down_bias"))  # fmt: skip
             if self.trim:
                 del mats, gate_up, whole, halves
                 release_freed_memory()
@@ -273,6 +336,9 @@ class DiskReader:
         gate_up, down = views["gate_up"]["w"], views["down"]["w"]
         I = layout.I
         targets = {"gate": gate_up[:I], "up": gate_up[I:], "gate_up": gate_up, "down": down}
+        if layout.bias:
+            targets |= {"gate_up_bias": views["gate_up_bias"]["b"],
+                        "down_bias": views["down_bias"]["b"]}  # fmt: skip
         for p in parts:
             src, dst = self._read_piece(p), targets[p.part]
             if src.dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":

@@ -14,6 +14,7 @@ from moelocal.errors import MoelocalError
 from moelocal.expert_cache import ExpertCache
 from moelocal.experts import ExpertLayout
 from moelocal.io_queue import DEMAND, GUESS, IOQueue, Job
+from moelocal.models.common import GLU
 from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
 from moelocal.slot_map import SlotMap
@@ -179,7 +180,7 @@ def step(cache, experts, n_tokens=1, layer=0):
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([experts] * n_tokens)
     weights = torch.full(ids.shape, 1.0 / len(experts))
-    block = SimpleNamespace(experts=cache, layer=layer, act=F.silu)
+    block = SimpleNamespace(experts=cache, layer=layer, glu=GLU(F.silu))
     return MoE.routed_experts(block, x, ids, weights), x, ids, weights
 
 
@@ -241,9 +242,9 @@ def test_one_token_sums_like_the_general_path(dtype):
     want = torch.zeros_like(x)
     for e, k in ((1, 1), (4, 0)):
         blob = layout.fill(torch.empty(layout.nbytes, dtype=torch.uint8), *reader.weights(0, e))
-        y = layout.forward(x, layout.views(blob), F.silu) * weights[:, k, None]
+        y = layout.forward(x, layout.views(blob), GLU(F.silu)) * weights[:, k, None]
         want.index_add_(0, torch.tensor([0]), y.to(dtype))
-    block = SimpleNamespace(experts=cache, layer=0, act=F.silu)
+    block = SimpleNamespace(experts=cache, layer=0, glu=GLU(F.silu))
     out = MoE.routed_experts(block, x, ids, weights)
     assert out.dtype == dtype and torch.equal(out, want)
     cache.close()

@@ -23,8 +23,8 @@ def reference_greedy(ref, ids, n):
     return out[0, len(ids) :].tolist()
 
 
-def assert_matches_transformers(path, ref, n_prompt=24, n_new=16):
-    engine = moelocal.load(path, device="cpu")
+def assert_matches_transformers(path, ref, n_prompt=24, n_new=16, **load):
+    engine = moelocal.load(path, device="cpu", **load)
     ids = prompt(n_prompt)
     ours = engine.logits(ids)
     theirs = reference_logits(ref, ids)
@@ -55,10 +55,35 @@ def test_matches_transformers(tiny, arch):
                               "beta_slow": 1}},
         ),
         ("mixtral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0}),
+        ("gpt_oss", {"swiglu_limit": 2.0, "swiglu_alpha": 1.0, "sliding_window": 3,
+                     "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
+        ("gpt_oss", {"attention_bias": False, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "beta_fast": 16.0,
+            "beta_slow": 2.0, "truncate": True, "original_max_position_embeddings": 32}}),
     ],
 )  # fmt: skip
 def test_architecture_variants(tiny, arch, overrides):
     assert_matches_transformers(*tiny(arch, seed=1, **overrides))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"swiglu_limit": 1.5, "num_experts_per_tok": 3}])
+def test_mxfp4_experts_as_published_match_transformers_reading_them(tmp_path, overrides):
+    """gpt-oss's experts in MXFP4, read by transformers (which dequantizes them on the CPU) and
+    by moelocal with --quant none: the same model, resident or streamed from disk; by default
+    moelocal runs them in int4."""
+    import transformers
+    from tiny import save_mxfp4
+
+    save_mxfp4(tmp_path, "gpt_oss", seed=2, **overrides)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)
+    ).eval()
+    assert_matches_transformers(tmp_path, ref, quant="none")
+    ids = prompt(16)
+    resident = moelocal.load(tmp_path, device="cpu", quant="none")
+    streamed = moelocal.load(tmp_path, device="cpu", quant="none", cache_experts=1)
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    assert moelocal.load(tmp_path, device="cpu").plan.quant == "int4"
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):

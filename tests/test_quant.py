@@ -310,6 +310,7 @@ def test_the_fused_expert_is_the_separate_ops(mode):
     import torch.nn.functional as F
 
     from moelocal.experts import ExpertLayout
+    from moelocal.models.common import GLU
 
     layout = ExpertLayout(96, 80, torch.bfloat16, mode)
     gen = torch.Generator().manual_seed(2)
@@ -318,6 +319,6 @@ def test_the_fused_expert_is_the_separate_ops(mode):
     views = layout.views(blob)
     x = torch.randn(3, 96, generator=gen).bfloat16()
     weight = torch.rand(3, 1, generator=gen)
-    fused = layout.forward(x, views, F.silu, weight)
-    separate = layout.forward(x, views, lambda t: F.silu(t), weight)  # not F.silu: no fusing
+    fused = layout.forward(x, views, GLU(F.silu), weight)
+    separate = layout.forward(x, views, GLU(lambda t: F.silu(t)), weight)  # not F.silu: no fusing
     assert fused.dtype == torch.bfloat16 and torch.equal(fused, separate)

@@ -57,6 +57,12 @@ ARCHS = {
              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=4,
              topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
     ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(intermediate_size=32, head_dim=16, num_key_value_heads=2, num_local_experts=6,
+             num_experts_per_tok=2, sliding_window=5),
+    ),
 }  # fmt: skip
 
 
@@ -67,7 +73,9 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 3.0):
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point() or "inv_freq" in name:
                 continue
-            if t.dim() == 1:
+            if name.endswith("sinks"):  # logits of their own: as large as attention's
+                t.copy_(2.0 * torch.randn(t.shape, generator=gen))
+            elif t.dim() == 1:
                 base = 1.0 if name.endswith("norm.weight") else 0.0
                 t.copy_(base + 0.1 * torch.randn(t.shape, generator=gen))
             else:
@@ -97,6 +105,44 @@ def save_tiny(path: Path, arch: str, seed: int = 0, max_shard_size=None, **overr
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
     )
     return model
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                           -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])  # fmt: skip
+
+
+def to_mxfp4(w: torch.Tensor):
+    """(E, N, K) float -> MXFP4 blocks (E, N, K/32, 16) uint8 (two e2m1 codes a byte, the low
+    nibble first) and e8m0 scales (E, N, K/32): each block of 32 scaled by a power of two that
+    puts its largest magnitude within 6, then rounded to the nearest e2m1 value."""
+    E, N, K = w.shape
+    b = w.float().reshape(E, N, K // 32, 32)
+    exp = torch.ceil(torch.log2(b.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 6.0))
+    codes = ((b / torch.exp2(exp))[..., None] - FP4_VALUES).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp[..., 0] + 127).to(torch.uint8)
+
+
+def save_mxfp4(path: Path, arch: str = "gpt_oss", seed: int = 0, **overrides):
+    """A tiny gpt-oss as OpenAI publishes them: experts in MXFP4 (*_blocks, *_scales, stored
+    (E, out, in / 32, 16) where the bf16 experts are (E, in, out)), the rest as it was."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny(path, arch, seed, **overrides)
+    tensors = load_file(path / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(("gate_up_proj", "down_proj"))]:
+        tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = to_mxfp4(tensors.pop(key).mT)
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (path / "config.json").write_text(json.dumps(config))
 
 
 def reference(path: Path):

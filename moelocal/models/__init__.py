@@ -1,6 +1,6 @@
 """Model families by config.json `model_type`."""
 
-from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -12,5 +12,6 @@ FAMILIES: dict[str, Family] = {
         olmoe.FAMILY,
         deepseek.V2,
         deepseek.V3,
+        gpt_oss.FAMILY,
     )
 }

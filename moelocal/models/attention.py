@@ -80,6 +80,8 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(self.H * hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.KV * hd, cfg.rms_norm_eps)
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(self.H))
 
     def fuse_qkv(self):
         """Put q, k and v in one projection: one kernel call instead of three. For quantized
@@ -110,5 +112,38 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = kv.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.H != self.KV)
+        if hasattr(self, "sinks"):
+            out = attention_with_sinks(q, k, v, mask, self.sinks)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.H != self.KV)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+SCORE_BYTES = 64 << 20  # float32 attention scores made at a time in a long prefill
+
+
+def attention_with_sinks(q, k, v, mask, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention where each head's softmax also counts a learned logit, its sink, that
+    attends to nothing (gpt-oss): q (B, H, T, d), k and v (B, KV, S, d), mask as attention_mask
+    makes it -> (B, H, T, d). PyTorch's fused attention has no such term, so the scores are made
+    here, in float32, for a slice of the queries at a time."""
+    B, H, T, d = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV  # query heads per KV head: grouped, so k and v are never repeated
+    sink = sinks.float().view(1, KV, G, 1, 1)
+    if mask is not None and mask.dim() == 4:  # (B, 1, T, S): per row of the batch
+        mask = mask.unsqueeze(2)
+    step = max(1, SCORE_BYTES // (4 * B * H * S))
+    keys, outs = k.float().transpose(-1, -2), []
+    for t in range(0, T, step):
+        qs = q[:, :, t : t + step]
+        n = qs.shape[2]
+        scores = qs.reshape(B, KV, G * n, d).float() @ keys
+        scores = scores.view(B, KV, G, n, S) * d**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[..., t : t + step, :], float("-inf"))
+        scores = torch.cat((scores, sink.expand(B, KV, G, n, 1)), dim=-1)
+        probs = scores.softmax(dim=-1)[..., :-1].to(v.dtype)
+        outs.append((probs.view(B, KV, G * n, S) @ v).view(B, H, n, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

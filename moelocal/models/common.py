@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cpu_kernels
+from ..config import ModelConfig
 from ..errors import MoelocalError
 
 ACTIVATIONS = {
@@ -34,21 +35,57 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+class GLU:
+    """An expert's gated unit: act(gate) * up (SwiGLU with silu)."""
+
+    def __init__(self, act):
+        self.act = act
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate) * up
+
+
+class ClampedSwiGLU:
+    """gpt-oss's: the gate clamped from above and up on both sides at `limit`, then
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    act = None  # not act(gate) * up: never the fused SwiGLU kernel
+
+    def __init__(self, alpha: float, limit: float):
+        self.alpha, self.limit = alpha, limit
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+def gated_unit(cfg: ModelConfig):
+    """The routed experts' gated unit for this config."""
+    if cfg.swiglu_limit is not None:
+        return ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit)
+    return GLU(activation(cfg.hidden_act))
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """weight_in_float: weighed in float32 and rounded after (gpt-oss); otherwise rounded to x's
+    dtype before the weight (Llama and the rest), as transformers does for each."""
+
+    def __init__(self, dim: int, eps: float, weight_in_float: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.weight_in_float = eps, weight_in_float
 
     def forward(self, x):
-        # normalized in float32 and rounded to x's dtype before the weight, as transformers does
-        # (spelled out: F.rms_norm's upcast and rounding changed across the torch releases we admit)
+        # spelled out: F.rms_norm's upcast and rounding changed across the torch releases we admit
         ops = cpu_kernels.extension() if x.device.type == "cpu" else None
-        if ops is not None and self.weight.dtype == x.dtype:  # the same steps in one call
-            return ops.rms_norm(x, self.weight, self.eps)
+        if ops is not None and self.weight.dtype == x.dtype and not self.weight_in_float:
+            return ops.rms_norm(x, self.weight, self.eps)  # the same steps in one call
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_float:
+            return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
 
 

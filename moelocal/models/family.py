@@ -23,6 +23,10 @@ class Family:
     expert_names: dict[str, str] = field(
         default_factory=lambda: {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
     )
+    # experts stacked on disk (gate_up_proj (E, ...)): stored (E, in, out), for x @ W, and with
+    # gate and up rows alternating (gpt-oss), rather than (E, out, in) with gate rows first
+    experts_transposed: bool = False
+    gate_up_interleaved: bool = False
     attention: Callable[[], type] = standard_attention  # the attention class, on first use
     rope_dim: Callable[[ModelConfig], int] = lambda cfg: cfg.head_dim
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)

@@ -12,24 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import MLP, activation
+from .common import MLP, gated_unit
 
 
 class Router(nn.Module):
-    """The gate: one logit per routed expert; DeepSeek-V3 adds a score correction bias."""
+    """The gate: one logit per routed expert; DeepSeek-V3 adds a score correction bias (which
+    picks experts, not weighs them), gpt-oss a plain bias to the logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_linear_bias else None
         if cfg.router_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
         self.fp32 = cfg.router_fp32
 
     def forward(self, x):
         if self.fp32 or self.weight.dtype != x.dtype:  # float32 weights: see router_dtype
-            logits = F.linear(x.float(), self.weight.float())
+            bias = None if self.bias is None else self.bias.float()
+            logits = F.linear(x.float(), self.weight.float(), bias)
             return logits if self.fp32 else logits.to(x.dtype)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 def router_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -56,6 +59,9 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = No
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * cfg.routed_scaling_factor
+    if cfg.scoring == "topk_softmax":  # gpt-oss: the top-k logits, weighed by their softmax
+        top, ids = logits.topk(K, dim=-1)
+        return ids, top.softmax(dim=-1, dtype=torch.float32)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: best experts of the best groups
         group_scores = probs.view(-1, cfg.n_group, E // cfg.n_group).max(dim=-1).values
@@ -84,7 +90,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, experts=None):
         super().__init__()
         self.cfg, self.layer, self.experts = cfg, layer, experts
-        self.act = activation(cfg.hidden_act)
+        self.glu = gated_unit(cfg)
         self.gate = Router(cfg)
         self.guess_cfgs: dict[int, ModelConfig] = {}  # extra experts -> routing config
         if cfg.shared_expert_intermediate_size:
@@ -128,9 +134,9 @@ class MoE(nn.Module):
             token, weight = routed[e]
             xs = x if isinstance(token, slice) else x[token]
             if device == x.device:
-                outputs[e] = token, layout.forward(xs, views, self.act, weight)
+                outputs[e] = token, layout.forward(xs, views, self.glu, weight)
             else:  # CUDA: a miss computed on the CPU, where its weights are
-                y = layout.forward(xs.to(device), views, self.act).to(x.device, non_blocking=True)
+                y = layout.forward(xs.to(device), views, self.glu).to(x.device, non_blocking=True)
                 outputs[e] = token, (y * weight).to(x.dtype)
         return sum_in_expert_order(x, needed, outputs)
 

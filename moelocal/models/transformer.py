@@ -12,6 +12,11 @@ from .common import MLP, RMSNorm, Rotary
 from .moe import MoE
 
 
+def norm(cfg: ModelConfig) -> RMSNorm:
+    """A norm of the residual stream."""
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_in_float)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention, experts=None):
         super().__init__()
@@ -21,8 +26,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, layer, experts)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm(cfg)
+        self.post_attention_layernorm = norm(cfg)
         self.layer = layer
 
     def route(self, h: torch.Tensor, extra: int = 0):
@@ -48,7 +53,7 @@ class Body(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, attention_cls, experts) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm(cfg)
 
 
 class Transformer(nn.Module):
