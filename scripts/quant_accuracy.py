@@ -40,7 +40,8 @@ def main():
     parser.add_argument("--positions", type=int, default=300)
     parser.add_argument("--modes", default="bf16,int8,int4,q4_0,nf4")
     args = parser.parse_args()
-    reference = moelocal.load(args.model, device="cpu", dtype="float32")
+    # quant none: a checkpoint of 4-bit experts (MXFP4, nf4) in float32, exactly as stored
+    reference = moelocal.load(args.model, device="cpu", dtype="float32", quant="none")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, reference.config.vocab_size, (args.positions,), generator=gen).tolist()
     ref = reference.logits(ids).log_softmax(-1)
@@ -50,7 +51,7 @@ def main():
     for mode in args.modes.split(","):
         moelocal.quant.fit_int4 = q4_0_rounding if mode == "q4_0" else fit
         if mode == "bf16":
-            engine = moelocal.load(args.model, device="cpu", dtype="bfloat16")
+            engine = moelocal.load(args.model, device="cpu", dtype="bfloat16", quant="none")
         else:
             engine = moelocal.load(args.model, device="cpu", quant=mode.replace("q4_0", "int4"))
         row = f"{mode:<6}"
