@@ -42,6 +42,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     rope: dict = field(default_factory=dict)  # rope_type, rope_theta, and the type's parameters
+    partial_rotary_factor: float = 1.0  # the share of each head's dims that RoPE rotates (GLM)
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -175,6 +176,14 @@ def rope_parameters(raw: dict, default_theta: float) -> dict:
     return rope
 
 
+def rotary_share(raw: dict, rope: dict) -> float:
+    """partial_rotary_factor, in rope_parameters (transformers 5) or beside them."""
+    share = rope.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor") or 1.0
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise MoelocalError(f"config.json: partial_rotary_factor must be in (0, 1], got {share!r}")
+    return float(share)
+
+
 def eos_ids(raw: dict) -> list[int]:
     eos = raw.get("eos_token_id")
     ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
@@ -192,6 +201,7 @@ def common_fields(raw: dict, default_theta: float = 10000.0) -> dict:
     heads = bounded("num_attention_heads", require(raw, "num_attention_heads"), 1, MAX_HEADS)
     layers = bounded("num_hidden_layers", require(raw, "num_hidden_layers"), 1, MAX_LAYERS)
     kv_heads = raw.get("num_key_value_heads") or heads
+    rope = rope_parameters(raw, default_theta)
     return dict(
         model_type=raw["model_type"],
         vocab_size=bounded("vocab_size", require(raw, "vocab_size"), 1, MAX_VOCAB),
@@ -209,7 +219,8 @@ def common_fields(raw: dict, default_theta: float = 10000.0) -> dict:
         rms_norm_eps=positive_float("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
         hidden_act=raw.get("hidden_act", "silu"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        rope=rope_parameters(raw, default_theta),
+        rope=rope,
+        partial_rotary_factor=rotary_share(raw, rope),
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos_ids(raw),

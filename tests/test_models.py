@@ -55,6 +55,10 @@ def test_matches_transformers(tiny, arch):
                               "beta_slow": 1}},
         ),
         ("mixtral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0}),
+        ("glm4_moe", {"use_qk_norm": False, "attention_bias": False, "n_group": 1,
+                      "topk_group": 1, "first_k_dense_replace": 0, "n_shared_experts": 2,
+                      "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                          "partial_rotary_factor": 0.25}}),
         ("gpt_oss", {"swiglu_limit": 2.0, "swiglu_alpha": 1.0, "sliding_window": 3,
                      "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
         ("gpt_oss", {"attention_bias": False, "rope_parameters": {

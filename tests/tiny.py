@@ -63,6 +63,14 @@ ARCHS = {
         dict(intermediate_size=32, head_dim=16, num_key_value_heads=2, num_local_experts=6,
              num_experts_per_tok=2, sliding_window=5),
     ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=24, head_dim=16, num_key_value_heads=2,
+             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+             first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+             attention_bias=True, use_qk_norm=True),
+    ),
 }  # fmt: skip
 
 

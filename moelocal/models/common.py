@@ -152,8 +152,12 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x, cos, sin, interleaved: bool = False):
-    """x: (B, H, T, d); cos, sin from Rotary. Interleaved pairs (x0, x1), (x2, x3) are DeepSeek's
-    layout: de-interleaving q and k alike leaves every q·k product unchanged."""
+    """x: (B, H, T, d); cos, sin from Rotary, over the first d or fewer dims. Interleaved
+    pairs (x0, x1), (x2, x3) are DeepSeek's layout: de-interleaving q and k alike leaves every
+    q·k product unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary (GLM): the rest of each head passes as it is
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin, interleaved), x[..., rotary:]), -1)
     if interleaved:
         x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
     ops = cpu_kernels.extension() if x.device.type == "cpu" else None

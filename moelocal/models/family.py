@@ -13,6 +13,11 @@ def standard_attention() -> type:
     return Attention
 
 
+def rotary_dim(cfg: ModelConfig) -> int:
+    """Rotated dims of a head: all of them, or partial_rotary_factor's share."""
+    return int(cfg.head_dim * cfg.partial_rotary_factor)
+
+
 @dataclass
 class Family:
     name: str
@@ -28,7 +33,8 @@ class Family:
     experts_transposed: bool = False
     gate_up_interleaved: bool = False
     attention: Callable[[], type] = standard_attention  # the attention class, on first use
-    rope_dim: Callable[[ModelConfig], int] = lambda cfg: cfg.head_dim
+    # the dims of a head that RoPE rotates, the first ones
+    rope_dim: Callable[[ModelConfig], int] = lambda cfg: rotary_dim(cfg)
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
     ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
 
