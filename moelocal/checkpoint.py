@@ -158,6 +158,20 @@ class Checkpoint:
         except SafetensorError as e:
             raise MoelocalError(f"{self.dir / shard}: cannot read {name} ({e})") from None
 
+    def quant_state(self, keys: dict[str, str]) -> dict:
+        """The quant state of a weight stored quantized, {suffix: tensor} from its keys {suffix:
+        key} (quant.dequantize_checkpoint reads it); FP8 scales come with their block shape."""
+        state = {suffix: self.get(key) for suffix, key in keys.items()}
+        if "weight_scale_inv" in state:
+            q = self.config.get("quantization_config") or {}
+            block = q.get("weight_block_size") or [128, 128]
+            if not (isinstance(block, list) and len(block) == 2
+                    and all(isinstance(b, int) and b > 0 for b in block)):  # fmt: skip
+                raise MoelocalError(f"config.json: weight_block_size must be two whole numbers, "
+                                    f"got {block!r}")  # fmt: skip
+            state["block"] = tuple(block)
+        return state
+
     def numel(self, name: str) -> int:
         """Elements of a tensor, from its header (nothing read)."""
         shape = self._shards[self.weight_map[name]].get_slice(name).get_shape()

@@ -38,10 +38,11 @@ FUSED_EXPERT_KEY = re.compile(
     r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias|_blocks|_scales)?)"
 )
 UNUSED_KEY = re.compile(r".*rotary_emb\.inv_freq")
-# bitsandbytes' quant state beside a quantized weight X.weight (transformers' load_in_4bit/8bit)
-BNB_AUX = re.compile(
+# the quant state beside a quantized weight X.weight: bitsandbytes' (transformers' load_in_4bit
+# and load_in_8bit) or FP8's block scales (DeepSeek-V3 as published)
+QUANT_AUX = re.compile(
     r"(.*)\.(?:weight\.(absmax|quant_map|nested_absmax|nested_quant_map|"
-    r"quant_state\.bitsandbytes__(?:nf4|fp4))|(SCB)|(weight_format))"
+    r"quant_state\.bitsandbytes__(?:nf4|fp4))|(SCB|weight_scale_inv)|(weight_format))"
 )
 
 
@@ -64,13 +65,13 @@ def family_of(raw_config: dict) -> Family:
 
 def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[str]):
     """-> (resident: our name -> checkpoint key, experts: (layer, expert, part) -> key, fused,
-    bnb: weight key -> {quant-state suffix: key} for bitsandbytes-quantized weights)."""
-    resident, experts, fused, bnb = {}, {}, {}, {}
+    quant_state: weight key -> {quant-state suffix: key} for weights stored quantized)."""
+    resident, experts, fused, quant_state = {}, {}, {}, {}
     for key in ckpt.keys():
-        if m := BNB_AUX.fullmatch(key):
+        if m := QUANT_AUX.fullmatch(key):
             suffix = m.group(2) or m.group(3)
             if suffix:  # weight_format is a label, nothing to read
-                bnb.setdefault(f"{m.group(1)}.weight", {})[suffix] = key
+                quant_state.setdefault(f"{m.group(1)}.weight", {})[suffix] = key
             continue
         if family.ignore(key, cfg):
             continue
@@ -95,7 +96,7 @@ def sort_keys(ckpt: Checkpoint, family: Family, cfg: ModelConfig, expected: set[
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             raise MoelocalError(f"unexpected tensor {key}: not in the {family.name} key table")
-    return resident, experts, fused, bnb
+    return resident, experts, fused, quant_state
 
 
 def check_expert_key(key: str, cfg: ModelConfig, layer: int, expert: int = 0):
@@ -120,19 +121,21 @@ def bnb_quant(raw_config: dict) -> str | None:
 def checkpoint_quant(raw_config: dict, device: torch.device) -> str | None:
     """The --quant a checkpoint runs in unless told otherwise: a bitsandbytes checkpoint's own
     format; for MXFP4 experts (gpt-oss), 4-bit, as close as the device has (int4 on the CPU,
-    nf4 on CUDA), not bf16 at four times the size."""
+    nf4 on CUDA), and int8 for FP8 weights (DeepSeek-V3), not bf16 at twice to four times the
+    size."""
     q = raw_config.get("quantization_config") or {}
     if q.get("quant_method") == "mxfp4":
         return "int4" if device.type == "cpu" else "nf4"
+    if q.get("quant_method") == "fp8":  # 8 bits in, 8.5 out: int8 keeps nearly every bit
+        return "int8"
     return bnb_quant(raw_config)
 
 
-def read_weight(ckpt: Checkpoint, key: str, bnb: dict) -> torch.Tensor:
-    """A tensor by key; a bitsandbytes-quantized weight comes back dequantized."""
-    if key not in bnb:
+def read_weight(ckpt: Checkpoint, key: str, quant_state: dict) -> torch.Tensor:
+    """A tensor by key; a weight stored quantized (bitsandbytes, FP8) comes back dequantized."""
+    if key not in quant_state:
         return ckpt.get(key)
-    aux = {suffix: ckpt.get(k) for suffix, k in bnb[key].items()}
-    return dequantize_checkpoint(ckpt.get(key), aux)
+    return dequantize_checkpoint(ckpt.get(key), ckpt.quant_state(quant_state[key]))
 
 
 class Planned(NamedTuple):
@@ -146,7 +149,7 @@ class Planned(NamedTuple):
     pieces: dict  # (layer, expert) -> its pieces on disk
     plan: Plan
     layout: ExpertLayout
-    bnb: dict  # bitsandbytes-quantized weight key -> its quant-state keys
+    quant_state: dict  # key of a weight stored quantized -> its quant-state keys
 
 
 def plan_model(
@@ -182,13 +185,13 @@ def plan_model(
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     if computed_resident(ckpt):
-        resident, expert_keys, fused, bnb = {n: n for n in ckpt.keys()}, {}, {}, {}
+        resident, expert_keys, fused, quant_state = {n: n for n in ckpt.keys()}, {}, {}, {}
         unexpected = sorted(set(resident) - expected)
         if unexpected:
             raise MoelocalError(f"{ckpt.dir}: unexpected tensor {unexpected[0]} in "
                                 f"{ckpt.weight_map[unexpected[0]]}")  # fmt: skip
     else:
-        resident, expert_keys, fused, bnb = sort_keys(ckpt, family, cfg, expected)
+        resident, expert_keys, fused, quant_state = sort_keys(ckpt, family, cfg, expected)
     missing = sorted(expected - set(resident))
     if missing:
         raise MoelocalError(
@@ -198,7 +201,7 @@ def plan_model(
     if ckpt.manifest is not None:
         pieces = packed_pieces(ckpt, moe_layers, cfg.num_experts)
     else:
-        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused, bnb,
+        pieces = expert_pieces(ckpt, moe_layers, cfg.num_experts, expert_keys, fused, quant_state,
                                family.experts_transposed, family.gate_up_interleaved)  # fmt: skip
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant,
                           cfg.expert_bias)  # fmt: skip
@@ -211,7 +214,7 @@ def plan_model(
     plan = make_plan(
         cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
     )
-    return Planned(family, cfg, dtype, model, resident, pieces, plan, layout, bnb)
+    return Planned(family, cfg, dtype, model, resident, pieces, plan, layout, quant_state)
 
 
 def computed_resident(ckpt: Checkpoint) -> bool:
@@ -238,7 +241,7 @@ def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device) -> 
     stored = computed_resident(ckpt)
     state = {}
     for name, key in planned.resident.items():
-        t = read_weight(ckpt, key, planned.bnb)
+        t = read_weight(ckpt, key, planned.quant_state)
         # a stored quantized segment keeps its dtype; float weights take the compute dtype
         state[name] = t.to(device) if stored else t.to(device=device, dtype=dtype)
     for name in [name for name in state if ROUTER in name]:  # their values stay in dtype
@@ -264,7 +267,7 @@ def load_model(
     quant: str | None = None,
 ) -> LoadedModel:
     planned = plan_model(ckpt, device, dtype, options, quant)
-    family, cfg, dtype, model, resident, pieces, plan, layout, bnb = planned
+    family, cfg, dtype, model, resident, pieces, plan, layout, quant_state = planned
     state = resident_state(ckpt, planned, device)
     want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, t in state.items():

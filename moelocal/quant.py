@@ -273,12 +273,27 @@ def code_4bit(mode: str, device: torch.device) -> torch.Tensor:
 
 
 def dequantize_checkpoint(weight: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A weight as bitsandbytes wrote it (transformers' load_in_4bit / load_in_8bit), with its
-    quant-state tensors by key suffix (absmax, quant_map, nested_*, quant_state.*, SCB) -> float."""
+    """A weight as bitsandbytes wrote it (transformers' load_in_4bit / load_in_8bit) or in FP8
+    with block scales, with its quant state by key suffix (absmax, quant_map, nested_*,
+    quant_state.*, SCB; weight_scale_inv and its block) -> float."""
     if "SCB" in aux:  # LLM.int8: int8 rows and their absmax
         return weight.float() * (aux["SCB"].float()[:, None] / 127)
+    if "weight_scale_inv" in aux:
+        return dequantize_fp8(weight, aux["weight_scale_inv"], aux["block"])
     bnb = bitsandbytes()
     return dequantize_4bit(weight, bnb.QuantState.from_dict(aux, device=weight.device)).float()
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]):
+    """FP8 (N, K) with one float32 scale per block of (bm, bn) weights, the last block of each
+    dimension partial where it does not divide (DeepSeek-V3: 128 x 128, `weight_scale_inv`,
+    which multiplies despite its name) -> float32."""
+    (N, K), (bm, bn) = weight.shape, block
+    if tuple(scale.shape) != (-(-N // bm), -(-K // bn)):
+        raise MoelocalError(f"weight_scale_inv of shape {tuple(scale.shape)} does not cover a "
+                            f"{N}x{K} weight in blocks of {bm}x{bn}")  # fmt: skip
+    scales = scale.float().repeat_interleave(bm, 0)[:N].repeat_interleave(bn, 1)[:, :K]
+    return weight.float() * scales
 
 
 def dequantize_4bit(q: torch.Tensor, state) -> torch.Tensor:

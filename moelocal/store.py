@@ -31,7 +31,8 @@ ALIGN = 4096
 IO_THREADS = 4  # disk reads in flight at once (io_queue.py), each with a staging buffer
 LIBC = ctypes.CDLL(None) if os.name == "posix" else None  # the C library we run on
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8}  # fmt: skip
+                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8,
+                      "F8_E4M3": torch.float8_e4m3fn}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Piece:
     dtype: torch.dtype
     shape: tuple[int, ...]
     crc32: int | None = None  # converted models check every read
-    bnb: dict | None = field(default=None, compare=False)  # bitsandbytes quant state, if any
+    # a weight stored quantized: its quant state (bitsandbytes, FP8 scales; Checkpoint.quant_state)
+    quant_state: dict | None = field(default=None, compare=False)
     # how the checkpoint stores it, when not as an (out, in) matrix of gate rows then up rows:
     transposed: bool = False  # (in, out), for x @ W (gpt-oss)
     interleaved: bool = False  # gate and up rows alternate (gpt-oss)
@@ -56,7 +58,7 @@ class Piece:
     @property
     def plain(self) -> bool:
         """Stored as the blob holds it, but perhaps for its dtype."""
-        return not (self.bnb or self.transposed or self.interleaved or self.scales)
+        return not (self.quant_state or self.transposed or self.interleaved or self.scales)
 
     @property
     def decoded_shape(self) -> tuple[int, ...]:
@@ -85,17 +87,17 @@ def tensor_offsets(path: Path) -> dict[str, tuple[int, int, torch.dtype, tuple]]
     return out
 
 
-def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused, bnb=None,
+def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused, quant_state=None,
                   transposed: bool = False, interleaved: bool = False) -> dict:  # fmt: skip
     """(layer, expert) -> the pieces (list[Piece]) to read, from per-expert keys or fused
     (E, ...) tensors.
 
     fused: (layer, name) -> key, name gate_up_proj or down_proj, with a suffix _bias (its
     biases), or _blocks and _scales (MXFP4). transposed, interleaved: how the family stores its
-    fused matrices (see Piece). bnb: weight key -> quant-state keys, for experts quantized by
-    bitsandbytes (their small quant-state tensors are read now, the packed weights by offset
-    when needed)."""
-    bnb = bnb or {}
+    fused matrices (see Piece). quant_state: weight key -> quant-state keys, for experts stored
+    quantized by bitsandbytes or in FP8 (their small quant-state tensors are read now, the
+    packed weights by offset when needed)."""
+    quant_state = quant_state or {}
     offsets, pieces = {}, {}
 
     def where(key):
@@ -106,9 +108,9 @@ def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused, bnb=None,
 
     def piece(part, key, e=None):
         shard, (offset, nbytes, dtype, shape) = where(key)
-        if key in bnb:
-            aux = {suffix: ckpt.get(k) for suffix, k in bnb[key].items()}
-            return Piece(part, shard, offset, nbytes, dtype, shape, bnb=aux)
+        if key in quant_state:
+            aux = ckpt.quant_state(quant_state[key])
+            return Piece(part, shard, offset, nbytes, dtype, shape, quant_state=aux)
         if e is None:
             return Piece(part, shard, offset, nbytes, dtype, shape)
         if e >= shape[0]:
@@ -188,7 +190,7 @@ def check_shapes(pieces: dict, layout: ExpertLayout):
                                 f"{'have' if layout.bias else 'have none'}")  # fmt: skip
         for p in parts:
             shape = p.decoded_shape
-            if shape != want[p.part] and p.bnb is None:  # a packed one is checked once read
+            if shape != want[p.part] and p.quant_state is None:  # packed: checked once read
                 raise MoelocalError(
                     f"{p.path}: expert {e} of layer {layer}: {p.part} has shape {shape}, "
                     f"config.json implies {want[p.part]}"
@@ -285,8 +287,8 @@ class DiskReader:
             ctypes.memmove(out.data_ptr(), raw.data_ptr(), p.nbytes)  # no OpenMP team here
             return out
         w = raw.clone()
-        if p.bnb is not None:
-            w = dequantize_checkpoint(w, p.bnb)
+        if p.quant_state is not None:
+            w = dequantize_checkpoint(w, p.quant_state)
             want = self.layout.shapes()[p.part]
             if tuple(w.shape) != want:
                 raise MoelocalError(f"{p.path}: expert {e} of layer {layer}: {p.part} has shape "

@@ -90,6 +90,24 @@ def test_mxfp4_experts_as_published_match_transformers_reading_them(tmp_path, ov
     assert moelocal.load(tmp_path, device="cpu").plan.quant == "int4"
 
 
+@pytest.mark.parametrize("block", [(16, 16), (8, 32)])
+def test_fp8_weights_as_published_match_the_weights_they_stand_for(tmp_path, block):
+    """DeepSeek-V3 as published: Linear weights in FP8 e4m3 with a float32 scale per block,
+    blocks partial where a dimension does not divide (kv_a_proj_with_mqa: 24 rows here, 576 in
+    V3); with --quant none, the model of the weights they stand for, resident or streamed from
+    disk. By default moelocal runs them in int8."""
+    from tiny import reference, save_fp8
+
+    path = tmp_path / "fp8"
+    save_fp8(path, tmp_path / "stands-for", "deepseek_v3", block)
+    assert_matches_transformers(path, reference(tmp_path / "stands-for"), quant="none")
+    ids = prompt(16)
+    resident = moelocal.load(path, device="cpu", quant="none")
+    streamed = moelocal.load(path, device="cpu", quant="none", cache_experts=1)
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    assert moelocal.load(path, device="cpu").plan.quant == "int8"
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
     from tiny import save_tiny
 

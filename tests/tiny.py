@@ -153,6 +153,42 @@ def save_mxfp4(path: Path, arch: str = "gpt_oss", seed: int = 0, **overrides):
     (path / "config.json").write_text(json.dumps(config))
 
 
+def to_fp8(w: torch.Tensor, block: tuple[int, int]):
+    """(N, K) float -> float8_e4m3fn weights and float32 scales, one per block (partial at the
+    ends), as DeepSeek-V3 is published (`weight_scale_inv`); and the weights they stand for."""
+    (N, K), (bm, bn) = w.shape, block
+    Np, Kp = -(-N // bm) * bm, -(-K // bn) * bn
+    blocks = torch.nn.functional.pad(w.float(), (0, Kp - K, 0, Np - N))
+    blocks = blocks.view(Np // bm, bm, Kp // bn, bn)
+    scale = (blocks.abs().amax(dim=(1, 3), keepdim=True) / 448.0).clamp(min=1e-12)
+    q = (blocks / scale).to(torch.float8_e4m3fn)
+    stands_for = (q.float() * scale).view(Np, Kp)[:N, :K].contiguous()
+    return q.view(Np, Kp)[:N, :K].contiguous(), scale.view(Np // bm, Kp // bn), stands_for
+
+
+def save_fp8(path: Path, stands_for: Path, arch: str = "deepseek_v3", block=(16, 16)):
+    """A tiny model as DeepSeek publishes V3, at `path`: every Linear weight of the decoder
+    layers but the routers in FP8 with block scales; at `stands_for`, the same model with the
+    weights they stand for (the reference's checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny(path, arch)
+    shutil.copytree(path, stands_for)
+    tensors = load_file(path / "model.safetensors")
+    plain = dict(tensors)
+    for key in [k for k in tensors if k.startswith("model.layers.") and k.endswith(".weight")
+                and tensors[k].dim() == 2 and ".mlp.gate." not in k]:  # fmt: skip
+        q, scale, plain[key] = to_fp8(tensors[key], block)
+        tensors[key], tensors[key.replace(".weight", ".weight_scale_inv")] = q, scale
+    save_file(tensors, path / "model.safetensors")
+    save_file(plain, stands_for / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def reference(path: Path):
     # transformers' default attention (sdpa), as a user of transformers would run it
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
