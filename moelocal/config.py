@@ -39,6 +39,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     norm_weight_in_float: bool = False  # gpt-oss: RMSNorm weighs in float32, then rounds
+    norm_offset: float = 0.0  # Qwen3-Next: RMSNorm weighs by offset + weight (weights stored - 1)
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     rope: dict = field(default_factory=dict)  # rope_type, rope_theta, and the type's parameters
@@ -52,6 +53,15 @@ class ModelConfig:
     qk_norm: str | None = None  # "head" (Qwen3: per head) or "full" (OLMoE: whole projection)
     clip_qkv: float | None = None
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
+    attention_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per output
+    # linear attention (Qwen3-Next's gated DeltaNet): per layer, True where it replaces attention
+    linear_layers: list = field(default_factory=list)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    linear_split_projections: bool = False  # Qwen3.5: in_proj_qkv, _z, _b, _a, not qkvz and ba
     sliding_windows: list = field(default_factory=list)  # per layer: window in tokens, or None
     # routed experts
     num_experts: int = 0
@@ -225,4 +235,5 @@ def common_fields(raw: dict, default_theta: float = 10000.0) -> dict:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos_ids(raw),
         sliding_windows=[None] * layers,
+        linear_layers=[False] * layers,
     )

@@ -227,17 +227,20 @@ class PromptCache:
         self.ids: list[int] = []  # the tokens whose keys and values kv holds
 
     def reuse(self, ids: list[int]) -> int:
-        """Keep the shared prefix (at least one prompt token is left to prefill); its length."""
+        """Keep the shared prefix (at least one prompt token is left to prefill), or nothing
+        where the cache cannot be cut there (KVCache.rewind); the tokens kept."""
         n = 0
         for a, b in zip(self.ids, ids[:-1], strict=False):
             if a != b:
                 break
             n += 1
-        self.kv.length, self.ids = n, self.ids[:n]
+        n = self.kv.rewind(n)
+        self.ids = self.ids[:n]
         return n
 
     def clear(self):
-        self.kv.length, self.ids = 0, []
+        self.kv.rewind(0)
+        self.ids = []
 
 
 class Engine:

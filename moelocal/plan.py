@@ -73,7 +73,7 @@ def resident_components(
             part = "embeddings"
         elif name.startswith("lm_head"):
             part = "lm_head"
-        elif ".self_attn." in name and "norm" not in name:
+        elif (".self_attn." in name or ".linear_attn." in name) and "norm" not in name:
             part = "attention"
         elif "norm" in name:
             part = "norms"
@@ -89,11 +89,13 @@ def resident_components(
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Linear attention layers hold a fixed state instead (a few MB a sequence), not counted."""
     if cfg.kv_lora_rank:  # latent attention caches the latent and the shared rotary key
         per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     else:
         per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
-    return per_layer * cfg.num_hidden_layers * dtype.itemsize
+    attention_layers = cfg.num_hidden_layers - sum(cfg.linear_layers)
+    return per_layer * attention_layers * dtype.itemsize
 
 
 @dataclass

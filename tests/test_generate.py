@@ -156,9 +156,11 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, tiny):
     assert len(json.loads(result.stdout)["token_ids"]) == 3
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen2_moe", "qwen3_next"])
 def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
-    """A chat's next turn prefills only what is new, with the same result as from scratch."""
+    """A chat's next turn prefills only what is new, with the same result as from scratch. A
+    model with linear attention keeps its recurrent state only for a prompt that continues all
+    the cache holds (a state cannot be cut back), and starts over otherwise."""
     import torch
 
     engine = moelocal.load(tiny(arch)[0], device="cpu")
@@ -175,8 +177,22 @@ def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
     # a different history: only the common prefix is kept
     other = ids[:4] + [7, 7, 7]
     out = engine.generate(other, max_new_tokens=3, prompt_cache=cache)
-    assert out.stats.extra["cached_prompt_tokens"] == 4
+    assert out.stats.extra["cached_prompt_tokens"] == (0 if arch == "qwen3_next" else 4)
     assert out.token_ids == engine.generate(other, max_new_tokens=3).token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "gpt_oss"])
+def test_a_batch_of_prompts_of_different_lengths_equals_one_at_a_time(tiny, arch):
+    """Left padding never reaches a row's result: attention masks it; linear attention zeroes
+    its inputs, so a padded row's state starts empty where its prompt starts."""
+    import torch
+
+    engine = moelocal.load(tiny(arch)[0], device="cpu")
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 150, (n,), generator=gen).tolist() for n in (9, 3, 14)]
+    together = engine.generate_batch(prompts, max_new_tokens=8)
+    for p, out in zip(prompts, together, strict=True):
+        assert out.token_ids == engine.generate(p, max_new_tokens=8).token_ids
 
 
 def test_a_synthetic_checkpoint_replaces_only_its_own_files(tmp_path):

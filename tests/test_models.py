@@ -5,6 +5,7 @@ import torch
 from tiny import ARCHS, VOCAB
 
 import moelocal
+from moelocal.models.attention import KVCache
 
 TOLERANCE = 1e-4
 
@@ -59,6 +60,9 @@ def test_matches_transformers(tiny, arch):
                       "topk_group": 1, "first_k_dense_replace": 0, "n_shared_experts": 2,
                       "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
                                           "partial_rotary_factor": 0.25}}),
+        ("qwen3_next", {"layer_types": None, "full_attention_interval": 2, "mlp_only_layers": [],
+                        "linear_num_value_heads": 2, "attention_bias": True,
+                        "decoder_sparse_step": 2}),
         ("gpt_oss", {"swiglu_limit": 2.0, "swiglu_alpha": 1.0, "sliding_window": 3,
                      "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
         ("gpt_oss", {"attention_bias": False, "rope_parameters": {
@@ -106,6 +110,23 @@ def test_fp8_weights_as_published_match_the_weights_they_stand_for(tmp_path, blo
     streamed = moelocal.load(path, device="cpu", quant="none", cache_experts=1)
     assert torch.equal(streamed.logits(ids), resident.logits(ids))
     assert moelocal.load(path, device="cpu").plan.quant == "int8"
+
+
+def test_linear_attention_over_many_blocks_and_continued(tiny):
+    """Gated DeltaNet over a prompt of several of its blocks (64 tokens), and a prompt continued
+    on its recurrent state (chat's prompt cache), as transformers computes them."""
+    path, ref = tiny("qwen3_next", seed=3, max_position_embeddings=512)
+    assert_matches_transformers(path, ref, n_prompt=150, n_new=8)
+    engine = moelocal.load(path, device="cpu")
+    ids = prompt(150, seed=4)
+    whole = engine.logits(ids)
+    cache = KVCache(engine.config.num_hidden_layers, len(ids))
+    with torch.inference_mode():
+        parts = [engine.model(torch.tensor([part]), cache)[0] for part in (ids[:70], ids[70:71],
+                                                                           ids[71:])]  # fmt: skip
+    # the blocks fall elsewhere: float32 sums in another order, through the recurrent state
+    assert (torch.cat(parts) - whole).abs().max().item() <= 10 * TOLERANCE
+    assert cache.rewind(150) == 150 and cache.rewind(100) == 0  # a state cannot be cut
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
@@ -163,8 +184,6 @@ def test_seeded_sampling_repeats(tiny):
 
 def test_kv_cache_decode_equals_full_forward(tiny):
     """Logits of a one-token-at-a-time decode equal those of one pass over the whole sequence."""
-    from moelocal.models.attention import KVCache
-
     engine = moelocal.load(tiny("deepseek_v3")[0], device="cpu")
     ids = prompt(10)
     full = engine.logits(ids)

@@ -71,6 +71,16 @@ ARCHS = {
              first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.8,
              attention_bias=True, use_qk_norm=True),
     ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+             head_dim=16, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+             linear_value_head_dim=8, linear_conv_kernel_dim=4, num_hidden_layers=4,
+             layer_types=["linear_attention", "full_attention", "linear_attention",
+                          "linear_attention"], mlp_only_layers=[2]),
+    ),
 }  # fmt: skip
 
 

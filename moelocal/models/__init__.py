@@ -1,6 +1,6 @@
 """Model families by config.json `model_type`."""
 
-from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next
 from .family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -14,5 +14,6 @@ FAMILIES: dict[str, Family] = {
         deepseek.V3,
         gpt_oss.FAMILY,
         glm4_moe.FAMILY,
+        qwen3_next.FAMILY,
     )
 }

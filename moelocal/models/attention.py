@@ -6,14 +6,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import RMSNorm, apply_rope
+from .common import apply_rope, norm
 
 
 class KVCache:
     """Per layer, two preallocated tensors (B, heads, max_len, d) filled left to right.
 
     Standard attention stores keys and values; DeepSeek's latent attention stores the compressed
-    latent and the shared rotary key. `length` advances once per forward pass, after every layer.
+    latent and the shared rotary key; linear attention (linear_attention.py) a recurrent state
+    and its convolution's last inputs. `length` advances once per forward pass, after every layer.
     A batch of prompts of different lengths is left-padded: `pads[b]` leading positions of row b
     are padding, never attended to, and row b's positions count from its first real token.
     """
@@ -23,6 +24,22 @@ class KVCache:
         self.length = 0
         self.pads = torch.tensor(pads) if pads and any(pads) else None
         self.tensors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.recurrent: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its state tensors
+
+    def recurrent_state(self, layer: int) -> dict[str, torch.Tensor] | None:
+        return self.recurrent.get(layer)
+
+    def set_recurrent_state(self, layer: int, **state: torch.Tensor):
+        self.recurrent[layer] = state
+
+    def rewind(self, n: int) -> int:
+        """Keep the first n of the tokens held; the number kept. Keys and values are cut at n,
+        but a recurrent state holds no positions: it keeps all it holds or starts over (0)."""
+        if self.recurrent and n != self.length:
+            self.recurrent.clear()
+            n = 0
+        self.length = n
+        return n
 
     def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         end = self.length + a.shape[2]
@@ -70,16 +87,16 @@ class Attention(nn.Module):
         self.layer = layer
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(D, self.H * hd, bias=cfg.qkv_bias)
+        self.output_gate = cfg.attention_output_gate  # then q_proj makes each head's gate too
+        self.q_proj = nn.Linear(D, self.H * hd * (2 if self.output_gate else 1), bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * hd, D, bias=cfg.o_bias)
         self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
         if cfg.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = norm(cfg, hd), norm(cfg, hd)
         elif cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(self.H * hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.KV * hd, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = norm(cfg, self.H * hd), norm(cfg, self.KV * hd)
         if cfg.attention_sinks:
             self.sinks = nn.Parameter(torch.zeros(self.H))
 
@@ -102,6 +119,9 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:  # per head: hd query dims, then hd gate dims
+            q, gate = q.view(B, T, self.H, 2 * self.hd).chunk(2, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -117,7 +137,10 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  enable_gqa=self.H != self.KV)  # fmt: skip
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        if self.output_gate:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
 
 
 SCORE_BYTES = 64 << 20  # float32 attention scores made at a time in a long prefill

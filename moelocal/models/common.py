@@ -68,13 +68,14 @@ def gated_unit(cfg: ModelConfig):
 
 
 class RMSNorm(nn.Module):
-    """weight_in_float: weighed in float32 and rounded after (gpt-oss); otherwise rounded to x's
-    dtype before the weight (Llama and the rest), as transformers does for each."""
+    """weight_in_float: weighed in float32 and rounded after (gpt-oss, Qwen3-Next); otherwise
+    rounded to x's dtype before the weight (Llama and the rest), as transformers does for each.
+    offset: added to the weight (Qwen3-Next stores weight - 1; with weight_in_float)."""
 
-    def __init__(self, dim: int, eps: float, weight_in_float: bool = False):
+    def __init__(self, dim: int, eps: float, weight_in_float: bool = False, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.weight_in_float = eps, weight_in_float
+        self.eps, self.weight_in_float, self.offset = eps, weight_in_float, offset
 
     def forward(self, x):
         # spelled out: F.rms_norm's upcast and rounding changed across the torch releases we admit
@@ -85,8 +86,13 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_float:
-            return (self.weight.float() * x).to(dtype)
+            return ((self.weight.float() + self.offset) * x).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+    """An RMSNorm of dim as this family computes its norms."""
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_weight_in_float, cfg.norm_offset)
 
 
 # ---- rotary position embeddings -------------------------------------------------------------

@@ -8,26 +8,25 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, KVCache, attention_mask
-from .common import MLP, RMSNorm, Rotary
+from .common import MLP, Rotary, norm
+from .linear_attention import GatedDeltaNet
 from .moe import MoE
-
-
-def norm(cfg: ModelConfig) -> RMSNorm:
-    """A norm of the residual stream."""
-    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_in_float)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention, experts=None):
         super().__init__()
         self.window = cfg.sliding_windows[layer]
-        self.self_attn = attention_cls(cfg, layer)
+        if cfg.linear_layers[layer]:
+            self.linear_attn = GatedDeltaNet(cfg, layer)
+        else:
+            self.self_attn = attention_cls(cfg, layer)
         if cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, layer, experts)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
-        self.input_layernorm = norm(cfg)
-        self.post_attention_layernorm = norm(cfg)
+        self.input_layernorm = norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
         self.layer = layer
 
     def route(self, h: torch.Tensor, extra: int = 0):
@@ -37,8 +36,12 @@ class DecoderLayer(nn.Module):
             return None
         return self.mlp.route(self.post_attention_layernorm(h).reshape(-1, h.shape[-1]), extra)
 
-    def forward(self, x, rope, kv: KVCache, masks, after_attention=None):
-        h = x + self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
+    def forward(self, x, rope, kv: KVCache, masks, after_attention=None, real=None):
+        """real: (B, T) bool, False at left padding, or None (for linear attention)."""
+        if hasattr(self, "linear_attn"):
+            h = x + self.linear_attn(self.input_layernorm(x), kv, real)
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
         if after_attention is not None:  # the prefetcher sees h before the MoE block runs
             after_attention(h)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -53,7 +56,7 @@ class Body(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, attention_cls, experts) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = norm(cfg)
+        self.norm = norm(cfg, cfg.hidden_size)
 
 
 class Transformer(nn.Module):
@@ -80,12 +83,15 @@ class Transformer(nn.Module):
         rope = self.rotary(positions, x.dtype)
         masks = {w: attention_mask(start, T, w, kv.pads, x.device)
                  for w in set(self.cfg.sliding_windows)}  # fmt: skip
+        real = None  # where linear attention must ignore the left padding
+        if kv.pads is not None and any(self.cfg.linear_layers):
+            real = torch.arange(start, start + T, device=x.device) >= kv.pads.to(x.device)[:, None]
         layers = self.model.layers
         for i, layer in enumerate(layers):
             guess = None
             if self.prefetcher is not None and i + 1 < len(layers):
                 guess = partial(self.prefetcher, layers[i + 1])
-            x = layer(x, rope, kv, masks, guess)
+            x = layer(x, rope, kv, masks, guess, real)
         kv.length += T
         if last_only:
             x = x[:, -1:]
