@@ -7,6 +7,7 @@ not map is an error naming it.
 """
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -192,6 +193,8 @@ def plan_model(
                                 f"{ckpt.weight_map[unexpected[0]]}")  # fmt: skip
     else:
         resident, expert_keys, fused, quant_state = sort_keys(ckpt, family, cfg, expected)
+        if line := family.notice(ckpt.keys()):
+            print(f"moelocal: {line}", file=sys.stderr)
     missing = sorted(expected - set(resident))
     if missing:
         raise MoelocalError(

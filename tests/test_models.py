@@ -129,6 +129,15 @@ def test_linear_attention_over_many_blocks_and_continued(tiny):
     assert cache.rewind(150) == 150 and cache.rewind(100) == 0  # a state cannot be cut
 
 
+def test_an_image_text_models_vision_tower_is_skipped_with_a_notice(tiny, capsys):
+    path = tiny("qwen3_5_moe")[0]
+    capsys.readouterr()
+    engine = moelocal.load(path, device="cpu")
+    assert engine.config.linear_layers == [True, True, True, False]
+    err = capsys.readouterr().err
+    assert err.count("vision tower is skipped") == 1
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
     from tiny import save_tiny
 

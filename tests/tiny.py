@@ -81,6 +81,24 @@ ARCHS = {
              layer_types=["linear_attention", "full_attention", "linear_attention",
                           "linear_attention"], mlp_only_layers=[2]),
     ),
+    "qwen3_5_moe": (  # an image-text model: its text model nested, a vision tower beside
+        "Qwen3_5MoeConfig",
+        "Qwen3_5MoeForConditionalGeneration",
+        dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, head_dim=16,
+             num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, linear_num_key_heads=2,
+             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+             num_hidden_layers=4, vision_config=dict(depth=1, hidden_size=32, num_heads=2,
+                                                     intermediate_size=32, out_hidden_size=64)),
+    ),
+    "qwen3_5_moe_text": (  # its text model saved on its own
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, head_dim=16,
+             num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, linear_num_key_heads=2,
+             linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=16,
+             num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                               "linear_attention"]),
+    ),
 }  # fmt: skip
 
 
@@ -105,7 +123,11 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     kwargs = COMMON | kwargs | overrides
     if arch.startswith("deepseek"):  # latent attention has no grouped KV heads
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-    config = getattr(transformers, config_cls)(**kwargs)
+    if "vision_config" in kwargs:  # the text model's config nested in the image-text one
+        vision = kwargs.pop("vision_config")
+        config = getattr(transformers, config_cls)(text_config=kwargs, vision_config=vision)
+    else:
+        config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     randomize(model, seed)
@@ -118,7 +140,7 @@ def save_tiny(path: Path, arch: str, seed: int = 0, max_shard_size=None, **overr
     shutil.rmtree(path, ignore_errors=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    make_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
+    make_tokenizer(model.config.get_text_config().vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
     )

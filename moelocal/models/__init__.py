@@ -1,6 +1,16 @@
 """Model families by config.json `model_type`."""
 
-from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next
+from . import (
+    deepseek,
+    glm4_moe,
+    gpt_oss,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_5_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from .family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -15,5 +25,7 @@ FAMILIES: dict[str, Family] = {
         gpt_oss.FAMILY,
         glm4_moe.FAMILY,
         qwen3_next.FAMILY,
+        qwen3_5_moe.FAMILY,
+        qwen3_5_moe.TEXT,
     )
 }

@@ -37,6 +37,8 @@ class Family:
     rope_dim: Callable[[ModelConfig], int] = lambda cfg: rotary_dim(cfg)
     # checkpoint keys that are known and unused (e.g. DeepSeek-V3's multi-token-prediction layer)
     ignore: Callable[[str, ModelConfig], bool] = lambda key, cfg: False
+    # the checkpoint's keys -> a line to tell the user at load (what is skipped), or a falsy value
+    notice: Callable[[list[str]], str | None] = lambda keys: None
 
     def read_config(self, raw: dict) -> ModelConfig:
         """config.json as a ModelConfig; a value of a wrong type is one line, not a traceback."""
