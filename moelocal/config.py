@@ -53,6 +53,12 @@ class ModelConfig:
     qk_norm: str | None = None  # "head" (Qwen3: per head) or "full" (OLMoE: whole projection)
     clip_qkv: float | None = None
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in every softmax
+    attention_scale: float | None = None  # of q·k; None: head_dim^-1/2 (Granite: its multiplier)
+    # Granite's multipliers: of the embeddings, of each block's output into the residual stream,
+    # and the logits' divisor
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     attention_output_gate: bool = False  # Qwen3-Next: q_proj also makes a sigmoid gate per output
     # linear attention (Qwen3-Next's gated DeltaNet): per layer, True where it replaces attention
     linear_layers: list = field(default_factory=list)

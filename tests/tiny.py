@@ -99,6 +99,13 @@ ARCHS = {
              num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                "linear_attention"]),
     ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=24, num_key_value_heads=2, num_local_experts=6,
+             num_experts_per_tok=2, embedding_multiplier=3.0, attention_multiplier=0.15,
+             residual_multiplier=0.6, logits_scaling=2.5),
+    ),
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from . import (
     deepseek,
     glm4_moe,
     gpt_oss,
+    granitemoe,
     mixtral,
     olmoe,
     qwen2_moe,
@@ -27,5 +28,6 @@ FAMILIES: dict[str, Family] = {
         qwen3_next.FAMILY,
         qwen3_5_moe.FAMILY,
         qwen3_5_moe.TEXT,
+        granitemoe.FAMILY,
     )
 }

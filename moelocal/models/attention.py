@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * hd, D, bias=cfg.o_bias)
-        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        self.qk_norm, self.clip_qkv, self.scale = cfg.qk_norm, cfg.clip_qkv, cfg.attention_scale
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = norm(cfg, hd), norm(cfg, hd)
         elif cfg.qk_norm == "full":
@@ -133,9 +133,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = kv.update(self.layer, k, v)
         if hasattr(self, "sinks"):
-            out = attention_with_sinks(q, k, v, mask, self.sinks)
+            out = attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.H != self.KV)  # fmt: skip
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
@@ -146,11 +146,11 @@ class Attention(nn.Module):
 SCORE_BYTES = 64 << 20  # float32 attention scores made at a time in a long prefill
 
 
-def attention_with_sinks(q, k, v, mask, sinks: torch.Tensor) -> torch.Tensor:
+def attention_with_sinks(q, k, v, mask, sinks: torch.Tensor, scale=None) -> torch.Tensor:
     """Softmax attention where each head's softmax also counts a learned logit, its sink, that
     attends to nothing (gpt-oss): q (B, H, T, d), k and v (B, KV, S, d), mask as attention_mask
-    makes it -> (B, H, T, d). PyTorch's fused attention has no such term, so the scores are made
-    here, in float32, for a slice of the queries at a time."""
+    makes it -> (B, H, T, d); scale of q·k, d^-1/2 if None. PyTorch's fused attention has no
+    such term, so the scores are made here, in float32, for a slice of the queries at a time."""
     B, H, T, d = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV  # query heads per KV head: grouped, so k and v are never repeated
@@ -163,7 +163,7 @@ def attention_with_sinks(q, k, v, mask, sinks: torch.Tensor) -> torch.Tensor:
         qs = q[:, :, t : t + step]
         n = qs.shape[2]
         scores = qs.reshape(B, KV, G * n, d).float() @ keys
-        scores = scores.view(B, KV, G, n, S) * d**-0.5
+        scores = scores.view(B, KV, G, n, S) * (d**-0.5 if scale is None else scale)
         if mask is not None:
             scores = scores.masked_fill(~mask[..., t : t + step, :], float("-inf"))
         scores = torch.cat((scores, sink.expand(B, KV, G, n, 1)), dim=-1)

@@ -17,6 +17,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, attention_cls=Attention, experts=None):
         super().__init__()
         self.window = cfg.sliding_windows[layer]
+        self.residual_multiplier = cfg.residual_multiplier
         if cfg.linear_layers[layer]:
             self.linear_attn = GatedDeltaNet(cfg, layer)
         else:
@@ -39,12 +40,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, kv: KVCache, masks, after_attention=None, real=None):
         """real: (B, T) bool, False at left padding, or None (for linear attention)."""
         if hasattr(self, "linear_attn"):
-            h = x + self.linear_attn(self.input_layernorm(x), kv, real)
+            h = self.residual(x, self.linear_attn(self.input_layernorm(x), kv, real))
         else:
-            h = x + self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
+            h = self.residual(x, self.self_attn(self.input_layernorm(x), rope, kv,
+                                                masks[self.window]))  # fmt: skip
         if after_attention is not None:  # the prefetcher sees h before the MoE block runs
             after_attention(h)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.residual(h, self.mlp(self.post_attention_layernorm(h)))
+
+    def residual(self, x, out):
+        """x plus a block's output (Granite: times residual_multiplier)."""
+        return x + out if self.residual_multiplier == 1.0 else x + out * self.residual_multiplier
 
 
 class Body(nn.Module):
@@ -77,6 +83,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = kv.length
         x = self.model.embed_tokens(tokens)
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
         positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if kv.pads is not None:
             positions = (positions - kv.pads.to(tokens.device)[:, None]).clamp(min=0)
@@ -95,4 +103,7 @@ class Transformer(nn.Module):
         kv.length += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        logits = self.lm_head(self.model.norm(x))
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        return logits.float()
