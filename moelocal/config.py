@@ -37,11 +37,13 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # of every norm, LayerNorm included
+    norm_type: str = "rms"  # "rms", or "layer" (Phi-3.5-MoE: LayerNorm with a bias)
     norm_weight_in_float: bool = False  # gpt-oss: RMSNorm weighs in float32, then rounds
     norm_offset: float = 0.0  # Qwen3-Next: RMSNorm weighs by offset + weight (weights stored - 1)
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
+    lm_head_bias: bool = False
     rope: dict = field(default_factory=dict)  # rope_type, rope_theta, and the type's parameters
     partial_rotary_factor: float = 1.0  # the share of each head's dims that RoPE rotates (GLM)
     torch_dtype: str | None = None
@@ -76,8 +78,9 @@ class ModelConfig:
     moe_layers: list = field(default_factory=list)  # per layer: True where the MLP is a MoE block
     norm_topk_prob: bool = False
     # "softmax" (over all experts, then top-k), "topk_softmax" (top-k logits, then softmax over
-    # them: gpt-oss) or "sigmoid" (DeepSeek-V3)
+    # them: gpt-oss), "sigmoid" (DeepSeek-V3) or "sparsemixer" (Phi-3.5-MoE, top-2)
     scoring: str = "softmax"
+    router_jitter: float = 0.0  # sparsemixer: logits this close (relatively) to the best compete
     topk_method: str = "greedy"  # "greedy", "group_limited_greedy" (V2), "noaux_tc" (V3)
     n_group: int = 1
     topk_group: int = 1
@@ -186,9 +189,14 @@ def rope_parameters(raw: dict, default_theta: float) -> dict:
     """transformers 5 writes `rope_parameters`; older configs `rope_theta` and `rope_scaling`."""
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     rope.setdefault("rope_type", rope.pop("type", "default"))
+    if rope["rope_type"] == "su":  # Phi-3's first name for longrope
+        rope["rope_type"] = "longrope"
     rope.setdefault("rope_theta", raw.get("rope_theta", default_theta))
     if rope["rope_type"] in ("yarn", "llama3", "longrope"):
-        rope.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        original = raw.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+        rope.setdefault("original_max_position_embeddings", original)
+    if rope["rope_type"] == "longrope" and not rope.get("factor"):
+        rope["factor"] = raw["max_position_embeddings"] / rope["original_max_position_embeddings"]
     return rope
 
 

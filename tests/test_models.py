@@ -63,6 +63,11 @@ def test_matches_transformers(tiny, arch):
         ("qwen3_next", {"layer_types": None, "full_attention_interval": 2, "mlp_only_layers": [],
                         "linear_num_value_heads": 2, "attention_bias": True,
                         "decoder_sparse_step": 2}),
+        ("phimoe", {"sliding_window": 6, "router_jitter_noise": 0.01, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.5 + 0.2 * i for i in range(8)], "short_mscale": 1.1,
+            "long_mscale": 1.3}}),
         ("gpt_oss", {"swiglu_limit": 2.0, "swiglu_alpha": 1.0, "sliding_window": 3,
                      "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
         ("gpt_oss", {"attention_bias": False, "rope_parameters": {

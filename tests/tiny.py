@@ -106,6 +106,13 @@ ARCHS = {
              num_experts_per_tok=2, embedding_multiplier=3.0, attention_multiplier=0.15,
              residual_multiplier=0.6, logits_scaling=2.5),
     ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(intermediate_size=24, num_key_value_heads=2, num_local_experts=6,
+             num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+             router_jitter_noise=0.3),
+    ),
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from . import (
     granitemoe,
     mixtral,
     olmoe,
+    phimoe,
     qwen2_moe,
     qwen3_5_moe,
     qwen3_moe,
@@ -29,5 +30,6 @@ FAMILIES: dict[str, Family] = {
         qwen3_5_moe.FAMILY,
         qwen3_5_moe.TEXT,
         granitemoe.FAMILY,
+        phimoe.FAMILY,
     )
 }

@@ -90,8 +90,10 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def norm(cfg: ModelConfig, dim: int) -> RMSNorm:
-    """An RMSNorm of dim as this family computes its norms."""
+def norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """A norm of dim as this family computes its norms: RMSNorm, or LayerNorm (Phi-3.5-MoE)."""
+    if cfg.norm_type == "layer":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
     return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_weight_in_float, cfg.norm_offset)
 
 
@@ -111,6 +113,8 @@ def rope_frequencies(dim: int, rope: dict) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     if kind == "linear":
         return inv_freq / rope["factor"], 1.0
+    if kind == "longrope":  # the short factors; Rotary switches to the long ones past original
+        return longrope_frequencies(dim, rope, long=False)
     if kind == "yarn":
         factor, original = rope["factor"], rope["original_max_position_embeddings"]
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
@@ -136,8 +140,24 @@ def rope_frequencies(dim: int, rope: dict) -> tuple[torch.Tensor, float]:
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         return inv_freq, float(attention_factor)
     raise MoelocalError(
-        f"unsupported rope_type '{kind}' (supported: default, linear, dynamic, yarn)"
+        f"unsupported rope_type '{kind}' (supported: default, linear, dynamic, yarn, longrope)"
     )
+
+
+def longrope_frequencies(dim: int, rope: dict, long: bool) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): the frequencies divided by a factor each, short ones within the
+    original context and long ones past it; the cos/sin scale from the context's growth, or
+    the config's short_mscale / long_mscale (Phi-3.5-MoE)."""
+    original, factor = rope["original_max_position_embeddings"], rope["factor"]
+    scale = rope.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    scale = rope.get("long_mscale" if long else "short_mscale") or scale
+    ext = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float32)
+    if ext.shape != (dim // 2,):
+        raise MoelocalError(f"config.json: longrope factors must be {dim // 2} numbers")
+    base = float(rope["rope_theta"])
+    return 1.0 / (ext * base ** (torch.arange(0, dim, 2).float() / dim)), float(scale)
 
 
 class Rotary(nn.Module):
@@ -145,13 +165,23 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq, self.scale = rope_frequencies(dim, rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.long = None  # longrope: (frequencies, scale) past `original` positions
+        if rope["rope_type"] == "longrope":
+            self.original = rope["original_max_position_embeddings"]
+            long_freq, long_scale = longrope_frequencies(dim, rope, long=True)
+            self.register_buffer("long_inv_freq", long_freq, persistent=False)
+            self.long = long_scale
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """Positions (B, T) -> cos and signed sin (B, 1, T, dim) for apply_rope, made once per
-        forward pass for every layer."""
-        freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, dim/2)
+        forward pass for every layer. Longrope switches to its long frequencies once a position
+        is past the original context, for the whole pass (as transformers does)."""
+        inv_freq, scale = self.inv_freq, self.scale
+        if self.long is not None and int(positions.max()) + 1 > self.original:
+            inv_freq, scale = self.long_inv_freq, self.long
+        freqs = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         half = sin.shape[-1] // 2
         sin[..., :half].neg_()  # rotate_half's minus, folded in
         return cos, sin

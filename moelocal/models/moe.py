@@ -59,6 +59,8 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = No
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * cfg.routed_scaling_factor
+    if cfg.scoring == "sparsemixer":
+        return sparsemixer(logits, cfg.router_jitter)
     if cfg.scoring == "topk_softmax":  # gpt-oss: the top-k logits, weighed by their softmax
         top, ids = logits.topk(K, dim=-1)
         return ids, top.softmax(dim=-1, dtype=torch.float32)
@@ -72,6 +74,21 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = No
     if cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return ids, weights
+
+
+def sparsemixer(logits: torch.Tensor, jitter: float):
+    """Phi-3.5-MoE's top-2 (inference): the best expert, then the best of the others, each
+    weighed by a softmax over the logits within 2 * jitter (relatively) of it."""
+
+    def pick(among):
+        top, ids = among.max(dim=-1, keepdim=True)
+        near = (top - logits) / logits.abs().clamp(min=top) <= 2 * jitter
+        weights = among.masked_fill(~near, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+        return ids, weights.gather(-1, ids)
+
+    first, w1 = pick(logits)
+    second, w2 = pick(logits.scatter(-1, first, float("-inf")))
+    return torch.cat((first, second), dim=-1), torch.cat((w1, w2), dim=-1)
 
 
 def group_mask(group_scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

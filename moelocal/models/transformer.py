@@ -74,7 +74,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Body(cfg, attention_cls, experts)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(rope_dim or cfg.head_dim, cfg.rope)
         self.prefetcher = prefetcher
 
