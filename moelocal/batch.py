@@ -221,7 +221,9 @@ def run_batch(
             top_k=top_k, top_p=top_p,
         )  # fmt: skip
         for job, out in zip(group, outs, strict=True):
-            write({"id": job.id, "text": out.text, "prompt_tokens": len(out.prompt_token_ids),
+            reasoning = {"reasoning": out.reasoning} if out.reasoning else {}
+            write({"id": job.id, "text": out.text, **reasoning,
+                   "prompt_tokens": len(out.prompt_token_ids),
                    "generated_tokens": len(out.token_ids), "token_ids": out.token_ids,
                    "finish_reason": out.finish_reason, "timings": timings(out.stats)})  # fmt: skip
             summary.done += 1

@@ -43,11 +43,14 @@ def transcript(messages: list[dict]) -> str:
 
 class Chat:
     def __init__(self, engine: Engine, *, system: str | None = None, plain: bool = False,
-                 **sampling):  # fmt: skip
-        """plain: a plain transcript instead of the chat template (--no-chat-template)."""
+                 show_reasoning: bool = False, **sampling):  # fmt: skip
+        """plain: a plain transcript instead of the chat template (--no-chat-template);
+        show_reasoning: a reasoning model's reasoning shown dimmed before its answer (else
+        hidden, counted in one dim line)."""
         if engine.tokenizer is None:
             raise MoelocalError(f"{engine.model_dir}: no tokenizer.json; chat needs one")
         self.engine, self.system, self.sampling = engine, system, sampling
+        self.show_reasoning = show_reasoning
         self.console = Console(highlight=False)  # replies and /stats
         self.notes = Console(stderr=True, highlight=False)  # notices, errors
         self.plain = plain or not engine.tokenizer.chat_template
@@ -96,23 +99,37 @@ class Chat:
             self.session.history.pop()
             raise
         pieces: list[str] = []
+        thinking = []  # a reasoning model's reasoning is shown (dimmed) or counted, never kept
 
         def stream(piece: str):
+            if thinking and self.show_reasoning:
+                self.console.out("\n")  # the answer on a line of its own after the reasoning
+                thinking.clear()
             pieces.append(piece)
             self.console.out(piece, end="", highlight=False)
             self.console.file.flush()
 
+        def reasoning_stream(piece: str):
+            thinking.append(piece)
+            if self.show_reasoning:
+                self.console.out(piece, end="", style="dim", highlight=False)
+                self.console.file.flush()
+
         try:
-            out = self.engine.generate(ids, stream=stream, prompt_cache=self.prompt_cache,
-                                       **self.sampling)  # fmt: skip
+            out = self.engine.generate(ids, stream=stream, reasoning_stream=reasoning_stream,
+                                       prompt_cache=self.prompt_cache, **self.sampling)  # fmt: skip
             answer = out.text
             self.session.last = out
             self.count(out)
+            if out.reasoning and not self.show_reasoning:
+                self.notes.print(f"[dim]\\[reasoned {len(out.reasoning)} characters before this "
+                                 "answer: --show-reasoning shows them][/]")  # fmt: skip
         except KeyboardInterrupt:
             answer = "".join(pieces)  # what was shown stays in the conversation
             self.console.out("")
             self.notes.print("[dim]\\[stopped][/]", end="")
         self.console.out("")
+        # the answer only: templates leave earlier turns' reasoning out of the prompt
         self.session.history.append({"role": "assistant", "content": answer})
 
     def count(self, out: Generation):

@@ -44,6 +44,12 @@ TopPOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+ShowReasoningOpt = Annotated[
+    bool,
+    typer.Option(
+        "--show-reasoning", help="Show a reasoning model's reasoning (dimmed) before its answer."
+    ),
+]
 QuantOpt = Annotated[
     str | None,
     typer.Option(
@@ -178,6 +184,7 @@ def generate_cmd(
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    show_reasoning: ShowReasoningOpt = False,
 ):
     """Generate a completion for one prompt, streamed to stdout, or for every line of a JSONL file.
 
@@ -209,9 +216,12 @@ def generate_cmd(
                   **options) as engine:  # fmt: skip
             ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
             stream = None if as_json else lambda p: (sys.stdout.write(p), sys.stdout.flush())
+            thought = None  # reasoning: dimmed on stderr with --show-reasoning, else only in JSON
+            if show_reasoning and not as_json:
+                thought = lambda p: err.print(p, end="", style="dim", highlight=False)  # noqa: E731
             out = engine.generate(
                 ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, stream=stream,
+                top_p=top_p, seed=seed, stream=stream, reasoning_stream=thought,
             )  # fmt: skip
         if as_json:
             print(json.dumps(out.as_dict(), ensure_ascii=False))
@@ -305,6 +315,7 @@ def chat_cmd(
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
+    show_reasoning: ShowReasoningOpt = False,
 ):
     """Chat in the terminal: replies stream as they are generated; /help lists the commands.
 
@@ -322,8 +333,9 @@ def chat_cmd(
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
                   **options) as engine:  # fmt: skip
-            Chat(engine, system=system, plain=no_chat_template, max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).run()  # fmt: skip
+            Chat(engine, system=system, plain=no_chat_template, show_reasoning=show_reasoning,
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed).run()  # fmt: skip
 
     run(go)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import cpu_kernels, validate
+from . import cpu_kernels, reasoning, validate
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .errors import MoelocalError
@@ -29,10 +29,11 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class Generation:
-    text: str
+    text: str  # the answer (a reasoning model's reasoning is apart, below)
     prompt_token_ids: list[int]
     token_ids: list[int]  # the generated ids only, the end-of-sequence id included when it came
     stats: Stats = field(default_factory=Stats)
+    reasoning: str = ""  # what a reasoning model thought before its answer (reasoning.py)
 
     @property
     def finish_reason(self) -> str:
@@ -45,6 +46,7 @@ class Generation:
     def as_dict(self) -> dict:
         return {
             "text": self.text,
+            **({"reasoning": self.reasoning} if self.reasoning else {}),
             "prompt_token_ids": self.prompt_token_ids,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
@@ -218,6 +220,44 @@ class TextStream:
         return self.text
 
 
+class ReplyText:
+    """One reply's text as it is generated: the answer and a reasoning model's reasoning apart
+    (reasoning.py), each decoded as it comes; stop strings end the answer only, and the
+    whitespace between the reasoning and the answer belongs to neither."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop=None, stream=None,
+                 reasoning_stream=None):  # fmt: skip
+        self.split = reasoning.splitter(tokenizer, prompt)
+        self.stream, self.started = stream, self.split is None
+        self.answer = TextStream(tokenizer, stop, self._answer_piece if stream else None)
+        self.reasoning = TextStream(tokenizer, None, reasoning_stream)
+        self.ids = {reasoning.ANSWER: [], reasoning.REASONING: []}
+
+    def _answer_piece(self, piece: str):
+        if not self.started:  # after reasoning, the answer starts at its first visible character
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        if piece:
+            self.stream(piece)
+
+    def feed(self, token: int) -> bool:
+        """The next id; True when a stop string has appeared in the answer."""
+        part = self.split.route(token) if self.split else reasoning.ANSWER
+        if part is not None:
+            self.ids[part].append(token)
+        if part == reasoning.ANSWER:
+            return self.answer.feed(token)
+        if part == reasoning.REASONING:
+            self.reasoning.feed(token)
+        return False
+
+    def finish(self) -> tuple[str, str]:
+        """(answer, reasoning), their last pieces streamed."""
+        thought = self.reasoning.finish(self.ids[reasoning.REASONING])
+        answer = self.answer.finish(self.ids[reasoning.ANSWER])
+        return (answer if self.split is None else answer.lstrip()), thought.strip()
+
+
 class PromptCache:
     """A conversation's KV cache, kept between turns: the next prompt prefills only what follows
     the longest prefix it shares with the tokens already cached (as llama.cpp's chat does)."""
@@ -361,14 +401,17 @@ class Engine:
         stop: list[str] | None = None,
         stream: Callable[[str], None] | None = None,
         prompt_cache: PromptCache | None = None,
+        reasoning_stream: Callable[[str], None] | None = None,
     ) -> Generation:
         """Generate a completion. A str prompt is tokenized as is (no chat template); a list is
-        token ids. `stream` receives text pieces as they are final; `stop` strings end the
-        generation and are cut from the text. `prompt_cache` (see new_prompt_cache) carries the
-        KV cache from one call to the next, for multi-turn chat."""
+        token ids. `stream` receives text pieces as they are final (`reasoning_stream` those of
+        a reasoning model's reasoning); `stop` strings end the generation and are cut from the
+        text. `prompt_cache` (see new_prompt_cache) carries the KV cache from one call to the
+        next, for multi-turn chat."""
         request = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed)  # fmt: skip
         return self.generate_batch([prompt], stop=stop, streams=[stream],
+                                   reasoning_streams=[reasoning_stream],
                                    prompt_cache=prompt_cache, **request)[0]  # fmt: skip
 
     def new_prompt_cache(self) -> PromptCache:
@@ -387,6 +430,7 @@ class Engine:
         stop: list[str] | None = None,
         streams: list[Callable[[str], None] | None] | None = None,
         prompt_cache: PromptCache | None = None,
+        reasoning_streams: list[Callable[[str], None] | None] | None = None,
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
         max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time."""
@@ -405,7 +449,9 @@ class Engine:
             requests.append(Request(ids, n, t, top_k, top_p, s))
         if stop:  # stop strings are found in the text
             self._require_tokenizer()
-        texts = [TextStream(self.tokenizer, stop, fn) for fn in (streams or [None] * B)]
+        pieces = zip(requests, streams or [None] * B, reasoning_streams or [None] * B,
+                     strict=True)  # fmt: skip
+        texts = [ReplyText(self.tokenizer, r.prompt, stop, fn, rfn) for r, fn, rfn in pieces]
         stats = [Stats() for _ in prompts]
         finished = [False] * B
         ec = self.expert_cache
@@ -437,9 +483,8 @@ class Engine:
         out = []
         for b in range(B):
             stats[b].extra.update(extra)
-            out.append(
-                Generation(texts[b].finish(tokens[b]), requests[b].prompt, tokens[b], stats[b])
-            )
+            answer, thought = texts[b].finish()
+            out.append(Generation(answer, requests[b].prompt, tokens[b], stats[b], thought))
         return out
 
     @torch.inference_mode()
