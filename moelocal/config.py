@@ -77,6 +77,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     moe_layers: list = field(default_factory=list)  # per layer: True where the MLP is a MoE block
     norm_topk_prob: bool = False
+    norm_topk_min: float = 0.0  # ERNIE: the sum the top-k weights are divided by is at least this
     # "softmax" (over all experts, then top-k), "topk_softmax" (top-k logits, then softmax over
     # them: gpt-oss), "sigmoid" (DeepSeek-V3) or "sparsemixer" (Phi-3.5-MoE, top-2)
     scoring: str = "softmax"
@@ -86,7 +87,7 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     router_fp32: bool = False  # DeepSeek computes router logits in float32
-    router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    router_bias: bool = False  # e_score_correction_bias: picks experts (DeepSeek-V3, ERNIE)
     router_linear_bias: bool = False  # gpt-oss: the router is a Linear layer with a bias
     expert_bias: bool = False  # gpt-oss: routed experts' projections have biases
     # gpt-oss's clamped SwiGLU: (clamp(up) + 1) * gate * sigmoid(alpha * gate), gate clamped
@@ -179,7 +180,7 @@ def require(raw: dict, *names: str):
 def num_experts(raw: dict, default: int) -> int:
     """Families name the routed expert count differently, and transformers' attribute maps make
     any of the names appear in a saved config.json."""
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
         if raw.get(name) is not None:
             return bounded(name, raw[name], 0, MAX_EXPERTS)
     return default

@@ -242,9 +242,13 @@ def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device) -> 
     router_dtype); a tied head is the embeddings."""
     cfg, dtype = planned.cfg, planned.dtype
     stored = computed_resident(ckpt)
+    want = {name: t.shape for name, t in planned.model.state_dict().items()}
     state = {}
     for name, key in planned.resident.items():
         t = read_weight(ckpt, key, planned.quant_state)
+        shape = want.get(name)
+        if shape is not None and t.shape != shape and t.squeeze(0).shape == shape:
+            t = t.squeeze(0)  # ERNIE stores its (E,) correction bias as (1, E)
         # a stored quantized segment keeps its dtype; float weights take the compute dtype
         state[name] = t.to(device) if stored else t.to(device=device, dtype=dtype)
     for name in [name for name in state if ROUTER in name]:  # their values stay in dtype

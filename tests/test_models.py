@@ -68,6 +68,9 @@ def test_matches_transformers(tiny, arch):
             "short_factor": [1.0 + 0.1 * i for i in range(8)],
             "long_factor": [1.5 + 0.2 * i for i in range(8)], "short_mscale": 1.1,
             "long_mscale": 1.3}}),
+        ("ernie4_5_moe", {"use_bias": False, "tie_word_embeddings": True,
+                          "moe_layer_start_index": 0, "moe_layer_interval": 2,
+                          "moe_num_shared_experts": 0}),
         ("gpt_oss", {"swiglu_limit": 2.0, "swiglu_alpha": 1.0, "sliding_window": 3,
                      "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
         ("gpt_oss", {"attention_bias": False, "rope_parameters": {

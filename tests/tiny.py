@@ -113,6 +113,13 @@ ARCHS = {
              num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
              router_jitter_noise=0.3),
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(intermediate_size=80, moe_intermediate_size=24, num_key_value_heads=2,
+             moe_num_experts=6, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+             use_bias=True, tie_word_embeddings=False),
+    ),
 }  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from . import (
     deepseek,
+    ernie4_5_moe,
     glm4_moe,
     gpt_oss,
     granitemoe,
@@ -31,5 +32,6 @@ FAMILIES: dict[str, Family] = {
         qwen3_5_moe.TEXT,
         granitemoe.FAMILY,
         phimoe.FAMILY,
+        ernie4_5_moe.FAMILY,
     )
 }

@@ -93,6 +93,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.KV * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * hd, D, bias=cfg.o_bias)
         self.qk_norm, self.clip_qkv, self.scale = cfg.qk_norm, cfg.clip_qkv, cfg.attention_scale
+        self.interleaved = cfg.rope_interleave  # ERNIE rotates pairs (x0, x1), (x2, x3), ...
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = norm(cfg, hd), norm(cfg, hd)
         elif cfg.qk_norm == "full":
@@ -130,7 +131,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *rope, self.interleaved), apply_rope(k, *rope, self.interleaved)
         k, v = kv.update(self.layer, k, v)
         if hasattr(self, "sinks"):
             out = attention_with_sinks(q, k, v, mask, self.sinks, self.scale)

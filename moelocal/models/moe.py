@@ -68,9 +68,13 @@ def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = No
     if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: best experts of the best groups
         group_scores = probs.view(-1, cfg.n_group, E // cfg.n_group).max(dim=-1).values
         probs = probs.masked_fill(~group_mask(group_scores, cfg), 0.0)
-    weights, ids = probs.topk(K, dim=-1)
+    if bias is not None:  # ERNIE: the bias picks the experts, the plain probabilities weigh them
+        ids = (probs + bias).topk(K, dim=-1)[1]
+        weights = probs.gather(1, ids)
+    else:
+        weights, ids = probs.topk(K, dim=-1)
     if cfg.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=cfg.norm_topk_min)
     if cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return ids, weights
