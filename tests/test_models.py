@@ -146,6 +146,21 @@ def test_an_image_text_models_vision_tower_is_skipped_with_a_notice(tiny, capsys
     assert err.count("vision tower is skipped") == 1
 
 
+def test_configs_as_released_name_the_rotary_share_their_own_way():
+    """MiniMax-M2's config.json gives `rotary_dim`, older GLM ones `partial_rotary_factor` beside
+    the RoPE parameters rather than in them."""
+    from moelocal.models import FAMILIES
+    from moelocal.models.family import rotary_dim
+
+    base = dict(vocab_size=100, hidden_size=256, num_hidden_layers=2, num_attention_heads=2,
+                head_dim=128, intermediate_size=64, rope_theta=1e4)  # fmt: skip
+    minimax = FAMILIES["minimax_m2"].read_config(base | {"model_type": "minimax_m2",
+                                                         "rotary_dim": 64})  # fmt: skip
+    glm = FAMILIES["glm4_moe"].read_config(base | {"model_type": "glm4_moe",
+                                                   "partial_rotary_factor": 0.25})  # fmt: skip
+    assert (rotary_dim(minimax), rotary_dim(glm)) == (64, 32)
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
     from tiny import save_tiny
 

@@ -120,6 +120,12 @@ ARCHS = {
              moe_num_experts=6, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
              use_bias=True, tie_word_embeddings=False),
     ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(intermediate_size=24, head_dim=16, num_key_value_heads=2, num_local_experts=6,
+             num_experts_per_tok=2, rotary_dim=8),
+    ),
 }  # fmt: skip
 
 

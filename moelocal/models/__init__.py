@@ -6,6 +6,7 @@ from . import (
     glm4_moe,
     gpt_oss,
     granitemoe,
+    minimax_m2,
     mixtral,
     olmoe,
     phimoe,
@@ -33,5 +34,6 @@ FAMILIES: dict[str, Family] = {
         granitemoe.FAMILY,
         phimoe.FAMILY,
         ernie4_5_moe.FAMILY,
+        minimax_m2.FAMILY,
     )
 }
