@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
 from .errors import MoelocalError, reason
 from .hub import check_free_space, data_dir, resolve_model
-from .loader import Planned, bnb_quant, compute_layout, plan_model, resident_state
+from .loader import Planned, checkpoint_quant, compute_layout, plan_model, resident_state
 from .model_files import foreign_files, model_file
 from .plan import OffloadOptions
 from .quant import round_up
@@ -101,7 +101,8 @@ def convert(
     ckpt = Checkpoint(model_dir)
     if ckpt.manifest is not None:
         raise MoelocalError(f"{model_dir} is already a converted model")
-    quant = quant or bnb_quant(ckpt.config) or "int4"  # a bitsandbytes checkpoint keeps its own
+    # a checkpoint stored quantized keeps its format or the nearest (bitsandbytes, MXFP4, FP8)
+    quant = quant or checkpoint_quant(ckpt.config, torch.device("cpu")) or "int4"
     planned = plan_model(ckpt, torch.device("cpu"), dtype, OffloadOptions(), quant)
     quant = planned.plan.quant
     out = Path(out) if out else default_out(model, model_dir, quant)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from tiny import VOCAB
+from tiny import ARCHS, VOCAB
 from typer.testing import CliRunner
 
 import moelocal
@@ -22,9 +22,7 @@ def prompt(n=14, seed=3):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-@pytest.mark.parametrize(
-    "arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "qwen3_5_moe"]
-)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_converted_equals_quantized_on_load(tiny, tmp_path, arch, quant):
     src = tiny(arch)[0]
     out = convert(str(src), quant, tmp_path / "packed")

@@ -5,6 +5,7 @@ import torch
 from tiny import ARCHS, VOCAB
 
 import moelocal
+from moelocal.convert import convert
 from moelocal.models.attention import KVCache
 
 TOLERANCE = 1e-4
@@ -99,7 +100,10 @@ def test_mxfp4_experts_as_published_match_transformers_reading_them(tmp_path, ov
     resident = moelocal.load(tmp_path, device="cpu", quant="none")
     streamed = moelocal.load(tmp_path, device="cpu", quant="none", cache_experts=1)
     assert torch.equal(streamed.logits(ids), resident.logits(ids))
-    assert moelocal.load(tmp_path, device="cpu").plan.quant == "int4"
+    int4 = moelocal.load(tmp_path, device="cpu")
+    assert int4.plan.quant == "int4"
+    packed = moelocal.load(convert(str(tmp_path), None, tmp_path / "packed"), device="cpu")
+    assert packed.plan.quant == "int4" and torch.equal(packed.logits(ids), int4.logits(ids))
 
 
 @pytest.mark.parametrize("block", [(16, 16), (8, 32)])
@@ -117,7 +121,10 @@ def test_fp8_weights_as_published_match_the_weights_they_stand_for(tmp_path, blo
     resident = moelocal.load(path, device="cpu", quant="none")
     streamed = moelocal.load(path, device="cpu", quant="none", cache_experts=1)
     assert torch.equal(streamed.logits(ids), resident.logits(ids))
-    assert moelocal.load(path, device="cpu").plan.quant == "int8"
+    int8 = moelocal.load(path, device="cpu")
+    assert int8.plan.quant == "int8"
+    packed = moelocal.load(convert(str(path), None, tmp_path / "packed"), device="cpu")
+    assert packed.plan.quant == "int8" and torch.equal(packed.logits(ids), int8.logits(ids))
 
 
 def test_linear_attention_over_many_blocks_and_continued(tiny):

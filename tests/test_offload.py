@@ -68,7 +68,7 @@ def test_streaming_gives_identical_results(tiny, resident_runs, arch, setting):
         assert experts["prefetch_issued"] == 0
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "glm4_moe"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
     path = tiny(arch)[0]
     full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB")
