@@ -43,8 +43,7 @@ class ExpertLayout:
         I, D = self.I, self.D
         shapes = {"gate": (I, D), "up": (I, D), "down": (D, I), "gate_up": (2 * I, D)}
         if self.bias:
-            shapes |= {"gate_bias": (I,), "up_bias": (I,), "gate_up_bias": (2 * I,),
-                       "down_bias": (D,)}  # fmt: skip
+            shapes |= {"gate_up_bias": (2 * I,), "down_bias": (D,)}
         return shapes
 
     def views(self, blob: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:

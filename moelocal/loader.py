@@ -172,7 +172,7 @@ def plan_model(
                 "load it without --dtype/--quant, or convert again"
             )
         dtype, quant = packed
-    # a bitsandbytes checkpoint runs in its own format unless told otherwise
+    # a checkpoint stored quantized runs in its format, or the nearest, unless told otherwise
     dtype = dtype or cfg.dtype
     quant = check_mode(quant or checkpoint_quant(ckpt.config, device), device) or "none"
     with torch.device("meta"):

@@ -313,9 +313,9 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     bytes of two e2m1 codes each, the low nibble first; scales (N, K/32) e8m0, i.e. the power of
     two 2^(s - 127) each block of 32 is multiplied by."""
     N, G, _ = blocks.shape
-    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).view(N, G, 32).long()
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).view(N, G, -1).long()
     values = torch.tensor(FP4_E2M1)[codes]
-    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).view(N, G * 32)
+    return torch.ldexp(values, scales.to(torch.int32)[..., None] - 127).view(N, -1)
 
 
 class QuantLinear(nn.Module):

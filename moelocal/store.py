@@ -5,9 +5,9 @@ Reads run on the I/O queue's threads (io_queue.py), with O_DIRECT where the file
 it, so that the page cache does not quietly hold a second copy of the model; elsewhere each read
 is followed by a hint to drop its pages. A read lands in an aligned staging buffer, then is
 copied into the destination blob as it is (a converted model, after its CRC32 check), or cast,
-decoded (bitsandbytes, MXFP4, transposed or interleaved storage) and quantized into the blob's
-layout. This module does not decide
-what to load; the expert cache does, and its movers (movers.py) put the blobs where they go.
+decoded (bitsandbytes, FP8, MXFP4, transposed or interleaved storage) and quantized into the
+blob's layout. This module does not decide what to load; the expert cache does, and its movers
+(movers.py) put the blobs where they go.
 """
 
 import ctypes
@@ -185,9 +185,10 @@ def check_shapes(pieces: dict, layout: ExpertLayout):
         biases = {p.part for p in parts if p.part.endswith("_bias")}
         if parts[0].part != "blob" and biases != ({"gate_up_bias", "down_bias"} if layout.bias
                                                   else set()):  # fmt: skip
+            implied = "gate_up_bias and down_bias" if layout.bias else "none"
             raise MoelocalError(f"{parts[0].path}: expert {e} of layer {layer} has biases "
-                                f"{sorted(biases) or 'none'}; the model's experts "
-                                f"{'have' if layout.bias else 'have none'}")  # fmt: skip
+                                f"{', '.join(sorted(biases)) or 'none'}, config.json implies "
+                                f"{implied}")  # fmt: skip
         for p in parts:
             shape = p.decoded_shape
             if shape != want[p.part] and p.quant_state is None:  # packed: checked once read

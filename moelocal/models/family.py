@@ -44,7 +44,7 @@ class Family:
         """config.json as a ModelConfig; a value of a wrong type is one line, not a traceback."""
         try:
             return self.parse_config(raw)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:
             raise MoelocalError(f"config.json: a value of the wrong type or shape ({e})") from None
 
     def build(self, cfg: ModelConfig, experts=None, prefetcher=None):

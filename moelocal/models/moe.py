@@ -16,8 +16,8 @@ from .common import MLP, gated_unit
 
 
 class Router(nn.Module):
-    """The gate: one logit per routed expert; DeepSeek-V3 adds a score correction bias (which
-    picks experts, not weighs them), gpt-oss a plain bias to the logits."""
+    """The gate: one logit per routed expert; DeepSeek-V3, GLM, ERNIE and MiniMax add a score
+    correction bias (which picks experts, not weighs them), gpt-oss a plain bias to the logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
