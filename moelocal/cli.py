@@ -340,6 +340,71 @@ def chat_cmd(
     run(go)
 
 
+@app.command("serve")
+def serve_cmd(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (all: 0.0.0.0).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MOELOCAL_API_KEY",
+            help="Require Authorization: Bearer KEY on every request.",
+            show_envvar=True,
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=256, help="Requests decoded together at most.")
+    ] = 8,
+    model_name: Annotated[
+        str | None, typer.Option(help="The name clients ask for (default: the model's).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    quant: QuantOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    cpu_mem: CpuMemOpt = None,
+    cache_experts: CacheExpertsOpt = None,
+    cache_policy: CachePolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    miss_policy: MissPolicyOpt = "auto",
+    context: ContextOpt = None,
+    threads: ThreadsOpt = None,
+):
+    """Serve the model over OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics. Requests waiting when a decode starts are decoded together.
+
+    Example: moelocal serve mixtral-large-int4 --port 8000, then
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
+    """
+    options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
+                              miss_policy, context)  # fmt: skip
+    if api_key is not None and not api_key.strip():
+        fail("--api-key is empty")
+    name = model_name or (Path(model).name if model and Path(model).exists() else model)
+
+    def go():
+        import uvicorn
+
+        load = heavy_import("engine").load
+        Server = heavy_import("serve").Server
+        server = Server(lambda: load(model, device=device, dtype=dtype, quant=quant,
+                                     threads=threads, **options),
+                        name or "default", api_key, max_batch)  # fmt: skip
+        config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning")
+        http = uvicorn.Server(config)
+        server.on_load_error = lambda: setattr(http, "should_exit", True)
+        err.print(f"[dim]serving {name or 'default'} at http://{host}:{port}/v1 (loading the "
+                  "model; /health says when it is ready)[/]")  # fmt: skip
+        http.run()
+        if server.load_error is not None:
+            raise MoelocalError(server.load_error)
+        if not http.started:
+            raise MoelocalError(f"cannot listen on {host}:{port} (in use, or not allowed)")
+
+    run(go)
+
+
 @app.command("plan")
 def plan_cmd(
     model: ModelArg = None,

@@ -431,9 +431,11 @@ class Engine:
         streams: list[Callable[[str], None] | None] | None = None,
         prompt_cache: PromptCache | None = None,
         reasoning_streams: list[Callable[[str], None] | None] | None = None,
+        cancelled: list[Callable[[], bool]] | None = None,
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
-        max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time."""
+        max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time.
+        `cancelled[b]()`, asked after each step, ends row b there (finish_reason "cancelled")."""
         self._require_open()
         B = len(prompts)
 
@@ -471,6 +473,8 @@ class Engine:
                     tokens[b].append(token)
                     if texts[b].feed(token):  # a stop string
                         stats[b].finish_reason, finished[b] = "stop", True
+                    elif cancelled and not finished[b] and cancelled[b]():
+                        stats[b].finish_reason, finished[b] = "cancelled", True
         except BaseException:
             if prompt_cache is not None:  # interrupted mid-step: what it holds is unknown
                 prompt_cache.clear()
