@@ -12,9 +12,14 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .engine import Engine, Generation
+
+# after a request arrives, how long the worker waits for others sent at the same moment (clients
+# of one script, a page's several calls) before it starts their batch
+GATHER_S = 0.01
 
 
 @dataclass
@@ -80,10 +85,10 @@ class Scheduler:
 
     def _run(self):
         while (first := self.waiting.get()) is not None:
-            batch = [first]
+            batch, until = [first], time.monotonic() + GATHER_S
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self.waiting.get_nowait()
+                    nxt = self.waiting.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:  # closing: finish this batch first
