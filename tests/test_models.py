@@ -83,6 +83,20 @@ def test_architecture_variants(tiny, arch, overrides):
     assert_matches_transformers(*tiny(arch, seed=1, **overrides))
 
 
+def assert_stored_quantized_runs_alike(path, packed_dir, default_quant: str):
+    """A checkpoint stored quantized: the same logits streamed from disk as resident, and by
+    default in default_quant, on load or converted (then the same logits)."""
+    ids = prompt(16)
+    resident = moelocal.load(path, device="cpu", quant="none")
+    streamed = moelocal.load(path, device="cpu", quant="none", cache_experts=1)
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    on_load = moelocal.load(path, device="cpu")
+    assert on_load.plan.quant == default_quant
+    packed = moelocal.load(convert(str(path), None, packed_dir), device="cpu")
+    assert packed.plan.quant == default_quant
+    assert torch.equal(packed.logits(ids), on_load.logits(ids))
+
+
 @pytest.mark.parametrize("overrides", [{}, {"swiglu_limit": 1.5, "num_experts_per_tok": 3}])
 def test_mxfp4_experts_as_published_match_transformers_reading_them(tmp_path, overrides):
     """gpt-oss's experts in MXFP4, read by transformers (which dequantizes them on the CPU) and
@@ -96,14 +110,7 @@ def test_mxfp4_experts_as_published_match_transformers_reading_them(tmp_path, ov
         tmp_path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)
     ).eval()
     assert_matches_transformers(tmp_path, ref, quant="none")
-    ids = prompt(16)
-    resident = moelocal.load(tmp_path, device="cpu", quant="none")
-    streamed = moelocal.load(tmp_path, device="cpu", quant="none", cache_experts=1)
-    assert torch.equal(streamed.logits(ids), resident.logits(ids))
-    int4 = moelocal.load(tmp_path, device="cpu")
-    assert int4.plan.quant == "int4"
-    packed = moelocal.load(convert(str(tmp_path), None, tmp_path / "packed"), device="cpu")
-    assert packed.plan.quant == "int4" and torch.equal(packed.logits(ids), int4.logits(ids))
+    assert_stored_quantized_runs_alike(tmp_path, tmp_path / "packed", "int4")
 
 
 @pytest.mark.parametrize("block", [(16, 16), (8, 32)])
@@ -117,14 +124,7 @@ def test_fp8_weights_as_published_match_the_weights_they_stand_for(tmp_path, blo
     path = tmp_path / "fp8"
     save_fp8(path, tmp_path / "stands-for", "deepseek_v3", block)
     assert_matches_transformers(path, reference(tmp_path / "stands-for"), quant="none")
-    ids = prompt(16)
-    resident = moelocal.load(path, device="cpu", quant="none")
-    streamed = moelocal.load(path, device="cpu", quant="none", cache_experts=1)
-    assert torch.equal(streamed.logits(ids), resident.logits(ids))
-    int8 = moelocal.load(path, device="cpu")
-    assert int8.plan.quant == "int8"
-    packed = moelocal.load(convert(str(path), None, tmp_path / "packed"), device="cpu")
-    assert packed.plan.quant == "int8" and torch.equal(packed.logits(ids), int8.logits(ids))
+    assert_stored_quantized_runs_alike(path, tmp_path / "packed", "int8")
 
 
 def test_linear_attention_over_many_blocks_and_continued(tiny):

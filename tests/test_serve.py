@@ -219,3 +219,15 @@ def test_503_while_the_model_loads(engine):
 def test_the_served_model_is_listed(served):
     data = request("GET", f"{served.url}/v1/models").json()["data"]
     assert [m["id"] for m in data] == ["m"]
+
+
+def test_the_cli_says_in_one_line_why_it_cannot_serve(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "moelocal.cli", "serve", str(tmp_path / "missing"), "--port",
+           str(free_port())]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model directory not found")
+    assert "Traceback" not in result.stderr
