@@ -434,7 +434,8 @@ class Engine:
         cancelled: list[Callable[[], bool]] | None = None,
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
-        max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time.
+        max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time
+        in float32 (in bf16 and the quantized formats not always yet: see the README).
         `cancelled[b]()`, asked after each step, ends row b there (finish_reason "cancelled")."""
         self._require_open()
         B = len(prompts)

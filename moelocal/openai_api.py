@@ -61,7 +61,7 @@ def chat_messages(body: dict) -> list[dict]:
 
 def make_job(body: dict, engine: Engine, prompt_ids) -> Job:
     """The sampling fields every endpoint takes, checked; prompt_ids() makes the prompt."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: one completion per request", "n")
     try:
         ids = prompt_ids()
