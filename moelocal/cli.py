@@ -393,7 +393,7 @@ def serve_cmd(
                         name or "default", api_key, max_batch)  # fmt: skip
         config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning")
         http = uvicorn.Server(config)
-        server.on_load_error = lambda: setattr(http, "should_exit", True)
+        server.start(on_load_error=lambda: setattr(http, "should_exit", True))
         err.print(f"[dim]serving {name or 'default'} at http://{host}:{port}/v1 (loading the "
                   "model; /health says when it is ready)[/]")  # fmt: skip
         http.run()

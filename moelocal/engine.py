@@ -435,7 +435,7 @@ class Engine:
     ) -> list[Generation]:
         """Decode several prompts together: every expert loaded serves the whole batch. Per-prompt
         max_new_tokens, temperature and seed may be lists. Greedy results equal one-at-a-time
-        in float32 (in bf16 and the quantized formats not always yet: see the README).
+        (generate.generate says how).
         `cancelled[b]()`, asked after each step, ends row b there (finish_reason "cancelled")."""
         self._require_open()
         B = len(prompts)

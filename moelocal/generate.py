@@ -76,6 +76,18 @@ def prefill(model: Transformer, tokens: torch.Tensor, kv: KVCache) -> torch.Tens
     return logits[:, -1]
 
 
+def prefill_each(model: Transformer, requests: list, max_len: int, device):
+    """Each prompt prefilled on its own, then their caches stacked into one left-padded batch
+    cache -> (cache, last logits (B, V)). A row's prefill is then exactly its prefill alone
+    (batched, its products would sum in orders that depend on the other prompts)."""
+    caches, logits = [], []
+    for r in requests:
+        kv = KVCache(model.cfg.num_hidden_layers, len(r.prompt))
+        logits.append(prefill(model, torch.tensor([r.prompt], device=device), kv))
+        caches.append(kv)
+    return KVCache.stack(caches, max_len), torch.cat(logits)
+
+
 def decode_one_token(model: Transformer, token: torch.Tensor, kv: KVCache) -> torch.Tensor:
     """One new token per sequence (B, 1) -> next-token logits (B, V)."""
     return model(token, kv)[:, -1]
@@ -106,7 +118,9 @@ def generate(
     """Decode the requests together; yield, each step, every row's new token (None once a row is
     done). A row ends after its max_new_tokens, after an id in stop_ids (which it yields), or
     when the consumer sets finished[row] (a stop string). `kv`, for one request, already holds
-    the first kv.length tokens of its prompt: only the rest is prefilled."""
+    the first kv.length tokens of its prompt: only the rest is prefilled. Each row's tokens are
+    those it would get alone: prompts are prefilled one by one, and a decode step attends and
+    multiplies row by row where a batch would sum in another order (DecoderLayer, project)."""
     B = len(requests)
     stats = stats if stats is not None else [Stats() for _ in requests]
     finished = finished if finished is not None else [False] * B
@@ -115,23 +129,20 @@ def generate(
                   for r in requests]  # fmt: skip
     T = max(len(r.prompt) for r in requests)
     steps = max(r.max_new_tokens for r in requests)
-    pads = [T - len(r.prompt) for r in requests]  # prompts are left-padded to a common length
     decode_start = [0.0] * B
-    cached = 0
-    if kv is None:
-        kv = KVCache(model.cfg.num_hidden_layers, T + steps, pads)
-    else:
-        assert B == 1 and 0 <= kv.length < T and T + steps <= kv.max_len, (
-            B, kv.length, T, steps, kv.max_len)  # fmt: skip
-        cached = kv.length
     for r, s, b in zip(requests, stats, range(B), strict=True):
         s.prompt_tokens, s.finish_reason = len(r.prompt), "length"
         finished[b] = finished[b] or r.max_new_tokens <= 0
     if all(finished):
         return
     start = time.perf_counter()
-    tokens = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, requests, strict=True)])
-    logits = prefill(model, tokens[:, cached:].to(device), kv)
+    if B > 1:  # prompts prefilled one by one, then decoded together (left-padded)
+        kv, logits = prefill_each(model, requests, T + steps, device)
+    else:
+        if kv is None:
+            kv = KVCache(model.cfg.num_hidden_layers, T + steps)
+        assert 0 <= kv.length < T and T + steps <= kv.max_len, (kv.length, T, steps, kv.max_len)
+        logits = prefill(model, torch.tensor([requests[0].prompt[kv.length :]], device=device), kv)
     for i in range(steps):
         new: list[int | None] = [None] * B
         for b, r in enumerate(requests):

@@ -41,6 +41,9 @@ INT4_FIT_STEPS = 2  # least-squares refinements of each block's scale (see fit_i
 # rows of x from which dequantize + GEMM beats the kernels, which read the weights once for all
 # rows (crossovers measured with 2 threads on 7168x1024 and 1024x3584: int8 240-320, int4 380-510)
 DENSE_ROWS = {"int8": 224, "int4": 320}
+# From 2 to this many rows (a decode batch) an unquantized product is made row by row: BLAS picks
+# its kernel by the row count, so a row's sums would otherwise depend on the rows beside it
+ROWWISE_ROWS = 16
 DENSE_SLICE = 1 << 20  # bytes of dequantized bf16 weight made at a time: they stay in L2
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block, as transformers writes it
 ACT_DTYPE = torch.bfloat16  # the activations of the dequantize + GEMM path
@@ -214,7 +217,7 @@ def dequantize(q: torch.Tensor, fmt: MatrixFormat, first: int, last: int, dtype)
 def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N), in x's dtype."""
     if fmt.mode == "none":
-        return F.linear(x, seg["w"])
+        return row_invariant_linear(x, seg["w"])
     if fmt.mode in ("nf4", "fp4"):
         import bitsandbytes as bnb
 
@@ -225,6 +228,35 @@ def matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat) -> 
     if not kernel_takes(x, fmt):
         return dense_matmul(x, seg, fmt)
     return cpu_kernels.gemv(x, seg["q"], BITS[fmt.mode], fmt.N)
+
+
+def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear(x, w, bias) where each row of x (..., K) gets what it would get alone: from 2 to
+    ROWWISE_ROWS rows (a decode batch), row by row unless this machine's GEMM is found to keep
+    rows apart for this shape (gemm_keeps_rows_apart)."""
+    rows = x.numel() // x.shape[-1]
+    if not 1 < rows <= ROWWISE_ROWS or gemm_keeps_rows_apart(w, rows):
+        return F.linear(x, w, bias)
+    flat = x.reshape(rows, 1, x.shape[-1])
+    return torch.cat([F.linear(r, w, bias) for r in flat]).view(*x.shape[:-1], -1)
+
+
+def gemm_keeps_rows_apart(w: torch.Tensor, rows: int) -> bool:
+    """Whether F.linear of `rows` rows with weights like w gives each row exactly what it gives
+    that row alone. BLAS picks its kernel and blocking by dtype, shape and threads, not by the
+    numbers: tried once per such key on random rows with w itself (bf16 GEMMs on AMX do;
+    float32 ones on MKL do not)."""
+    key = (w.shape, w.dtype, w.device, rows, torch.get_num_threads())
+    if key not in ROWS_APART:
+        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0))
+        x = x.to(device=w.device, dtype=w.dtype)
+        together = F.linear(x, w)
+        ROWS_APART[key] = all(torch.equal(together[i : i + 1], F.linear(x[i : i + 1], w))
+                              for i in range(rows))  # fmt: skip
+    return ROWS_APART[key]
+
+
+ROWS_APART: dict[tuple, bool] = {}  # gemm_keeps_rows_apart's findings
 
 
 def kernel_takes(x: torch.Tensor, fmt: MatrixFormat) -> bool:
@@ -338,6 +370,14 @@ class QuantLinear(nn.Module):
         for name, t in segments.items():
             self.register_buffer(name, t)
         self.bias = linear.bias
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether each row's product is the same whatever rows come with it (the CPU kernels'
+        int8/int4 below DENSE_ROWS rows): see models.common.project."""
+        return (
+            self.fmt.mode in BITS and cpu_kernels.isa() is not None and self.q.device.type == "cpu"
+        )
 
     def forward(self, x):
         segs = self._buffers  # exactly the format's segments, by name

@@ -27,18 +27,23 @@ class Server:
         self.model_name, self.api_key, self.max_batch = model_name, api_key, max_batch
         self.engine = self.scheduler = None
         self.load_error: str | None = None
-        self.on_load_error = lambda: None  # the CLI stops listening
         self.started = time.time()
-        threading.Thread(target=self._load, args=(load,), name="moelocal-load", daemon=True).start()
+        self.load = load
 
-    def _load(self, load):
+    def start(self, on_load_error=lambda: None):
+        """Load the model in the background; on_load_error() if that fails (the CLI stops
+        listening then)."""
+        threading.Thread(target=self._load, args=(on_load_error,), name="moelocal-load",
+                         daemon=True).start()  # fmt: skip
+
+    def _load(self, on_load_error):
         try:
-            engine = load()
+            engine = self.load()
             self.scheduler = Scheduler(engine, self.max_batch)
             self.engine = engine
         except (MoelocalError, OSError) as e:
             self.load_error = str(e)
-            self.on_load_error()
+            on_load_error()
 
     def app(self) -> Starlette:
         return Starlette(routes=[

@@ -57,6 +57,7 @@ def main():
     engine = moelocal.load(args.model, device="cpu", cache_experts=args.cache_experts)
     port = free_port()
     server = Server(lambda: engine, "m", max_batch=8)
+    server.start()
     http = uvicorn.Server(uvicorn.Config(server.app(), port=port, log_level="warning"))
     threading.Thread(target=http.run, daemon=True).start()
     while server.engine is None or not http.started:

@@ -93,7 +93,8 @@ def test_text_stream_matches_decoding_the_whole(default_engine, seed):
 
 def test_long_prompts_prefill_in_chunks(tiny, monkeypatch):
     """Prompts longer than PREFILL_CHUNK go through in several passes over the KV cache: the
-    same logits within float32 rounding, the same greedy tokens, batches with left padding too."""
+    same logits within float32 rounding, the same greedy tokens, batches (each prompt prefilled
+    on its own) too."""
     path = tiny("mixtral")[0]
     engine = moelocal.load(path, device="cpu")
     gen = torch.Generator().manual_seed(3)
@@ -110,11 +111,11 @@ def test_long_prompts_prefill_in_chunks(tiny, monkeypatch):
     monkeypatch.setattr(moelocal.generate, "PREFILL_CHUNK", 5)
     monkeypatch.setattr(moelocal.engine, "PREFILL_CHUNK", 5)
     monkeypatch.setattr(type(engine.model), "forward", counted)
-    assert torch.allclose(engine.logits(prompts[0]), whole_logits, atol=1e-4)
+    assert torch.allclose(engine.logits(prompts[0]), whole_logits, atol=1e-3)
     assert calls == [5, 5, 5, 5, 3]
     calls.clear()
     assert [g.token_ids for g in engine.generate_batch(prompts, max_new_tokens=8)] == whole
-    assert calls[:6] == [5, 5, 5, 5, 3, 1]  # the padded prompts, then one token a step
+    assert calls[:10] == [5, 5, 5, 5, 3, 5, 5, 5, 2, 1]  # each prompt, then one token a step
 
 
 def test_stop_string_cuts_the_text(default_engine):
@@ -181,13 +182,19 @@ def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
     assert out.token_ids == engine.generate(other, max_new_tokens=3).token_ids
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "gpt_oss"])
-def test_a_batch_of_prompts_of_different_lengths_equals_one_at_a_time(tiny, arch):
-    """Left padding never reaches a row's result: attention masks it; linear attention zeroes
-    its inputs, so a padded row's state starts empty where its prompt starts."""
+@pytest.mark.parametrize(
+    "load",
+    [{}, {"dtype": "bfloat16"}, {"dtype": "bfloat16", "quant": "int4"}],
+    ids=["float32", "bf16", "int4"],
+)
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next", "phimoe"])
+def test_a_batch_of_prompts_of_different_lengths_equals_one_at_a_time(tiny, arch, load):
+    """A row's tokens are those it gets alone, in bf16 and int4 too, where batched GEMMs and
+    attention over left padding would sum in other orders: each prompt is prefilled alone, a
+    decode step attends row by row, and products keep rows apart (models.common.project)."""
     import torch
 
-    engine = moelocal.load(tiny(arch)[0], device="cpu")
+    engine = moelocal.load(tiny(arch)[0], device="cpu", **load)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 150, (n,), generator=gen).tolist() for n in (9, 3, 14)]
     together = engine.generate_batch(prompts, max_new_tokens=8)

@@ -51,6 +51,7 @@ class Running:
     def __init__(self, load, api_key=None, max_batch=8, name="m"):
         self.port = free_port()
         self.server = Server(load, name, api_key, max_batch)
+        self.server.start()
         config = uvicorn.Config(self.server.app(), port=self.port, log_level="warning")
         self.http = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.http.run, daemon=True)

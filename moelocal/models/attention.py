@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import apply_rope, norm
+from .common import apply_rope, norm, project
 
 
 class KVCache:
@@ -41,6 +41,30 @@ class KVCache:
         self.length = n
         return n
 
+    @classmethod
+    def stack(cls, caches: list["KVCache"], max_len: int) -> "KVCache":
+        """The left-padded batch cache of sequences cached one by one (each prompt prefilled
+        alone): row b holds caches[b]'s tokens at its end, after longest - its length pads."""
+        longest = max(c.length for c in caches)
+        batch = cls(len(caches[0].tensors), max_len, [longest - c.length for c in caches])
+        for layer, held in enumerate(caches[0].tensors):
+            if held is not None:
+                batch.tensors[layer] = tuple(t.new_zeros(len(caches), t.shape[1], max_len,
+                                                         t.shape[3]) for t in held)  # fmt: skip
+                for b, c in enumerate(caches):
+                    for dst, src in zip(batch.tensors[layer], c.tensors[layer], strict=True):
+                        dst[b, :, longest - c.length : longest] = src[0, :, : c.length]
+            if layer in caches[0].recurrent:
+                names = caches[0].recurrent[layer]
+                batch.recurrent[layer] = {
+                    name: torch.cat([c.recurrent[layer][name] for c in caches]) for name in names
+                }
+        batch.length = longest
+        return batch
+
+    def row(self, b: int) -> "RowCache":
+        return RowCache(self, b)
+
     def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         end = self.length + a.shape[2]
         assert end <= self.max_len, (end, self.max_len)
@@ -58,6 +82,36 @@ class KVCache:
         ca[:, :, self.length : end] = a
         cb[:, :, self.length : end] = b
         return ca[:, :, :end], cb[:, :, :end]
+
+
+class RowCache:
+    """Row b of a batch cache (KVCache.stack) as a lone sequence's cache: only its own tokens,
+    after its padding, at its own length. A batch's decode step attends row by row through it,
+    so that each row's sums are those it would have alone (kernels pick their blocking by the
+    number of rows, and SIMD lanes shift with the padding)."""
+
+    pads = None
+
+    def __init__(self, batch: KVCache, b: int):
+        self.batch, self.b = batch, b
+        self.pad = 0 if batch.pads is None else int(batch.pads[b])
+        self.length = batch.length - self.pad
+
+    def update(self, layer: int, a: torch.Tensor, c: torch.Tensor):
+        start, end = self.batch.length, self.batch.length + a.shape[2]
+        ca, cc = self.batch.tensors[layer]
+        assert end <= ca.shape[2], (end, ca.shape[2])  # stack() made them max_len long
+        ca[self.b, :, start:end], cc[self.b, :, start:end] = a[0], c[0]
+        rows = slice(self.b, self.b + 1)
+        return ca[rows, :, self.pad : end], cc[rows, :, self.pad : end]
+
+    def recurrent_state(self, layer: int) -> dict[str, torch.Tensor] | None:
+        state = self.batch.recurrent.get(layer)
+        return None if state is None else {k: t[self.b : self.b + 1] for k, t in state.items()}
+
+    def set_recurrent_state(self, layer: int, **state: torch.Tensor):
+        for name, t in state.items():
+            self.batch.recurrent[layer][name][self.b : self.b + 1] = t
 
 
 def attention_mask(start: int, T: int, window: int | None, pads, device) -> torch.Tensor | None:
@@ -85,6 +139,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
+        self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D, hd = cfg.hidden_size, cfg.head_dim
         self.output_gate = cfg.attention_output_gate  # then q_proj makes each head's gate too
@@ -117,9 +172,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv: KVCache, mask):
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            q, k, v = project(self.qkv_proj, x).split(self.qkv_sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (project(m, x) for m in (self.q_proj, self.k_proj, self.v_proj))
         if self.output_gate:  # per head: hd query dims, then hd gate dims
             q, gate = q.view(B, T, self.H, 2 * self.hd).chunk(2, dim=-1)
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
@@ -132,16 +187,34 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         q, k = apply_rope(q, *rope, self.interleaved), apply_rope(k, *rope, self.interleaved)
-        k, v = kv.update(self.layer, k, v)
-        if hasattr(self, "sinks"):
-            out = attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.H != self.KV)  # fmt: skip
+        out = by_row(self.attend, self.layer, self.window, kv, mask, q, k, v)
         out = out.transpose(1, 2).reshape(B, T, -1)
         if self.output_gate:
             out = out * torch.sigmoid(gate)
-        return self.o_proj(out)
+        return project(self.o_proj, out)
+
+    def attend(self, q, k, v, mask):
+        if hasattr(self, "sinks"):
+            return attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.H != self.KV)  # fmt: skip
+
+
+def by_row(attend, layer: int, window, kv: KVCache, mask, q, *new):
+    """attend(q, *cached, mask) over the cache once it holds `new` (this step's keys and values,
+    or latents), (B, H, T, d) -> (B, H, T, dv). A batch's decode step goes row by row, each over
+    only its own tokens with the mask it would have alone: batched, the padding would shift the
+    sums' SIMD lanes and the kernels' blocking, and a row's result would depend on the others."""
+    B, T = q.shape[0], q.shape[2]
+    if B == 1 or T > 1:
+        return attend(q, *kv.update(layer, *new), mask)
+    outs = []
+    for b in range(B):
+        row = kv.row(b)
+        cached = row.update(layer, *(t[b : b + 1] for t in new))
+        own_mask = attention_mask(row.length, 1, window, None, q.device)
+        outs.append(attend(q[b : b + 1], *cached, own_mask))
+    return torch.cat(outs)
 
 
 SCORE_BYTES = 64 << 20  # float32 attention scores made at a time in a long prefill

@@ -16,6 +16,7 @@ from torch import nn
 from .. import cpu_kernels
 from ..config import ModelConfig
 from ..errors import MoelocalError
+from ..quant import ROWWISE_ROWS, row_invariant_linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -206,6 +207,18 @@ def apply_rope(x, cos, sin, interleaved: bool = False):
 # ---- feed-forward ---------------------------------------------------------------------------
 
 
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) with each row of x getting what it would get alone (a decode batch's rows as
+    lone sequences'): moelocal's int8/int4 kernels do by construction, plain Linear layers go
+    through quant.row_invariant_linear, anything else row by row."""
+    if isinstance(linear, nn.Linear):
+        return row_invariant_linear(x, linear.weight, linear.bias)
+    rows = x.numel() // x.shape[-1]
+    if not 1 < rows <= ROWWISE_ROWS or getattr(linear, "rows_independent", False):
+        return linear(x)
+    return torch.cat([linear(r) for r in x.reshape(rows, 1, x.shape[-1])]).view(*x.shape[:-1], -1)
+
+
 class MLP(nn.Module):
     def __init__(self, D: int, I: int, act: str, bias: bool = False):  # noqa: E741
         super().__init__()
@@ -215,4 +228,5 @@ class MLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = self.act(project(self.gate_proj, x)) * project(self.up_proj, x)
+        return project(self.down_proj, h)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import RMSNorm, apply_rope, yarn_mscale
+from .attention import by_row
+from .common import RMSNorm, apply_rope, project, yarn_mscale
 
 
 class LatentAttention(nn.Module):
@@ -37,20 +38,23 @@ class LatentAttention(nn.Module):
     def forward(self, x, rope, kv, mask):
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+            q = project(self.q_proj, x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x)))
         q = q.view(B, T, self.H, -1).transpose(1, 2)  # (B, H, T, nope + rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent, k_pe = project(self.kv_a_proj_with_mqa, x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)
         k_pe = k_pe.view(B, 1, T, self.rope)
         q_pe, k_pe = (apply_rope(t, *rope, self.interleaved) for t in (q_pe, k_pe))
-        latent, k_pe = kv.update(self.layer, latent, k_pe)  # (B, 1, S, rank), (B, 1, S, rope)
-        S = latent.shape[2]
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = by_row(self.attend, self.layer, None, kv, mask, q, latent, k_pe)
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, latent, k_pe, mask):
+        """q (B, H, T, nope + rope) over the cached latents (B, 1, S, rank) and rotary keys."""
+        B, S = latent.shape[0], latent.shape[2]
         kv = self.kv_b_proj(latent).view(B, S, self.H, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
         k = torch.cat((k_nope, k_pe.expand(B, self.H, S, self.rope)), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import KVCache
+from .common import project
 
 CHUNK = 64  # tokens per block of the prefill's chunked form
 
@@ -47,12 +48,13 @@ class GatedDeltaNet(nn.Module):
         b, a (B, T, Hv)."""
         B, T, _ = x.shape
         if self.split:
-            z = self.in_proj_z(x).view(B, T, self.Hv, self.dv)
-            return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+            z = project(self.in_proj_z, x).view(B, T, self.Hv, self.dv)
+            qkv, b, a = (project(m, x) for m in (self.in_proj_qkv, self.in_proj_b, self.in_proj_a))
+            return qkv, z, b, a
         r = self.Hv // self.Hk  # value heads per key head, grouped per key head on output
-        qkvz = self.in_proj_qkvz(x).view(B, T, self.Hk, 2 * self.dk + 2 * r * self.dv)
+        qkvz = project(self.in_proj_qkvz, x).view(B, T, self.Hk, 2 * self.dk + 2 * r * self.dv)
         q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
-        b, a = self.in_proj_ba(x).view(B, T, self.Hk, 2 * r).split([r, r], dim=-1)
+        b, a = project(self.in_proj_ba, x).view(B, T, self.Hk, 2 * r).split([r, r], dim=-1)
         qkv = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
         return qkv, z.reshape(B, T, self.Hv, self.dv), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
@@ -73,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         out, recurrent = delta_rule(q, k, v, g, beta, state["recurrent"] if state else None)
         kv.set_recurrent_state(self.layer, conv=conv_state, recurrent=recurrent)
         out = self.norm(out.reshape(-1, self.dv), z.reshape(-1, self.dv))
-        return self.out_proj(out.view(B, T, -1))
+        return project(self.out_proj, out.view(B, T, -1))
 
     def convolve(self, qkv: torch.Tensor, prev: torch.Tensor | None):
         """The causal depthwise convolution and its SiLU over the inputs before these (prev:

@@ -8,11 +8,11 @@ cache) for each selected expert's weights, and the cache never decides the math.
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import MLP, gated_unit
+from ..quant import row_invariant_linear
+from .common import MLP, gated_unit, project
 
 
 class Router(nn.Module):
@@ -30,9 +30,9 @@ class Router(nn.Module):
     def forward(self, x):
         if self.fp32 or self.weight.dtype != x.dtype:  # float32 weights: see router_dtype
             bias = None if self.bias is None else self.bias.float()
-            logits = F.linear(x.float(), self.weight.float(), bias)
+            logits = row_invariant_linear(x.float(), self.weight.float(), bias)
             return logits if self.fp32 else logits.to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        return row_invariant_linear(x, self.weight, self.bias)
 
 
 def router_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -139,7 +139,7 @@ class MoE(nn.Module):
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(x)
             if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                shared = torch.sigmoid(project(self.shared_expert_gate, x)) * shared
             y = y + shared
         return y.view(B, T, D)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, KVCache, attention_mask
-from .common import MLP, Rotary, norm
+from .common import MLP, Rotary, norm, project
 from .linear_attention import GatedDeltaNet
 from .moe import MoE
 
@@ -40,10 +40,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, kv: KVCache, masks, after_attention=None, real=None):
         """real: (B, T) bool, False at left padding, or None (for linear attention)."""
         if hasattr(self, "linear_attn"):
-            h = self.residual(x, self.linear_attn(self.input_layernorm(x), kv, real))
+            out = self.linear_attn(self.input_layernorm(x), kv, real)
         else:
-            h = self.residual(x, self.self_attn(self.input_layernorm(x), rope, kv,
-                                                masks[self.window]))  # fmt: skip
+            out = self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
+        h = self.residual(x, out)
         if after_attention is not None:  # the prefetcher sees h before the MoE block runs
             after_attention(h)
         return self.residual(h, self.mlp(self.post_attention_layernorm(h)))
@@ -103,7 +103,7 @@ class Transformer(nn.Module):
         kv.length += T
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.model.norm(x))
+        logits = project(self.lm_head, self.model.norm(x))
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
         return logits.float()
