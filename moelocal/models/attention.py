@@ -15,8 +15,9 @@ class KVCache:
     Standard attention stores keys and values; DeepSeek's latent attention stores the compressed
     latent and the shared rotary key; linear attention (linear_attention.py) a recurrent state
     and its convolution's last inputs. `length` advances once per forward pass, after every layer.
-    A batch of prompts of different lengths is left-padded: `pads[b]` leading positions of row b
-    are padding, never attended to, and row b's positions count from its first real token.
+    A batch's cache (stack: prompts prefilled one by one) is left-padded: `pads[b]` leading
+    positions of row b are padding, which decode steps never attend to (by_row), and row b's
+    positions count from its first real token.
     """
 
     def __init__(self, n_layers: int, max_len: int, pads: list[int] | None = None):
@@ -114,22 +115,16 @@ class RowCache:
             self.batch.recurrent[layer][name][self.b : self.b + 1] = t
 
 
-def attention_mask(start: int, T: int, window: int | None, pads, device) -> torch.Tensor | None:
-    """Boolean (T, start+T), or (B, 1, T, start+T) with left padding: causal, within the sliding
-    window when there is one, and never onto padding."""
+def attention_mask(start: int, T: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, start+T): causal, and within the sliding window when there is one."""
     S = start + T
-    if T == 1 and (window is None or S <= window) and pads is None:
+    if T == 1 and (window is None or S <= window):
         return None
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     mask = k <= q
     if window is not None:
         mask &= q - k < window
-    if pads is not None:
-        real = k[None] >= pads.to(device)[:, None, None]  # (B, 1, S)
-        # a padding query attends to itself only: its output is unused, and never NaN
-        mask = (mask[None] & real) | (q == k)[None]
-        mask = mask[:, None]
     return mask
 
 
@@ -212,7 +207,7 @@ def by_row(attend, layer: int, window, kv: KVCache, mask, q, *new):
     for b in range(B):
         row = kv.row(b)
         cached = row.update(layer, *(t[b : b + 1] for t in new))
-        own_mask = attention_mask(row.length, 1, window, None, q.device)
+        own_mask = attention_mask(row.length, 1, window, q.device)
         outs.append(attend(q[b : b + 1], *cached, own_mask))
     return torch.cat(outs)
 

@@ -58,11 +58,9 @@ class GatedDeltaNet(nn.Module):
         qkv = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], dim=-1)
         return qkv, z.reshape(B, T, self.Hv, self.dv), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
-    def forward(self, x, kv: KVCache, real=None):
-        """x (B, T, D) -> (B, T, D); real (B, T) bool, False at left padding, whose inputs are
-        zeroed so that a padded row's state after its padding is the empty one."""
-        if real is not None:
-            x = x * real[..., None].to(x.dtype)
+    def forward(self, x, kv: KVCache):
+        """x (B, T, D) -> (B, T, D). A batch's rows start from their own states (prompts are
+        prefilled alone): left padding never reaches them."""
         B, T, _ = x.shape
         qkv, z, b, a = self.projections(x)
         state = kv.recurrent_state(self.layer)

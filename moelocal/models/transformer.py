@@ -37,10 +37,9 @@ class DecoderLayer(nn.Module):
             return None
         return self.mlp.route(self.post_attention_layernorm(h).reshape(-1, h.shape[-1]), extra)
 
-    def forward(self, x, rope, kv: KVCache, masks, after_attention=None, real=None):
-        """real: (B, T) bool, False at left padding, or None (for linear attention)."""
+    def forward(self, x, rope, kv: KVCache, masks, after_attention=None):
         if hasattr(self, "linear_attn"):
-            out = self.linear_attn(self.input_layernorm(x), kv, real)
+            out = self.linear_attn(self.input_layernorm(x), kv)
         else:
             out = self.self_attn(self.input_layernorm(x), rope, kv, masks[self.window])
         h = self.residual(x, out)
@@ -89,17 +88,16 @@ class Transformer(nn.Module):
         if kv.pads is not None:
             positions = (positions - kv.pads.to(tokens.device)[:, None]).clamp(min=0)
         rope = self.rotary(positions, x.dtype)
-        masks = {w: attention_mask(start, T, w, kv.pads, x.device)
+        # a padded batch is only decoded, a row at a time (generate prefills prompts alone)
+        assert kv.pads is None or T == 1, "left-padded prompts are prefilled one by one"
+        masks = {w: attention_mask(start, T, w, x.device)
                  for w in set(self.cfg.sliding_windows)}  # fmt: skip
-        real = None  # where linear attention must ignore the left padding
-        if kv.pads is not None and any(self.cfg.linear_layers):
-            real = torch.arange(start, start + T, device=x.device) >= kv.pads.to(x.device)[:, None]
         layers = self.model.layers
         for i, layer in enumerate(layers):
             guess = None
             if self.prefetcher is not None and i + 1 < len(layers):
                 guess = partial(self.prefetcher, layers[i + 1])
-            x = layer(x, rope, kv, masks, guess, real)
+            x = layer(x, rope, kv, masks, guess)
         kv.length += T
         if last_only:
             x = x[:, -1:]
