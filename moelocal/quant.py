@@ -237,8 +237,13 @@ def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.T
     rows = x.numel() // x.shape[-1]
     if not 1 < rows <= ROWWISE_ROWS or gemm_keeps_rows_apart(w, rows):
         return F.linear(x, w, bias)
-    flat = x.reshape(rows, 1, x.shape[-1])
-    return torch.cat([F.linear(r, w, bias) for r in flat]).view(*x.shape[:-1], -1)
+    return each_row(lambda row: F.linear(row, w, bias), x)
+
+
+def each_row(product, x: torch.Tensor) -> torch.Tensor:
+    """product(x) made for each row of x (..., K) alone, then put back together."""
+    rows = x.reshape(-1, 1, x.shape[-1])
+    return torch.cat([product(row) for row in rows]).view(*x.shape[:-1], -1)
 
 
 def gemm_keeps_rows_apart(w: torch.Tensor, rows: int) -> bool:

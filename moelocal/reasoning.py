@@ -35,16 +35,13 @@ class Harmony:
 
     def __init__(self, ids: dict[str, int], prompt: list[int], decode):
         self.ids, self.decode = ids, decode
+        self.ends = {ids[name] for name in ("end", "return", "call") if name in ids}
         markers = {ids["start"], ids["channel"], ids["message"]} | self.ends
         last = next((t for t in reversed(prompt) if t in markers), None)
         # the generation prompt ends in a header (<|start|>assistant): the reply opens with one
         self.header = last in (ids["start"], ids["channel"])
         self.channel_tokens: list[int] | None = [] if last == ids["channel"] else None
         self.part = ANSWER
-
-    @property
-    def ends(self) -> set[int]:
-        return {self.ids[name] for name in ("end", "return", "call") if name in self.ids}
 
     def route(self, token: int) -> str | None:
         ids = self.ids

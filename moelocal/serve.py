@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .errors import MoelocalError
-from .openai_api import ApiError, Reply, chat_job, check_model, completion_job
+from .openai_api import ApiError, Reply, chat_job, check_model, completion_job, usage
 from .scheduler import Scheduler, Ticket
 
 
@@ -169,10 +169,7 @@ async def events(ticket: Ticket, reply: Reply, with_usage: bool):
             elif kind == "done":
                 yield sse(reply.chunk(out=value, text=None if reply.chat else ""))
                 if with_usage:
-                    yield sse(
-                        reply.head(chunk=True)
-                        | {"choices": [], "usage": reply.whole(value)["usage"]}
-                    )
+                    yield sse(reply.head(chunk=True) | {"choices": [], "usage": usage(value)})
                 break
         yield "data: [DONE]\n\n"
     finally:

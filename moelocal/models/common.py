@@ -16,7 +16,7 @@ from torch import nn
 from .. import cpu_kernels
 from ..config import ModelConfig
 from ..errors import MoelocalError
-from ..quant import ROWWISE_ROWS, row_invariant_linear
+from ..quant import ROWWISE_ROWS, each_row, row_invariant_linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -166,20 +166,20 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq, self.scale = rope_frequencies(dim, rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.long = None  # longrope: (frequencies, scale) past `original` positions
+        self.long_scale = None  # longrope: the scale past `original` positions (and long_inv_freq)
         if rope["rope_type"] == "longrope":
             self.original = rope["original_max_position_embeddings"]
             long_freq, long_scale = longrope_frequencies(dim, rope, long=True)
             self.register_buffer("long_inv_freq", long_freq, persistent=False)
-            self.long = long_scale
+            self.long_scale = long_scale
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """Positions (B, T) -> cos and signed sin (B, 1, T, dim) for apply_rope, made once per
         forward pass for every layer. Longrope switches to its long frequencies once a position
         is past the original context, for the whole pass (as transformers does)."""
         inv_freq, scale = self.inv_freq, self.scale
-        if self.long is not None and int(positions.max()) + 1 > self.original:
-            inv_freq, scale = self.long_inv_freq, self.long
+        if self.long_scale is not None and int(positions.max()) + 1 > self.original:
+            inv_freq, scale = self.long_inv_freq, self.long_scale
         freqs = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -216,7 +216,7 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if not 1 < rows <= ROWWISE_ROWS or getattr(linear, "rows_independent", False):
         return linear(x)
-    return torch.cat([linear(r) for r in x.reshape(rows, 1, x.shape[-1])]).view(*x.shape[:-1], -1)
+    return each_row(linear, x)
 
 
 class MLP(nn.Module):
