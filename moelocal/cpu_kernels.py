@@ -140,3 +140,17 @@ def swiglu(x, gate_up, down, bits: int, I: int, weight: torch.Tensor | None) -> 
     """down(silu(gate) * up) [* weight (M, 1)] for x (M, D), in x's dtype: one SwiGLU expert
     whose gate_up (2I, D) and down (D, I) are q8/q4 streams. Needs `isa()`."""
     return extension().swiglu(x.contiguous(), gate_up, down, bits, I, weight, isa())
+
+
+def attention(
+    q, k, v, scale: float, window: int | None, sinks: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, dk), the last T of the S positions of k (B, KV, S, dk) and
+    v (B, KV, S, dv), causal and within `window`: each query row's sums in one order of its own
+    (see csrc). Needs `isa()`."""
+    return extension().attention(q, k, v, scale, window or 0, sinks, isa())
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T in float32, each row's sums in an order of its own. Needs `isa()`."""
+    return extension().linear_rows(x, w, isa())

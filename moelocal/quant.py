@@ -16,9 +16,11 @@ columns c and c + 16 of a block in one byte), then the 16 rows' scales. N is pad
 kernels in csrc/cpu_kernels.cpp quantize x to int8 per block of 32 and use integer dot products),
 so a converted model runs on any CPU and a tier move is one copy.
 
-The kernels suit few rows (decode, batched decode). From DENSE_ROWS rows on (a prefill), and on
-CUDA or without the compiled kernels, the weights are dequantized a slice at a time and multiplied
-by the bf16 GEMM (AMX where there is one).
+On the CPU the kernels make every product, whatever the row count: a row's result then depends on
+nothing but the row, so a prompt prefilled at once, in pieces or token by token gives the same
+bits (a reused prompt cache, a batch). On CUDA, or without the compiled kernels, the weights are
+dequantized a slice at a time and multiplied by the bf16 GEMM (AMX where there is one): on a
+2048-token prefill of mixtral-large int4 the two took the same time here.
 """
 
 import copy
@@ -38,9 +40,6 @@ BLOCK = 32  # columns sharing a scale (weights and activations)
 GROUP = 16  # rows interleaved in a unit
 BITS = {"int8": 8, "int4": 4}
 INT4_FIT_STEPS = 2  # least-squares refinements of each block's scale (see fit_int4)
-# rows of x from which dequantize + GEMM beats the kernels, which read the weights once for all
-# rows (crossovers measured with 2 threads on 7168x1024 and 1024x3584: int8 240-320, int4 380-510)
-DENSE_ROWS = {"int8": 224, "int4": 320}
 # From 2 to this many rows (a decode batch) an unquantized product is made row by row: BLAS picks
 # its kernel by the row count, so a row's sums would otherwise depend on the rows beside it
 ROWWISE_ROWS = 16
@@ -240,6 +239,17 @@ def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.T
     return each_row(lambda row: F.linear(row, w, bias), x)
 
 
+def float_linear_any_rows(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear(x, w, bias) in float32, each row of x getting the same bits at any row count (a
+    router's logits for a token prefilled with a thousand others and decoded alone): on the CPU
+    the compiled fixed-order product, which suits small N; else row_invariant_linear."""
+    if x.is_cuda or cpu_kernels.isa() is None:
+        return row_invariant_linear(x.float(), w.float(), None if bias is None else bias.float())
+    y = cpu_kernels.linear_rows(x.reshape(-1, x.shape[-1]).float(), w.float())
+    y = y.view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias.float()
+
+
 def each_row(product, x: torch.Tensor) -> torch.Tensor:
     """product(x) made for each row of x (..., K) alone, then put back together."""
     rows = x.reshape(-1, 1, x.shape[-1])
@@ -265,10 +275,9 @@ ROWS_APART: dict[tuple, bool] = {}  # gemm_keeps_rows_apart's findings
 
 
 def kernel_takes(x: torch.Tensor, fmt: MatrixFormat) -> bool:
-    """Whether the compiled CPU kernels multiply x (M, K) with an int8/int4 matrix: few rows,
-    on the CPU, with the kernels built."""
-    return (fmt.mode in BITS and not x.is_cuda and x.shape[0] < DENSE_ROWS[fmt.mode]
-            and cpu_kernels.isa() is not None)  # fmt: skip
+    """Whether the compiled CPU kernels multiply x (M, K) with an int8/int4 matrix: on the CPU,
+    with the kernels built."""
+    return fmt.mode in BITS and not x.is_cuda and cpu_kernels.isa() is not None
 
 
 def dense_matmul(x: torch.Tensor, seg: dict[str, torch.Tensor], fmt: MatrixFormat):
@@ -379,7 +388,7 @@ class QuantLinear(nn.Module):
     @property
     def rows_independent(self) -> bool:
         """Whether each row's product is the same whatever rows come with it (the CPU kernels'
-        int8/int4 below DENSE_ROWS rows): see models.common.project."""
+        int8/int4): see models.common.project."""
         return (
             self.fmt.mode in BITS and cpu_kernels.isa() is not None and self.q.device.type == "cpu"
         )

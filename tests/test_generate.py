@@ -182,6 +182,34 @@ def test_prompt_cache_reuses_the_shared_prefix(tiny, arch):
     assert out.token_ids == engine.generate(other, max_new_tokens=3).token_ids
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "phimoe", "minimax_m2"])
+def test_a_prompt_continued_in_pieces_gets_a_fresh_prompts_bits(tiny, arch, quant):
+    """Prefilled at once, in two pieces (a conversation's next turn over its prompt cache) or
+    token by token (decoded), a prompt's last logits are the same bits: on the CPU the int8/int4
+    kernels, attention and routers sum in each row's own order at any row count, so the server's
+    prompt cache changes no token (with PyTorch's fused attention 4 of 16 turns differed)."""
+    import torch
+
+    from moelocal.models.attention import KVCache
+
+    model = moelocal.load(tiny(arch)[0], device="cpu", dtype="bfloat16", quant=quant).model
+    T = 70  # more than a vector of keys past the window of gpt-oss' sliding layers
+    ids = torch.randint(3, 150, (1, T), generator=torch.Generator().manual_seed(3))
+
+    def last_logits(pieces):
+        kv, start = KVCache(model.cfg.num_hidden_layers, T), 0
+        with torch.inference_mode():
+            for end in pieces:
+                logits, start = model(ids[:, start:end], kv), end
+        return logits[0, -1]
+
+    fresh = last_logits([T])
+    assert torch.equal(last_logits([29, T]), fresh)
+    assert torch.equal(last_logits([1, 50, T]), fresh)
+    assert torch.equal(last_logits([40, *range(41, T + 1)]), fresh)
+
+
 @pytest.mark.parametrize(
     "load",
     [{}, {"dtype": "bfloat16"}, {"dtype": "bfloat16", "quant": "int4"}],

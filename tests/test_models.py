@@ -8,7 +8,11 @@ import moelocal
 from moelocal.convert import convert
 from moelocal.models.attention import KVCache
 
-TOLERANCE = 1e-4
+# Logits of 10-25 in magnitude, through layers of x3-scaled random weights that amplify float32
+# rounding: summing in another order (moelocal's fixed-order attention and router products, not
+# transformers' SDPA and BLAS calls) moved the largest difference to 0.8e-5..2.3e-4 over 4 seeds
+# of each architecture (2.1e-4 before them); a wrong formula moves it by 1e-2 and more.
+TOLERANCE = 3e-4
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

@@ -16,9 +16,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -419,6 +422,304 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return y;
 }
 
+
+// ---- attention with one order of sums per query row --------------------------------------------
+
+// Softmax attention where a query row's result depends only on its own numbers: each score is a
+// sum over the head dimension in index order, the softmax's sum runs in L lanes over the row's own
+// keys combined in a fixed tree, and its output sums the values in key order; nothing depends on
+// how many rows come with it, how long the cache is or which SIMD path runs (no FMA contraction,
+// -ffp-contract=off, so every vector width computes the same values). A prompt prefilled at once,
+// in pieces, or token by token then gives every row the same bits, where fused attention kernels
+// block queries and keys by the call's sizes.
+constexpr int64_t TQ = 8;  // query positions per work unit: they share the keys they read
+
+// 16 floats as one value: GCC lowers its operations to whatever vectors the function's target
+// has (one AVX-512 register, two AVX2 ones, four SSE ones) with the same results.
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+constexpr int64_t L = 16;
+
+// n <= 16 numbers from p as floats, the rest 0.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// 16 numbers from p as floats; with n < 16, only n of them and zeros after.
+template <typename T>
+inline __attribute__((always_inline)) f16v load16(const T* p) {
+  f16v v;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's top half
+    u16x16 h;
+    std::memcpy(&h, p, sizeof h);
+    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+    std::memcpy(&v, &bits, sizeof v);
+  } else {
+    for (int64_t i = 0; i < L; i++) v[i] = static_cast<float>(p[i]);
+  }
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) f16v load16(const T* p, int64_t n) {
+  if (n >= L) return load16(p);
+  T part[L] = {};
+  std::copy(p, p + n, part);
+  return load16(part);
+}
+
+// The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1.
+inline __attribute__((always_inline)) float lane_sum(f16v a) {
+  a += __builtin_shuffle(a, i16v{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  a += __builtin_shuffle(a, i16v{4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15});
+  a += __builtin_shuffle(a, i16v{2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
+  a += __builtin_shuffle(a, i16v{1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
+  return a[0];
+}
+
+// e^x for x <= 0, 16 at a time, in plain float arithmetic (libm's expf is a call per element,
+// and vector libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by
+// its Taylor polynomial to r^7, times 2^n made from its bits.
+inline __attribute__((always_inline)) f16v exp_nonpositive(f16v x) {
+  const f16v magic = f16v{} + 12582912.f;  // round_even's
+  x = x < -87.f ? f16v{} - 87.f : x;
+  const f16v n = (x * 1.44269504f + magic) - magic;
+  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
+  f16v p = f16v{} + 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  f16v scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct AttentionJob {
+  int64_t H, KV, T, S, dk, dv, window;
+  float scale;
+  const float* sinks;  // per head, or null
+  int64_t first(int64_t pos) const { return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; }
+};
+
+// A work unit's rows (see attend_unit) over keys kb and values vb, positions [lo, lo + n) (floats,
+// or T as stored), qf their queries; out is the batch row's.
+template <typename T, typename U>
+inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, const f16v* qf, const U* kb,
+                                                       const U* vb, T* out, int64_t kvh, int64_t t0, int64_t t1,
+                                                       int64_t lo, int64_t n, f16v* scores, f16v* acc, f16v* kf) {
+  const int64_t G = j.H / j.KV, rows = G * (t1 - t0), dk = j.dk, dv = j.dv;
+  const int64_t kd = (dk + L - 1) / L, vd = (dv + L - 1) / L, nv = (n + L - 1) / L, off = j.S - j.T;
+  // A score: the lanes' products over the head, then their sum in a fixed tree; 4 keys at a time
+  // (independent chains), the last 1-3 with copies of the last key.
+  for (int64_t s = 0; s < n; s += 4) {
+    for (int64_t e = 0; e < 4; e++) {
+      const U* key = kb + std::min(s + e, n - 1) * dk;
+      for (int64_t c = 0; c < kd; c++) kf[e * kd + c] = load16(key + c * L, dk - c * L);
+    }
+    for (int64_t r = 0; r < rows; r++) {
+      const f16v* qr = qf + r * kd;
+      f16v a0 = qr[0] * kf[0], a1 = qr[0] * kf[kd], a2 = qr[0] * kf[2 * kd], a3 = qr[0] * kf[3 * kd];
+      for (int64_t c = 1; c < kd; c++) {
+        a0 += qr[c] * kf[c], a1 += qr[c] * kf[kd + c];
+        a2 += qr[c] * kf[2 * kd + c], a3 += qr[c] * kf[3 * kd + c];
+      }
+      float* sc = reinterpret_cast<float*>(scores + r * nv) + s;  // room up to nv * L >= s + 4
+      sc[0] = lane_sum(a0) * j.scale, sc[1] = lane_sum(a1) * j.scale;
+      sc[2] = lane_sum(a2) * j.scale, sc[3] = lane_sum(a3) * j.scale;
+    }
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t t = t0 + r / G, h = kvh * G + r % G, pos = off + t;
+    const int64_t first = j.first(pos) - lo, count = pos + 1 - j.first(pos);
+    float* sc = reinterpret_cast<float*>(scores + r * nv) + first;  // the row's own keys
+    f16v top = f16v{} + (j.sinks ? j.sinks[h] : sc[0]);  // the largest score (any order: exact)
+    for (int64_t i = 0; i + L <= count; i += L) {
+      const f16v x = load16(sc + i);
+      top = x > top ? x : top;
+    }
+    float mx = top[0];
+    for (int64_t l = 1; l < L; l++) mx = top[l] > mx ? top[l] : mx;
+    for (int64_t i = count / L * L; i < count; i++) mx = sc[i] > mx ? sc[i] : mx;
+    f16v lanes = {};  // the softmax's sum: key first + i in lane i % 16
+    for (int64_t i = 0; i < count; i += L) {
+      const int64_t m = std::min(L, count - i);
+      f16v e = exp_nonpositive(load16(sc + i, m) - mx);
+      for (int64_t l = m; l < L; l++) e[l] = 0.f;
+      std::memcpy(sc + i, &e, m * sizeof(float));
+      lanes += e;
+    }
+    float total = lane_sum(lanes);
+    if (j.sinks) total += exp_nonpositive(f16v{} + (j.sinks[h] - mx))[0];
+    const U* vr = vb + first * dv;
+    int64_t c0 = 0;
+    for (; c0 + 4 <= vd && (c0 + 4) * L <= dv; c0 += 4) {  // the values summed in key order
+      f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};  // in registers (acc could alias sc)
+      for (int64_t i = 0; i < count; i++) {
+        const U* vi = vr + i * dv + c0 * L;
+        a0 += sc[i] * load16(vi);
+        a1 += sc[i] * load16(vi + L);
+        a2 += sc[i] * load16(vi + 2 * L);
+        a3 += sc[i] * load16(vi + 3 * L);
+      }
+      acc[c0] = a0, acc[c0 + 1] = a1, acc[c0 + 2] = a2, acc[c0 + 3] = a3;
+    }
+    for (; c0 < vd; c0++) {
+      f16v a = {};
+      for (int64_t i = 0; i < count; i++) a += sc[i] * load16(vr + i * dv + c0 * L, dv - c0 * L);
+      acc[c0] = a;
+    }
+    const float inv = 1.f / total;
+    T* o = out + (h * j.T + t) * dv;  // out: batch row b's
+    for (int64_t c = 0; c < vd; c++) {
+      const f16v y = acc[c] * inv;
+      for (int64_t i = 0; i < std::min(L, dv - c * L); i++) o[c * L + i] = static_cast<T>(y[i]);
+    }
+  }
+}
+
+
+// One work unit: batch row b, KV head kvh, query positions t0..t1-1 with their G heads each:
+// rows = G * (t1 - t0) query rows, row r = (t - t0) * G + g.
+template <typename T>
+inline __attribute__((always_inline)) void attend_unit(const AttentionJob& j, const T* q, const T* k,
+                                                       const T* v, T* out, int64_t b, int64_t kvh,
+                                                       int64_t t0, int64_t t1, std::vector<float>& buf,
+                                                       std::vector<float>& floats) {
+  const int64_t G = j.H / j.KV, rows = G * (t1 - t0), dk = j.dk, dv = j.dv;
+  const int64_t kd = (dk + L - 1) / L, vd = (dv + L - 1) / L;  // vectors per key, per value
+  const int64_t off = j.S - j.T;  // position of query t: off + t
+  const int64_t lo = j.first(off + t0), n = off + t1 - lo;  // keys any row sees: [lo, off + t1)
+  const int64_t nv = (n + L - 1) / L;
+  buf.resize((rows * (kd + nv) + vd + 4 * kd + 1) * L);  // + 1 vector: room to align to 64 bytes
+  f16v* qf = reinterpret_cast<f16v*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});  // rows x kd
+  f16v* scores = qf + rows * kd;    // rows x nv*L floats: key lo + s at s
+  f16v* acc = scores + rows * nv;   // vd
+  f16v* kf = acc + vd;              // 4 keys
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t g = 0; g < G; g++) {
+      const T* qr = q + ((b * j.H + kvh * G + g) * j.T + t) * dk;
+      for (int64_t c = 0; c < kd; c++) qf[((t - t0) * G + g) * kd + c] = load16(qr + c * L, dk - c * L);
+    }
+  const T* kt = k + ((b * j.KV + kvh) * j.S + lo) * dk;
+  const T* vt = v + ((b * j.KV + kvh) * j.S + lo) * dv;
+  out += b * j.H * j.T * dv;
+  if (std::is_same_v<T, float> || t1 - t0 == 1) return attend_keys(j, qf, kt, vt, out, kvh, t0, t1, lo, n, scores, acc, kf);
+  floats.resize(n * (dk + dv));  // keys and values as floats, made once for the unit's rows
+  for (int64_t i = 0; i < n * dk; i++) floats[i] = static_cast<float>(kt[i]);
+  for (int64_t i = 0; i < n * dv; i++) floats[n * dk + i] = static_cast<float>(vt[i]);
+  attend_keys(j, qf, floats.data(), floats.data() + n * dk, out, kvh, t0, t1, lo, n, scores, acc, kf);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void attend_rows(const AttentionJob& j, const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1) {
+  std::vector<float> buf, floats;
+  const int64_t blocks = (j.T + TQ - 1) / TQ;
+  for (int64_t u = u0; u < u1; u++) {  // u = (b * KV + kvh) * blocks + block: a thread's queries share keys
+    const int64_t blk = u % blocks, kvh = u / blocks % j.KV, b = u / blocks / j.KV;
+    attend_unit(j, q, k, v, out, b, kvh, blk * TQ, std::min(j.T, (blk + 1) * TQ), buf, floats);
+  }
+}
+
+#ifdef MOELOCAL_X86
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void attend_rows_avx512(
+    const AttentionJob& j, const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1) {
+  attend_rows(j, q, k, v, out, u0, u1);
+}
+template <typename T>
+__attribute__((target("avx2,f16c"))) void attend_rows_avx2(const AttentionJob& j, const T* q, const T* k,
+                                                          const T* v, T* out, int64_t u0, int64_t u1) {
+  attend_rows(j, q, k, v, out, u0, u1);
+}
+#endif
+
+// q (B, H, T, dk) attending to k (B, KV, S, dk) and v (B, KV, S, dv), H a multiple of KV: the
+// queries are the last T of the S positions, each seeing the keys up to its own (and within the
+// last `window`, if > 0); scores times `scale`; `sinks` (H,) float32 logits that attend to
+// nothing (gpt-oss). -> (B, H, T, dv) in q's dtype.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                        int64_t window, const c10::optional<torch::Tensor>& sinks, int64_t isa) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: 4-D tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "attention: dtypes");
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  AttentionJob j{q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), window,
+                 static_cast<float>(scale), nullptr};
+  const int64_t B = q.size(0);
+  TORCH_CHECK(j.H % j.KV == 0 && j.S >= j.T && k.size(3) == j.dk && v.size(2) == j.S, "attention: shapes");
+  torch::Tensor sink;
+  if (sinks.has_value()) {
+    sink = sinks->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(sink.numel() == j.H, "attention: one sink per head");
+    j.sinks = sink.data_ptr<float>();
+  }
+  auto out = torch::empty({B, j.H, j.T, j.dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention", [&] {
+    const scalar_t *qp = qc.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t blocks = (j.T + TQ - 1) / TQ, per_unit = j.S * (j.dk + j.dv) * (j.H / j.KV) * std::min(j.T, TQ);
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / per_unit);  // multiply-adds per thread, at least
+    at::parallel_for(0, B * j.KV * blocks, grain, [&](int64_t u0, int64_t u1) {
+#ifdef MOELOCAL_X86
+      if (isa == 2) return attend_rows_avx512(j, qp, kp, vp, op, u0, u1);
+      if (isa == 1) return attend_rows_avx2(j, qp, kp, vp, op, u0, u1);
+#endif
+      attend_rows(j, qp, kp, vp, op, u0, u1);
+    });
+  });
+  return out;
+}
+
+// x (M, K) @ w (N, K).T -> (M, N), all float32, each output a sum over K in L lanes and then the
+// fixed tree, as attention's scores: a row's results depend on nothing but the row (a router's
+// logits are then the same for a token prefilled with others and one decoded alone; BLAS picks
+// its blocking by the row count). For small N (routers): one pass over w per row.
+inline __attribute__((always_inline)) void linear_rows_body(const float* x, const float* w, float* y, int64_t N,
+                                             int64_t K, int64_t u0, int64_t u1) {
+  const int64_t kd = (K + L - 1) / L;
+  for (int64_t u = u0; u < u1; u++) {
+    const int64_t m = u / N, n = u % N;
+    const float *xr = x + m * K, *wr = w + n * K;
+    f16v a = load16(xr, K) * load16(wr, K);
+    for (int64_t c = 1; c < kd; c++) a += load16(xr + c * L, K - c * L) * load16(wr + c * L, K - c * L);
+    y[u] = lane_sum(a);
+  }
+}
+
+#ifdef MOELOCAL_X86
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void linear_rows_avx512(const float* x, const float* w, float* y,
+                                                                            int64_t N, int64_t K, int64_t u0, int64_t u1) {
+  linear_rows_body(x, w, y, N, K, u0, u1);
+}
+__attribute__((target("avx2"))) void linear_rows_avx2(const float* x, const float* w, float* y, int64_t N, int64_t K,
+                                                     int64_t u0, int64_t u1) {
+  linear_rows_body(x, w, y, N, K, u0, u1);
+}
+#endif
+
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "linear_rows: float32");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: shapes");
+  const auto xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M * N, std::max<int64_t>(1, (1 << 16) / (K + 1)), [&](int64_t u0, int64_t u1) {
+#ifdef MOELOCAL_X86
+    if (isa == 2) return linear_rows_avx512(xp, wp, yp, N, K, u0, u1);
+    if (isa == 1) return linear_rows_avx2(xp, wp, yp, N, K, u0, u1);
+#endif
+    linear_rows_body(xp, wp, yp, N, K, u0, u1);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -427,5 +728,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm");
   m.def("fit_int4", &fit_int4, "int4 codes and scales for blocks of 32");
   m.def("rope", &rope, "rotary embedding, rotate_half layout");
+  m.def("attention", &attention, "softmax attention, one order of sums per query row");
+  m.def("linear_rows", &linear_rows, "x @ w.T in float32, each row on its own");
   m.def("best_isa", &best_isa, "2 AVX-512 VNNI, 1 AVX2, 0 portable");
 }

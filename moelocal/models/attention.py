@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_kernels
 from ..config import ModelConfig
 from .common import apply_rope, norm, project
 
@@ -189,10 +190,7 @@ class Attention(nn.Module):
         return project(self.o_proj, out)
 
     def attend(self, q, k, v, mask):
-        if hasattr(self, "sinks"):
-            return attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.H != self.KV)  # fmt: skip
+        return attend(q, k, v, mask, self.window, self.scale, getattr(self, "sinks", None))
 
 
 def by_row(attend, layer: int, window, kv: KVCache, mask, q, *new):
@@ -210,6 +208,21 @@ def by_row(attend, layer: int, window, kv: KVCache, mask, q, *new):
         own_mask = attention_mask(row.length, 1, window, q.device)
         outs.append(attend(q[b : b + 1], *cached, own_mask))
     return torch.cat(outs)
+
+
+def attend(q, k, v, mask, window, scale=None, sinks=None) -> torch.Tensor:
+    """Causal softmax attention of q (B, H, T, dk), the last T of the S positions of k (B, KV, S,
+    dk) and v (B, KV, S, dv), mask as attention_mask makes it for `window` -> (B, H, T, dv).
+    On the CPU with the compiled kernels, a query row's sums run in an order of its own
+    (cpu_kernels.attention), so a prompt prefilled at once, in two turns (a reused prompt cache)
+    or token by token gives the same bits; fused attention blocks its sums by the call's sizes."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not q.is_cuda and cpu_kernels.isa() is not None:
+        return cpu_kernels.attention(q, k, v, scale, window, sinks)
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, mask, sinks, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
 
 
 SCORE_BYTES = 64 << 20  # float32 attention scores made at a time in a long prefill

@@ -3,11 +3,10 @@ key, not full keys and values: (kv_lora_rank + qk_rope_head_dim) numbers per tok
 2·heads·head_dim."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import by_row
+from .attention import attend, by_row
 from .common import RMSNorm, apply_rope, project, yarn_mscale
 
 
@@ -57,4 +56,4 @@ class LatentAttention(nn.Module):
         kv = self.kv_b_proj(latent).view(B, S, self.H, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
         k = torch.cat((k_nope, k_pe.expand(B, self.H, S, self.rope)), dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return attend(q, k, v, mask, None, self.scale)

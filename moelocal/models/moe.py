@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..quant import row_invariant_linear
+from ..quant import float_linear_any_rows, row_invariant_linear
 from .common import MLP, gated_unit, project
 
 
@@ -28,11 +28,11 @@ class Router(nn.Module):
         self.fp32 = cfg.router_fp32
 
     def forward(self, x):
-        if self.fp32 or self.weight.dtype != x.dtype:  # float32 weights: see router_dtype
-            bias = None if self.bias is None else self.bias.float()
-            logits = row_invariant_linear(x.float(), self.weight.float(), bias)
-            return logits if self.fp32 else logits.to(x.dtype)
-        return row_invariant_linear(x, self.weight, self.bias)
+        if x.is_cuda and not self.fp32 and self.weight.dtype == x.dtype:
+            return row_invariant_linear(x, self.weight, self.bias)
+        # in float32 (see router_dtype), each token's logits the same bits at any row count
+        logits = float_linear_any_rows(x, self.weight, self.bias)
+        return logits if self.fp32 else logits.to(x.dtype)
 
 
 def router_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
