@@ -478,6 +478,21 @@ inline __attribute__((always_inline)) float lane_sum(f16v a) {
   return a[0];
 }
 
+// lane_sum of 4 vectors at once, each by the very same tree (the same pairs added in the same
+// order), in half the shuffles: -> {sum a0, sum a1, sum a2, sum a3} in lanes 0, 4, 8, 12.
+inline __attribute__((always_inline)) f16v lane_sum4(f16v a0, f16v a1, f16v a2, f16v a3) {
+  const i16v lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const i16v hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const f16v b01 = __builtin_shuffle(a0, a1, lo8) + __builtin_shuffle(a0, a1, hi8);  // l + l+8
+  const f16v b23 = __builtin_shuffle(a2, a3, lo8) + __builtin_shuffle(a2, a3, hi8);
+  const i16v lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const i16v hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  f16v c = __builtin_shuffle(b01, b23, lo4) + __builtin_shuffle(b01, b23, hi4);  // + l+4
+  c += __builtin_shuffle(c, i16v{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});  // + l+2
+  c += __builtin_shuffle(c, i16v{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});  // + l+1
+  return c;
+}
+
 // e^x for x <= 0, 16 at a time, in plain float arithmetic (libm's expf is a call per element,
 // and vector libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by
 // its Taylor polynomial to r^7, times 2^n made from its bits.
@@ -504,6 +519,7 @@ struct AttentionJob {
   int64_t H, KV, T, S, dk, dv, window;
   float scale;
   const float* sinks;  // per head, or null
+  int64_t kstride[3], vstride[3];  // of k and v's batch rows, heads and positions (a cache's view)
   int64_t first(int64_t pos) const { return window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0; }
 };
 
@@ -511,15 +527,16 @@ struct AttentionJob {
 // or T as stored), qf their queries; out is the batch row's.
 template <typename T, typename U>
 inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, const f16v* qf, const U* kb,
-                                                       const U* vb, T* out, int64_t kvh, int64_t t0, int64_t t1,
-                                                       int64_t lo, int64_t n, f16v* scores, f16v* acc, f16v* kf) {
+                                                       const U* vb, int64_t ks, int64_t vs, T* out, int64_t kvh,
+                                                       int64_t t0, int64_t t1, int64_t lo, int64_t n, f16v* scores,
+                                                       f16v* acc, f16v* kf) {
   const int64_t G = j.H / j.KV, rows = G * (t1 - t0), dk = j.dk, dv = j.dv;
   const int64_t kd = (dk + L - 1) / L, vd = (dv + L - 1) / L, nv = (n + L - 1) / L, off = j.S - j.T;
   // A score: the lanes' products over the head, then their sum in a fixed tree; 4 keys at a time
   // (independent chains), the last 1-3 with copies of the last key.
   for (int64_t s = 0; s < n; s += 4) {
     for (int64_t e = 0; e < 4; e++) {
-      const U* key = kb + std::min(s + e, n - 1) * dk;
+      const U* key = kb + std::min(s + e, n - 1) * ks;
       for (int64_t c = 0; c < kd; c++) kf[e * kd + c] = load16(key + c * L, dk - c * L);
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -530,8 +547,8 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
         a2 += qr[c] * kf[2 * kd + c], a3 += qr[c] * kf[3 * kd + c];
       }
       float* sc = reinterpret_cast<float*>(scores + r * nv) + s;  // room up to nv * L >= s + 4
-      sc[0] = lane_sum(a0) * j.scale, sc[1] = lane_sum(a1) * j.scale;
-      sc[2] = lane_sum(a2) * j.scale, sc[3] = lane_sum(a3) * j.scale;
+      const f16v sums = lane_sum4(a0, a1, a2, a3) * j.scale;
+      sc[0] = sums[0], sc[1] = sums[4], sc[2] = sums[8], sc[3] = sums[12];
     }
   }
   for (int64_t r = 0; r < rows; r++) {
@@ -556,12 +573,12 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
     }
     float total = lane_sum(lanes);
     if (j.sinks) total += exp_nonpositive(f16v{} + (j.sinks[h] - mx))[0];
-    const U* vr = vb + first * dv;
+    const U* vr = vb + first * vs;
     int64_t c0 = 0;
     for (; c0 + 4 <= vd && (c0 + 4) * L <= dv; c0 += 4) {  // the values summed in key order
       f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};  // in registers (acc could alias sc)
       for (int64_t i = 0; i < count; i++) {
-        const U* vi = vr + i * dv + c0 * L;
+        const U* vi = vr + i * vs + c0 * L;
         a0 += sc[i] * load16(vi);
         a1 += sc[i] * load16(vi + L);
         a2 += sc[i] * load16(vi + 2 * L);
@@ -571,7 +588,7 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
     }
     for (; c0 < vd; c0++) {
       f16v a = {};
-      for (int64_t i = 0; i < count; i++) a += sc[i] * load16(vr + i * dv + c0 * L, dv - c0 * L);
+      for (int64_t i = 0; i < count; i++) a += sc[i] * load16(vr + i * vs + c0 * L, dv - c0 * L);
       acc[c0] = a;
     }
     const float inv = 1.f / total;
@@ -606,14 +623,19 @@ inline __attribute__((always_inline)) void attend_unit(const AttentionJob& j, co
       const T* qr = q + ((b * j.H + kvh * G + g) * j.T + t) * dk;
       for (int64_t c = 0; c < kd; c++) qf[((t - t0) * G + g) * kd + c] = load16(qr + c * L, dk - c * L);
     }
-  const T* kt = k + ((b * j.KV + kvh) * j.S + lo) * dk;
-  const T* vt = v + ((b * j.KV + kvh) * j.S + lo) * dv;
+  const int64_t ks = j.kstride[2], vs = j.vstride[2];
+  const T* kt = k + b * j.kstride[0] + kvh * j.kstride[1] + lo * ks;
+  const T* vt = v + b * j.vstride[0] + kvh * j.vstride[1] + lo * vs;
   out += b * j.H * j.T * dv;
-  if (std::is_same_v<T, float> || t1 - t0 == 1) return attend_keys(j, qf, kt, vt, out, kvh, t0, t1, lo, n, scores, acc, kf);
+  if (std::is_same_v<T, float> || t1 - t0 == 1)
+    return attend_keys(j, qf, kt, vt, ks, vs, out, kvh, t0, t1, lo, n, scores, acc, kf);
   floats.resize(n * (dk + dv));  // keys and values as floats, made once for the unit's rows
-  for (int64_t i = 0; i < n * dk; i++) floats[i] = static_cast<float>(kt[i]);
-  for (int64_t i = 0; i < n * dv; i++) floats[n * dk + i] = static_cast<float>(vt[i]);
-  attend_keys(j, qf, floats.data(), floats.data() + n * dk, out, kvh, t0, t1, lo, n, scores, acc, kf);
+  float *kf32 = floats.data(), *vf32 = kf32 + n * dk;
+  for (int64_t s = 0; s < n; s++) {
+    for (int64_t i = 0; i < dk; i++) kf32[s * dk + i] = static_cast<float>(kt[s * ks + i]);
+    for (int64_t i = 0; i < dv; i++) vf32[s * dv + i] = static_cast<float>(vt[s * vs + i]);
+  }
+  attend_keys(j, qf, kf32, vf32, dk, dv, out, kvh, t0, t1, lo, n, scores, acc, kf);
 }
 
 template <typename T>
@@ -647,9 +669,13 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
                         int64_t window, const c10::optional<torch::Tensor>& sinks, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: 4-D tensors");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "attention: dtypes");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // keys and values read through their strides (a KV cache's view holds room for more
+  // positions), each position's numbers side by side
+  const auto qc = q.contiguous();
+  const auto kc = k.stride(3) == 1 ? k : k.contiguous(), vc = v.stride(3) == 1 ? v : v.contiguous();
   AttentionJob j{q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), window,
-                 static_cast<float>(scale), nullptr};
+                 static_cast<float>(scale), nullptr, {kc.stride(0), kc.stride(1), kc.stride(2)},
+                 {vc.stride(0), vc.stride(1), vc.stride(2)}};
   const int64_t B = q.size(0);
   TORCH_CHECK(j.H % j.KV == 0 && j.S >= j.T && k.size(3) == j.dk && v.size(2) == j.S, "attention: shapes");
   torch::Tensor sink;
