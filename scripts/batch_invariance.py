@@ -1,10 +1,12 @@
 """Whether a batch decodes each prompt as it would alone: greedy tokens of `generate_batch`
-against one prompt at a time, and the first step where each row diverges.
+against one prompt at a time, and the first step where each row diverges; then whether a
+conversation continued over its prompt cache (chat, serve) gets a fresh prompt's tokens.
 
     python scripts/batch_invariance.py cache/models/mixtral-medium --quant none
     python scripts/batch_invariance.py                     # the default model
 
-Random prompts of 5 to 40 tokens (seeded), 24 new tokens each, all rows in one batch.
+Random prompts of 5 to 40 tokens (seeded), 24 new tokens each, all rows in one batch; the
+conversation: each prompt as a turn, after the previous turns and their replies.
 """
 
 import argparse
@@ -41,6 +43,16 @@ def main():
         f"{n} of {len(prompts)} rows diverge (first differing step per row: {diverge}); "
         f"batch {batch_s:.1f} s, one at a time {alone_s:.1f} s"
     )
+    cache, history, differ = engine.new_prompt_cache(), [], 0
+    for turn in prompts:
+        history += turn
+        cached = engine.generate(history, max_new_tokens=args.new_tokens, prompt_cache=cache)
+        differ += (
+            cached.token_ids != engine.generate(history, max_new_tokens=args.new_tokens).token_ids
+        )
+        history += cached.token_ids
+    print(f"prompt cache: {differ} of {len(prompts)} turns differ from a fresh prompt "
+          f"({len(history)} tokens in the end)")  # fmt: skip
 
 
 if __name__ == "__main__":
