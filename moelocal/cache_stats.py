@@ -54,6 +54,7 @@ class LayerStats:
 class CacheStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     preload_bytes: int = 0
+    preload_s: float = 0.0  # reading experts into their slots at load
 
     def layer(self, i: int) -> LayerStats:
         return self.layers.setdefault(i, LayerStats())
@@ -65,7 +66,7 @@ class CacheStats:
         return total
 
     def copy(self) -> "CacheStats":
-        out = CacheStats(preload_bytes=self.preload_bytes)
+        out = CacheStats(preload_bytes=self.preload_bytes, preload_s=self.preload_s)
         for i, s in self.layers.items():
             out.layer(i).add(s)
         return out
@@ -75,6 +76,7 @@ class CacheStats:
         for i, s in before.layers.items():
             out.layer(i).add(s, sign=-1)
         out.preload_bytes -= before.preload_bytes
+        out.preload_s -= before.preload_s
         return out
 
     def as_dict(self, expert_bytes: int) -> dict:
@@ -82,6 +84,7 @@ class CacheStats:
             **self.total().summary(expert_bytes),
             "expert_bytes": expert_bytes,
             "preload_bytes": self.preload_bytes,
+            "preload_s": round(self.preload_s, 6),
             "per_layer": {str(i): s.summary(expert_bytes) for i, s in sorted(self.layers.items())},
         }
 

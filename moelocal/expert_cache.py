@@ -21,7 +21,7 @@ from .io_queue import DEMAND, GUESS
 from .movers import Load
 from .prefetch import GuessRanks
 from .slot_map import SlotMap
-from .store import release_freed_memory
+from .store import ALIGN, aligned_buffer, release_freed_memory
 
 
 class ExpertCache:
@@ -34,10 +34,7 @@ class ExpertCache:
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts, self.n_slots = n_experts, n_slots
         self.expert_bytes = layout.nbytes
-        self.slots = {
-            i: torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
-            for i in moe_layers
-        }
+        self.slots = {i: slot_rows(n_slots, layout.nbytes, self.device) for i in moe_layers}
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
         # layer -> the prefetcher's last guess, and (rank, expert) of its guesses not cached
@@ -61,7 +58,7 @@ class ExpertCache:
 
     def _preload(self):
         """Expert s of every layer into slot s, so that a big enough budget never misses."""
-        loads = []
+        loads, start = [], time.perf_counter()
         for layer, slots in self.slots.items():
             for slot in range(self.n_slots):
                 load = self.mover.load(layer, slot, slots[slot])
@@ -72,6 +69,7 @@ class ExpertCache:
                 load.wait()
                 self.maps[layer].place(slot, slot)
                 self.stats.preload_bytes += self.expert_bytes
+            self.stats.preload_s += time.perf_counter() - start
         finally:
             for *_, load in loads:  # after a failure: no read still writing into a slot
                 load.settle()
@@ -220,3 +218,13 @@ class ExpertCache:
         """Stop the I/O threads (after the reads in flight) and release files and page-locked
         memory. The cache is unusable afterwards."""
         self.mover.close()
+
+
+def slot_rows(n_slots: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A layer's slots, (n_slots, nbytes) uint8. In RAM each starts on an ALIGN boundary, so that
+    a converted expert is read into it directly (O_DIRECT wants aligned memory)."""
+    if device.type != "cpu":
+        return torch.empty(n_slots, nbytes, dtype=torch.uint8, device=device)
+    row = -(-nbytes // ALIGN) * ALIGN
+    buf, start = aligned_buffer(n_slots * row)
+    return buf[start : start + n_slots * row].view(n_slots, row)[:, :nbytes]

@@ -21,7 +21,7 @@ from .experts import ExpertLayout
 from .io_queue import IOQueue
 from .models import FAMILIES
 from .models.attention import Attention
-from .models.common import Rotary
+from .models.common import Rotary, on_meta
 from .models.family import Family
 from .models.moe import router_dtype
 from .models.transformer import Transformer
@@ -175,7 +175,7 @@ def plan_model(
     # a checkpoint stored quantized runs in its format, or the nearest, unless told otherwise
     dtype = dtype or cfg.dtype
     quant = check_mode(quant or checkpoint_quant(ckpt.config, device), device) or "none"
-    with torch.device("meta"):
+    with on_meta():
         model = family.build(cfg)
     sizes = resident_components(
         model, dtype, quant, lambda name: keep_dense(name, cfg), router_dtype(dtype, device)
@@ -296,7 +296,7 @@ def load_model(
         prefetcher = None
         if cache is not None and options.prefetch and cache.streaming:
             prefetcher = Prefetcher(cache, options.prefetch_margin)
-        with torch.device("meta"):
+        with on_meta():
             model = family.build(cfg, cache, prefetcher)
         stored = computed_resident(ckpt)
         if stored:

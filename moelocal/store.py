@@ -255,22 +255,26 @@ class DiskReader:
             self.local.buf = aligned_buffer(self.staging_bytes)
         return self.local.buf
 
+    def _read_into(self, path: Path, address: int, length: int, offset: int, need: int):
+        """Read `length` bytes at a file offset into memory at address; at least `need` of
+        them must exist (O_DIRECT reads whole blocks past a piece's end)."""
+        view = memoryview((ctypes.c_char * length).from_address(address))
+        got = 0
+        while got < need:
+            n = read_at(self.fds[path], view[got:], offset + got)
+            if n <= 0:
+                raise MoelocalError(f"{path}: file ends before offset {offset + need}")
+            got += n
+
     def _read_piece(self, p: Piece) -> torch.Tensor:
         buf, base = self._staging()
-        fd = self.fds[p.path]
         start = p.offset - p.offset % ALIGN if self.direct[p.path] else p.offset
         length = p.offset + p.nbytes - start
         if self.direct[p.path]:
             length += (-length) % ALIGN
-        view = (ctypes.c_char * length).from_address(buf.data_ptr() + base)
-        got = 0
-        while got < p.offset + p.nbytes - start:
-            n = read_at(fd, memoryview(view)[got:], start + got)
-            if n <= 0:
-                raise MoelocalError(f"{p.path}: file ends before offset {p.offset + p.nbytes}")
-            got += n
+        self._read_into(p.path, buf.data_ptr() + base, length, start, p.offset + p.nbytes - start)
         if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
         lo = base + p.offset - start
         raw = buf[lo : lo + p.nbytes]
         if (raw.data_ptr() % p.dtype.itemsize) != 0:
@@ -302,20 +306,37 @@ class DiskReader:
             w = torch.cat((w[0::2], w[1::2]))
         return w
 
+    def _read_blob(self, p: Piece, dest: torch.Tensor):
+        """A converted expert straight into dest where the bytes allow (O_DIRECT wants the
+        file offset and the memory block-aligned: the whole blocks go there, the last partial
+        one through the staging buffer), else through the staging buffer. A staging copy into
+        a fresh slot faults its pages in from user space: 4 threads spent 7.8 s in it for
+        mixtral-large's 1.87 GB, the reads themselves 1.4 s."""
+        if self.direct[p.path] and (p.offset % ALIGN or dest.data_ptr() % ALIGN):
+            ctypes.memmove(dest.data_ptr(), self._read_piece(p).data_ptr(), p.nbytes)
+            return
+        whole = p.nbytes - p.nbytes % ALIGN if self.direct[p.path] else p.nbytes
+        self._read_into(p.path, dest.data_ptr(), whole, p.offset, whole)
+        if whole < p.nbytes:
+            tail = replace(p, offset=p.offset + whole, nbytes=p.nbytes - whole,
+                           shape=(p.nbytes - whole,))  # fmt: skip
+            ctypes.memmove(dest.data_ptr() + whole, self._read_piece(tail).data_ptr(), tail.nbytes)
+        if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
+
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
         """Fill dest (one expert blob on the CPU) with expert e of layer, in dest's layout."""
         layout = self.layout
         parts = self.pieces[layer, e]
         first = parts[0]
         if first.part == "blob":  # a converted model: the blob is stored as it is computed with
-            raw = self._read_piece(first)
-            data = (ctypes.c_char * first.nbytes).from_address(raw.data_ptr())
+            self._read_blob(first, dest)
+            data = (ctypes.c_char * first.nbytes).from_address(dest.data_ptr())
             if zlib.crc32(data) != first.crc32:
                 raise MoelocalError(
                     f"{first.path}: expert {e} of layer {layer} fails its checksum (corrupt "
                     "file); run moelocal convert again"
                 )
-            ctypes.memmove(dest.data_ptr(), raw.data_ptr(), first.nbytes)
             return dest
         if layout.mode != "none" or not all(p.plain for p in parts):
             # converted as read: the float matrices, then the layout's segments; gate and up

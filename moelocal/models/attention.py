@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import cpu_kernels
 from ..config import ModelConfig
-from .common import apply_rope, norm, project
+from .common import apply_rope, cat_rows, norm, on_meta, project
 
 
 class KVCache:
@@ -157,11 +157,12 @@ class Attention(nn.Module):
         layers only: each output row stays what it was, as every row is quantized on its own."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_sizes = [m.out_features for m in parts]
-        fused = nn.Linear(parts[0].in_features, sum(self.qkv_sizes), device="meta")
-        fused.weight = nn.Parameter(torch.cat([m.weight for m in parts]), requires_grad=False)
+        with on_meta():
+            fused = nn.Linear(parts[0].in_features, sum(self.qkv_sizes))
+        fused.weight = nn.Parameter(cat_rows([m.weight for m in parts]), requires_grad=False)
         fused.bias = None
         if parts[0].bias is not None:
-            fused.bias = nn.Parameter(torch.cat([m.bias for m in parts]), requires_grad=False)
+            fused.bias = nn.Parameter(cat_rows([m.bias for m in parts]), requires_grad=False)
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 

@@ -7,11 +7,13 @@ its KV cache are in attention.py, routing and the MoE block in moe.py, the decod
 transformer.py.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .. import cpu_kernels
 from ..config import ModelConfig
@@ -26,6 +28,39 @@ ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+class SkipInitOnMeta(TorchFunctionMode):
+    """Leaves the random or constant fills of meta tensors undone: they hold no numbers, and
+    PyTorch's first fill of one imports its Python decompositions (0.8 s of every load here)."""
+
+    FILLS = ("normal_", "uniform_", "zero_", "fill_")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        filling = getattr(func, "__module__", None) == "torch.nn.init" or (
+            getattr(func, "__name__", None) in self.FILLS
+        )
+        target = args[0] if args else kwargs.get("tensor")
+        if filling and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules built on the meta device (shapes only, weights assigned later), uninitialized."""
+    with torch.device("meta"), SkipInitOnMeta():
+        yield
+
+
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along rows; meta tensors (shapes only) without an op, which on the meta device
+    imports torch._dynamo the first time (1.1 s)."""
+    if not tensors[0].is_meta:
+        return torch.cat(tensors)
+    rows = sum(t.shape[0] for t in tensors)
+    return torch.empty(rows, *tensors[0].shape[1:], dtype=tensors[0].dtype, device="meta")
 
 
 def activation(name: str):
@@ -106,9 +141,11 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(dim: int, rope: dict) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scale for rope_type default, linear, dynamic or yarn."""
+    """Inverse frequencies and the cos/sin scale for rope_type default, linear, dynamic or yarn,
+    made on the CPU even while a model is built on the meta device (they are numbers, and a meta
+    arange costs PyTorch's Python decompositions their first import, 1.1 s)."""
     base, kind = float(rope["rope_theta"]), rope["rope_type"]
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
     if kind in ("default", "dynamic"):
         # dynamic NTK only changes past max_position_embeddings, which moelocal never exceeds
         return inv_freq, 1.0
@@ -136,7 +173,8 @@ def rope_frequencies(dim: int, rope: dict) -> tuple[torch.Tensor, float]:
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        ramp = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+        ramp = ((ramp - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         return inv_freq, float(attention_factor)
@@ -154,11 +192,12 @@ def longrope_frequencies(dim: int, rope: dict, long: bool) -> tuple[torch.Tensor
     if scale is None:
         scale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     scale = rope.get("long_mscale" if long else "short_mscale") or scale
-    ext = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float32)
+    ext = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float32,
+                       device="cpu")  # fmt: skip
     if ext.shape != (dim // 2,):
         raise MoelocalError(f"config.json: longrope factors must be {dim // 2} numbers")
     base = float(rope["rope_theta"])
-    return 1.0 / (ext * base ** (torch.arange(0, dim, 2).float() / dim)), float(scale)
+    return 1.0 / (ext * base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)), float(scale)
 
 
 class Rotary(nn.Module):
