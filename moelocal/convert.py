@@ -162,11 +162,18 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     blob = buf[base : base + stride]
     reader = DiskReader(planned.pieces, layout)
     entries = {}
+    # one (2I, D) buffer for every expert's gate and up: a fresh one's pages are faulted in by
+    # the copy into it (reading the next expert on a thread while this one is quantized was
+    # slower on 2 cores: the quantizing threads wait for the reading one)
+    dtype = planned.pieces[keys[0]][0].dtype if keys else None
+    whole = torch.zeros(2 * layout.I, layout.D, dtype=dtype)
     try:
         with open(tmp / EXPERTS, "wb") as f:
             for i, (layer, e) in enumerate(keys):
+                mats = reader.matrices(layer, e, whole)
                 blob.zero_()  # the padding between blobs is zeros, deterministically
-                reader.read(layer, e, blob[: layout.nbytes])
+                layout.fill(blob[: layout.nbytes], mats["gate_up"], mats["down"],
+                            mats.get("gate_up_bias"), mats.get("down_bias"))  # fmt: skip
                 data = memoryview((ctypes.c_char * stride).from_address(blob.data_ptr()))
                 f.write(data)
                 entries[f"{layer}.{e}"] = {"offset": i * stride,

@@ -115,8 +115,9 @@ def quantize(w: torch.Tensor, fmt: MatrixFormat) -> dict[str, torch.Tensor]:
     if (Np, Kp) != (fmt.N, fmt.K):
         w = F.pad(w, (0, Kp - fmt.K, 0, Np - fmt.N))
     units = torch.empty(Np // GROUP, Kp // BLOCK, fmt.unit_bytes, dtype=torch.uint8)
-    # a few groups of rows at a time: the temporaries stay in the CPU's caches
-    step = 8
+    # a few groups of rows at a time: the temporaries stay in the CPU's caches (16: 229 M
+    # parameters/s on a 7168x1024 int4 matrix, 8: 198, 64: 170)
+    step = 16
     for g in range(0, Np // GROUP, step):
         rows = w[g * GROUP : (g + step) * GROUP].float().unflatten(-1, (-1, BLOCK))
         if fmt.mode == "int8":
@@ -146,7 +147,7 @@ def fit_int4(w: torch.Tensor, steps: int = INT4_FIT_STEPS):
     """
     ops = cpu_kernels.extension() if w.device.type == "cpu" else None
     if ops is not None:
-        return tuple(ops.fit_int4(w.float(), steps))
+        return tuple(ops.fit_int4(w.float(), steps, cpu_kernels.isa()))
     big = w.gather(-1, w.abs().argmax(-1, keepdim=True))
     best = None
     for steps_of_big in (-8, 7):

@@ -324,6 +324,24 @@ class DiskReader:
         if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
 
+    def matrices(self, layer: int, e: int, whole=None) -> dict[str, torch.Tensor]:
+        """Expert e of layer as float matrices of its own, as the checkpoint stores it decoded:
+        gate_up (2I, D), down (D, I) and the biases it has. Gate and up are read straight
+        into the halves of one matrix (no concatenating copy): `whole`, when given, a (2I, D)
+        buffer to reuse (a fresh one's pages are faulted in by the copy, 0.8 s of converting
+        mixtral-medium)."""
+        parts, layout = self.pieces[layer, e], self.layout
+        halves = {}
+        if {p.part for p in parts} >= {"gate", "up"}:
+            if whole is None or whole.dtype != parts[0].dtype:
+                whole = torch.empty(2 * layout.I, layout.D, dtype=parts[0].dtype)
+            halves = {"gate": whole[: layout.I], "up": whole[layout.I :]}
+        mats = {p.part: self._float_matrix(p, layer, e, halves.get(p.part)) for p in parts}
+        if "gate_up" not in mats:
+            read_in_place = all(mats[h] is halves[h] for h in ("gate", "up"))
+            mats["gate_up"] = whole if read_in_place else torch.cat([mats["gate"], mats["up"]])
+        return mats
+
     def read(self, layer: int, e: int, dest: torch.Tensor) -> torch.Tensor:
         """Fill dest (one expert blob on the CPU) with expert e of layer, in dest's layout."""
         layout = self.layout
@@ -339,21 +357,12 @@ class DiskReader:
                 )
             return dest
         if layout.mode != "none" or not all(p.plain for p in parts):
-            # converted as read: the float matrices, then the layout's segments; gate and up
-            # are read straight into the halves of one matrix (no concatenating copy)
-            whole, halves = None, {}
-            if {p.part for p in parts} >= {"gate", "up"}:
-                whole = torch.empty(2 * layout.I, layout.D, dtype=parts[0].dtype)
-                halves = {"gate": whole[: layout.I], "up": whole[layout.I :]}
-            mats = {p.part: self._float_matrix(p, layer, e, halves.get(p.part)) for p in parts}
-            gate_up = mats.get("gate_up")
-            if gate_up is None:
-                read_in_place = all(mats[h] is halves[h] for h in ("gate", "up"))
-                gate_up = whole if read_in_place else torch.cat([mats["gate"], mats["up"]])
-            layout.fill(dest, gate_up, mats["down"], mats.get("gate_up_bias"),
+            # converted as read: the float matrices, then the layout's segments
+            mats = self.matrices(layer, e)
+            layout.fill(dest, mats["gate_up"], mats["down"], mats.get("gate_up_bias"),
                         mats.get("down_bias"))  # fmt: skip
             if self.trim:
-                del mats, gate_up, whole, halves
+                del mats
                 release_freed_memory()
             return dest
         views = layout.views(dest)

@@ -306,53 +306,179 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
   return weight.has_value() ? (y * *weight).to(x.scalar_type()) : y;
 }
 
+// ---- 16 floats at a time ---------------------------------------------------------------------
+
+// 16 floats as one value: GCC lowers its operations to whatever vectors the function's target
+// has (one AVX-512 register, two AVX2 ones, four SSE ones) with the same results.
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+constexpr int64_t L = 16;  // lanes
+
+// n <= 16 numbers from p as floats, the rest 0.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// 16 numbers from p as floats; with n < 16, only n of them and zeros after.
+template <typename T>
+inline __attribute__((always_inline)) f16v load16(const T* p) {
+  f16v v;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's top half
+    u16x16 h;
+    std::memcpy(&h, p, sizeof h);
+    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+    std::memcpy(&v, &bits, sizeof v);
+  } else {
+    for (int64_t i = 0; i < L; i++) v[i] = static_cast<float>(p[i]);
+  }
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) f16v load16(const T* p, int64_t n) {
+  if (n >= L) return load16(p);
+  T part[L] = {};
+  std::copy(p, p + n, part);
+  return load16(part);
+}
+
+typedef float f8v __attribute__((vector_size(32)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef float f4v __attribute__((vector_size(16)));
+
+// x in every lane. A scalar mixed into a 16-lane expression is broadcast through memory on AVX2
+// (16 stores and a load each time: attention ran 6x slower there), so below AVX-512 it is made
+// of two 8-lane halves; on AVX-512 the halves cost a detour. The same value either way.
+template <int ISA>
+inline __attribute__((always_inline)) f16v splat(float x) {
+  if constexpr (ISA == 2) {
+    return f16v{} + x;
+  } else {
+    const f8v h = {x, x, x, x, x, x, x, x};
+    f16v v;
+    std::memcpy(&v, &h, sizeof h);
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof h, &h, sizeof h);
+    return v;
+  }
+}
+
+// The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1. Written with halves, not
+// shuffles: GCC lowers a 16-lane shuffle on AVX2 through memory (6x slower attention there).
+inline __attribute__((always_inline)) float lane_sum(f16v a) {
+  f8v lo, hi;
+  std::memcpy(&lo, &a, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
+  const f8v b = lo + hi;
+  f4v c0, c1;
+  std::memcpy(&c0, &b, sizeof c0);
+  std::memcpy(&c1, reinterpret_cast<const char*>(&b) + sizeof c0, sizeof c1);
+  const f4v c = c0 + c1;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// e^x for x <= 0, 16 at a time, in plain float arithmetic (libm's expf is a call per element,
+// and vector libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by
+// its Taylor polynomial to r^7, times 2^n made from its bits.
+inline __attribute__((always_inline)) f16v exp_nonpositive(f16v x) {
+  const f16v magic = f16v{} + 12582912.f;  // round_even's
+  x = x < -87.f ? f16v{} - 87.f : x;
+  const f16v n = (x * 1.44269504f + magic) - magic;
+  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
+  f16v p = f16v{} + 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  f16v scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // ---- quantization ------------------------------------------------------------------------------
 
 // quant.py's fit_int4 for one block of 32: Q4_0's start (the largest magnitude at code 0) and the
 // other sign's (at code 15), each refined by `steps` least-squares scales, the better kept. The
-// same steps as the torch version; its sums run in another order, so a code may differ.
-inline float codes_for(const float* w, float scale, uint8_t* q) {
-  const float inv = scale != 0.f ? 1.f / scale : 0.f;
-  for (int64_t i = 0; i < BK; i++) q[i] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, round_even(w[i] * inv) + 8.f)));
-  return inv;
+// same steps as the torch version, on the block's two vectors; its sums run in another order
+// (lanes, then lane_sum's tree), so a code may differ.
+struct Codes {  // a block's codes minus 8, as floats
+  f16v lo, hi;
+};
+
+template <int ISA>
+inline __attribute__((always_inline)) f16v round_codes(f16v w, float inv) {
+  const f16v magic = f16v{} + 12582912.f;  // round_even's
+  const f16v t = (w * splat<ISA>(inv) + magic) - magic;
+  return t < -8.f ? f16v{} - 8.f : (t > 7.f ? f16v{} + 7.f : t);
 }
 
-void fit_block(const float* w, int64_t steps, uint8_t* codes, c10::Half* scale_out) {
-  int64_t big = 0;
-  for (int64_t i = 1; i < BK; i++) if (std::fabs(w[i]) > std::fabs(w[big])) big = i;
+template <int ISA>
+inline __attribute__((always_inline)) Codes codes_for(f16v w0, f16v w1, float scale) {
+  const float inv = scale != 0.f ? 1.f / scale : 0.f;
+  return {round_codes<ISA>(w0, inv), round_codes<ISA>(w1, inv)};
+}
+
+template <int ISA>
+inline __attribute__((always_inline)) void fit_block(const float* w, int64_t steps, uint8_t* codes,
+                                                     c10::Half* scale_out) {
+  const f16v w0 = load16(w), w1 = load16(w + L);
+  const f16v a0 = w0 < 0.f ? -w0 : w0, a1 = w1 < 0.f ? -w1 : w1;
+  const f16v am = a0 > a1 ? a0 : a1;
+  f8v lo, hi;  // the largest magnitude, by halves (a max in any order is exact)
+  std::memcpy(&lo, &am, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&am) + sizeof lo, sizeof hi);
+  const f8v m8 = lo > hi ? lo : hi;
+  float top = m8[0];
+  for (int64_t i = 1; i < 8; i++) top = m8[i] > top ? m8[i] : top;
+  int64_t big = 0;  // the first of the largest magnitude, as the scalar search finds it
+  while (big < BK - 1 && !(std::fabs(w[big]) == top)) big++;  // (NaN weights: none is)
   float best_err = INFINITY;
   for (const float start : {-8.f, 7.f}) {
-    uint8_t q[BK];
     float scale = w[big] / start;
-    codes_for(w, scale, q);
+    Codes t = codes_for<ISA>(w0, w1, scale);
     for (int64_t s = 0; s < steps; s++) {
-      float tt = 0.f, tw = 0.f;
-      for (int64_t i = 0; i < BK; i++) {
-        const float t = static_cast<float>(q[i]) - 8.f;
-        tt += t * t;
-        tw += t * w[i];
-      }
+      const float tt = lane_sum(t.lo * t.lo + t.hi * t.hi), tw = lane_sum(t.lo * w0 + t.hi * w1);
       if (tt > 0.f) scale = tw / tt;
-      codes_for(w, scale, q);
+      t = codes_for<ISA>(w0, w1, scale);
     }
     const c10::Half half(scale);
     scale = static_cast<float>(half);
-    codes_for(w, scale, q);
-    float err = 0.f;
-    for (int64_t i = 0; i < BK; i++) {
-      const float e = w[i] - (static_cast<float>(q[i]) - 8.f) * scale;
-      err += e * e;
-    }
+    t = codes_for<ISA>(w0, w1, scale);
+    const f16v e0 = w0 - t.lo * splat<ISA>(scale), e1 = w1 - t.hi * splat<ISA>(scale);
+    const float err = lane_sum(e0 * e0 + e1 * e1);
     if (err < best_err) {
       best_err = err;
-      std::memcpy(codes, q, BK);
+      const u8x16 c0 = __builtin_convertvector(__builtin_convertvector(t.lo + 8.f, i16v), u8x16);
+      const u8x16 c1 = __builtin_convertvector(__builtin_convertvector(t.hi + 8.f, i16v), u8x16);
+      std::memcpy(codes, &c0, L), std::memcpy(codes + L, &c1, L);
       *scale_out = half;
     }
   }
 }
 
+template <int ISA>
+inline __attribute__((always_inline)) void fit_blocks(const float* w, int64_t steps, uint8_t* codes,
+                                                      c10::Half* scales, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; b++) fit_block<ISA>(w + b * BK, steps, codes + b * BK, scales + b);
+}
+
+#ifdef MOELOCAL_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void fit_blocks_avx512(
+    const float* w, int64_t steps, uint8_t* codes, c10::Half* scales, int64_t b0, int64_t b1) {
+  fit_blocks<2>(w, steps, codes, scales, b0, b1);
+}
+__attribute__((target("avx2,f16c"))) void fit_blocks_avx2(const float* w, int64_t steps, uint8_t* codes,
+                                                         c10::Half* scales, int64_t b0, int64_t b1) {
+  fit_blocks<1>(w, steps, codes, scales, b0, b1);
+}
+#endif
+
 // Blocks w (..., 32) float32 -> codes (..., 32) uint8 and fp16 scales (...), on every thread.
-std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps) {
+std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.size(-1) == BK, "fit_int4: float blocks of 32");
   const auto wc = w.contiguous();
   auto codes = torch::empty(w.sizes(), w.options().dtype(torch::kUInt8));
@@ -361,7 +487,11 @@ std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps) {
   uint8_t* cp = codes.data_ptr<uint8_t>();
   c10::Half* sp = scales.data_ptr<c10::Half>();
   at::parallel_for(0, scales.numel(), 1024, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) fit_block(wp + b * BK, steps, cp + b * BK, sp + b);
+#ifdef MOELOCAL_X86
+    if (isa == 2) return fit_blocks_avx512(wp, steps, cp, sp, b0, b1);
+    if (isa == 1) return fit_blocks_avx2(wp, steps, cp, sp, b0, b1);
+#endif
+    fit_blocks<0>(wp, steps, cp, sp, b0, b1);
   });
   return {codes, scales};
 }
@@ -434,87 +564,6 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 // block queries and keys by the call's sizes.
 constexpr int64_t TQ = 8;  // query positions per work unit: they share the keys they read
 
-// 16 floats as one value: GCC lowers its operations to whatever vectors the function's target
-// has (one AVX-512 register, two AVX2 ones, four SSE ones) with the same results.
-typedef float f16v __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-constexpr int64_t L = 16;
-
-// n <= 16 numbers from p as floats, the rest 0.
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-// 16 numbers from p as floats; with n < 16, only n of them and zeros after.
-template <typename T>
-inline __attribute__((always_inline)) f16v load16(const T* p) {
-  f16v v;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&v, p, sizeof v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's top half
-    u16x16 h;
-    std::memcpy(&h, p, sizeof h);
-    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    std::memcpy(&v, &bits, sizeof v);
-  } else {
-    for (int64_t i = 0; i < L; i++) v[i] = static_cast<float>(p[i]);
-  }
-  return v;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) f16v load16(const T* p, int64_t n) {
-  if (n >= L) return load16(p);
-  T part[L] = {};
-  std::copy(p, p + n, part);
-  return load16(part);
-}
-
-// The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1.
-inline __attribute__((always_inline)) float lane_sum(f16v a) {
-  a += __builtin_shuffle(a, i16v{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  a += __builtin_shuffle(a, i16v{4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15});
-  a += __builtin_shuffle(a, i16v{2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
-  a += __builtin_shuffle(a, i16v{1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
-  return a[0];
-}
-
-// lane_sum of 4 vectors at once, each by the very same tree (the same pairs added in the same
-// order), in half the shuffles: -> {sum a0, sum a1, sum a2, sum a3} in lanes 0, 4, 8, 12.
-inline __attribute__((always_inline)) f16v lane_sum4(f16v a0, f16v a1, f16v a2, f16v a3) {
-  const i16v lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const i16v hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  const f16v b01 = __builtin_shuffle(a0, a1, lo8) + __builtin_shuffle(a0, a1, hi8);  // l + l+8
-  const f16v b23 = __builtin_shuffle(a2, a3, lo8) + __builtin_shuffle(a2, a3, hi8);
-  const i16v lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const i16v hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  f16v c = __builtin_shuffle(b01, b23, lo4) + __builtin_shuffle(b01, b23, hi4);  // + l+4
-  c += __builtin_shuffle(c, i16v{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});  // + l+2
-  c += __builtin_shuffle(c, i16v{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});  // + l+1
-  return c;
-}
-
-// e^x for x <= 0, 16 at a time, in plain float arithmetic (libm's expf is a call per element,
-// and vector libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by
-// its Taylor polynomial to r^7, times 2^n made from its bits.
-inline __attribute__((always_inline)) f16v exp_nonpositive(f16v x) {
-  const f16v magic = f16v{} + 12582912.f;  // round_even's
-  x = x < -87.f ? f16v{} - 87.f : x;
-  const f16v n = (x * 1.44269504f + magic) - magic;
-  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
-  f16v p = f16v{} + 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  f16v scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 struct AttentionJob {
   int64_t H, KV, T, S, dk, dv, window;
   float scale;
@@ -525,7 +574,7 @@ struct AttentionJob {
 
 // A work unit's rows (see attend_unit) over keys kb and values vb, positions [lo, lo + n) (floats,
 // or T as stored), qf their queries; out is the batch row's.
-template <typename T, typename U>
+template <int ISA, typename T, typename U>
 inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, const f16v* qf, const U* kb,
                                                        const U* vb, int64_t ks, int64_t vs, T* out, int64_t kvh,
                                                        int64_t t0, int64_t t1, int64_t lo, int64_t n, f16v* scores,
@@ -547,15 +596,15 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
         a2 += qr[c] * kf[2 * kd + c], a3 += qr[c] * kf[3 * kd + c];
       }
       float* sc = reinterpret_cast<float*>(scores + r * nv) + s;  // room up to nv * L >= s + 4
-      const f16v sums = lane_sum4(a0, a1, a2, a3) * j.scale;
-      sc[0] = sums[0], sc[1] = sums[4], sc[2] = sums[8], sc[3] = sums[12];
+      sc[0] = lane_sum(a0) * j.scale, sc[1] = lane_sum(a1) * j.scale;
+      sc[2] = lane_sum(a2) * j.scale, sc[3] = lane_sum(a3) * j.scale;
     }
   }
   for (int64_t r = 0; r < rows; r++) {
     const int64_t t = t0 + r / G, h = kvh * G + r % G, pos = off + t;
     const int64_t first = j.first(pos) - lo, count = pos + 1 - j.first(pos);
     float* sc = reinterpret_cast<float*>(scores + r * nv) + first;  // the row's own keys
-    f16v top = f16v{} + (j.sinks ? j.sinks[h] : sc[0]);  // the largest score (any order: exact)
+    f16v top = splat<ISA>(j.sinks ? j.sinks[h] : sc[0]);  // the largest score (any order: exact)
     for (int64_t i = 0; i + L <= count; i += L) {
       const f16v x = load16(sc + i);
       top = x > top ? x : top;
@@ -566,35 +615,36 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
     f16v lanes = {};  // the softmax's sum: key first + i in lane i % 16
     for (int64_t i = 0; i < count; i += L) {
       const int64_t m = std::min(L, count - i);
-      f16v e = exp_nonpositive(load16(sc + i, m) - mx);
+      f16v e = exp_nonpositive(load16(sc + i, m) - splat<ISA>(mx));
       for (int64_t l = m; l < L; l++) e[l] = 0.f;
       std::memcpy(sc + i, &e, m * sizeof(float));
       lanes += e;
     }
     float total = lane_sum(lanes);
-    if (j.sinks) total += exp_nonpositive(f16v{} + (j.sinks[h] - mx))[0];
+    if (j.sinks) total += exp_nonpositive(splat<ISA>(j.sinks[h] - mx))[0];
     const U* vr = vb + first * vs;
     int64_t c0 = 0;
     for (; c0 + 4 <= vd && (c0 + 4) * L <= dv; c0 += 4) {  // the values summed in key order
       f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};  // in registers (acc could alias sc)
       for (int64_t i = 0; i < count; i++) {
         const U* vi = vr + i * vs + c0 * L;
-        a0 += sc[i] * load16(vi);
-        a1 += sc[i] * load16(vi + L);
-        a2 += sc[i] * load16(vi + 2 * L);
-        a3 += sc[i] * load16(vi + 3 * L);
+        const f16v p = splat<ISA>(sc[i]);
+        a0 += p * load16(vi);
+        a1 += p * load16(vi + L);
+        a2 += p * load16(vi + 2 * L);
+        a3 += p * load16(vi + 3 * L);
       }
       acc[c0] = a0, acc[c0 + 1] = a1, acc[c0 + 2] = a2, acc[c0 + 3] = a3;
     }
     for (; c0 < vd; c0++) {
       f16v a = {};
-      for (int64_t i = 0; i < count; i++) a += sc[i] * load16(vr + i * vs + c0 * L, dv - c0 * L);
+      for (int64_t i = 0; i < count; i++) a += splat<ISA>(sc[i]) * load16(vr + i * vs + c0 * L, dv - c0 * L);
       acc[c0] = a;
     }
     const float inv = 1.f / total;
     T* o = out + (h * j.T + t) * dv;  // out: batch row b's
     for (int64_t c = 0; c < vd; c++) {
-      const f16v y = acc[c] * inv;
+      const f16v y = acc[c] * splat<ISA>(inv);
       for (int64_t i = 0; i < std::min(L, dv - c * L); i++) o[c * L + i] = static_cast<T>(y[i]);
     }
   }
@@ -603,7 +653,7 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
 
 // One work unit: batch row b, KV head kvh, query positions t0..t1-1 with their G heads each:
 // rows = G * (t1 - t0) query rows, row r = (t - t0) * G + g.
-template <typename T>
+template <int ISA, typename T>
 inline __attribute__((always_inline)) void attend_unit(const AttentionJob& j, const T* q, const T* k,
                                                        const T* v, T* out, int64_t b, int64_t kvh,
                                                        int64_t t0, int64_t t1, std::vector<float>& buf,
@@ -628,23 +678,23 @@ inline __attribute__((always_inline)) void attend_unit(const AttentionJob& j, co
   const T* vt = v + b * j.vstride[0] + kvh * j.vstride[1] + lo * vs;
   out += b * j.H * j.T * dv;
   if (std::is_same_v<T, float> || t1 - t0 == 1)
-    return attend_keys(j, qf, kt, vt, ks, vs, out, kvh, t0, t1, lo, n, scores, acc, kf);
+    return attend_keys<ISA>(j, qf, kt, vt, ks, vs, out, kvh, t0, t1, lo, n, scores, acc, kf);
   floats.resize(n * (dk + dv));  // keys and values as floats, made once for the unit's rows
   float *kf32 = floats.data(), *vf32 = kf32 + n * dk;
   for (int64_t s = 0; s < n; s++) {
     for (int64_t i = 0; i < dk; i++) kf32[s * dk + i] = static_cast<float>(kt[s * ks + i]);
     for (int64_t i = 0; i < dv; i++) vf32[s * dv + i] = static_cast<float>(vt[s * vs + i]);
   }
-  attend_keys(j, qf, kf32, vf32, dk, dv, out, kvh, t0, t1, lo, n, scores, acc, kf);
+  attend_keys<ISA>(j, qf, kf32, vf32, dk, dv, out, kvh, t0, t1, lo, n, scores, acc, kf);
 }
 
-template <typename T>
+template <int ISA, typename T>
 inline __attribute__((always_inline)) void attend_rows(const AttentionJob& j, const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1) {
   std::vector<float> buf, floats;
   const int64_t blocks = (j.T + TQ - 1) / TQ;
   for (int64_t u = u0; u < u1; u++) {  // u = (b * KV + kvh) * blocks + block: a thread's queries share keys
     const int64_t blk = u % blocks, kvh = u / blocks % j.KV, b = u / blocks / j.KV;
-    attend_unit(j, q, k, v, out, b, kvh, blk * TQ, std::min(j.T, (blk + 1) * TQ), buf, floats);
+    attend_unit<ISA>(j, q, k, v, out, b, kvh, blk * TQ, std::min(j.T, (blk + 1) * TQ), buf, floats);
   }
 }
 
@@ -652,12 +702,12 @@ inline __attribute__((always_inline)) void attend_rows(const AttentionJob& j, co
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void attend_rows_avx512(
     const AttentionJob& j, const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1) {
-  attend_rows(j, q, k, v, out, u0, u1);
+  attend_rows<2>(j, q, k, v, out, u0, u1);
 }
 template <typename T>
 __attribute__((target("avx2,f16c"))) void attend_rows_avx2(const AttentionJob& j, const T* q, const T* k,
                                                           const T* v, T* out, int64_t u0, int64_t u1) {
-  attend_rows(j, q, k, v, out, u0, u1);
+  attend_rows<1>(j, q, k, v, out, u0, u1);
 }
 #endif
 
@@ -695,7 +745,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
       if (isa == 2) return attend_rows_avx512(j, qp, kp, vp, op, u0, u1);
       if (isa == 1) return attend_rows_avx2(j, qp, kp, vp, op, u0, u1);
 #endif
-      attend_rows(j, qp, kp, vp, op, u0, u1);
+      attend_rows<0>(j, qp, kp, vp, op, u0, u1);
     });
   });
   return out;
