@@ -308,68 +308,112 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
 
 // ---- 16 floats at a time ---------------------------------------------------------------------
 
-// 16 floats as one value: GCC lowers its operations to whatever vectors the function's target
-// has (one AVX-512 register, two AVX2 ones, four SSE ones) with the same results.
+// A value of 16 float lanes: on AVX-512 one GCC vector (one register), below it two 8-lane halves
+// (GCC lowers a 16-lane vector to AVX2 through memory: attention and the int4 fit ran 3-6x
+// slower). Operations go lane by lane and sums across lanes run in one fixed tree, so every path
+// computes the same bits; the kernels below are written once, for either (template V).
 typedef float f16v __attribute__((vector_size(64)));
+typedef float f8v __attribute__((vector_size(32)));
+typedef float f4v __attribute__((vector_size(16)));
 typedef int32_t i16v __attribute__((vector_size(64)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
 constexpr int64_t L = 16;  // lanes
 
-// n <= 16 numbers from p as floats, the rest 0.
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+struct Halves {
+  f8v lo, hi;
+};
+#define MOELOCAL_HALVES_OP(op)                                                                  \
+  inline __attribute__((always_inline)) Halves operator op(Halves a, Halves b) {               \
+    return {a.lo op b.lo, a.hi op b.hi};                                                        \
+  }                                                                                             \
+  inline __attribute__((always_inline)) Halves operator op(Halves a, float b) {                \
+    return {a.lo op b, a.hi op b};                                                              \
+  }                                                                                             \
+  inline __attribute__((always_inline)) Halves& operator op##=(Halves& a, Halves b) { return a = a op b; }
+MOELOCAL_HALVES_OP(+)
+MOELOCAL_HALVES_OP(-)
+MOELOCAL_HALVES_OP(*)
+#undef MOELOCAL_HALVES_OP
+
+template <int ISA>
+using Vec = std::conditional_t<ISA == 2, f16v, Halves>;
+
+template <typename V>
+inline __attribute__((always_inline)) V splat(float x) {
+  if constexpr (std::is_same_v<V, f16v>) {
+    return f16v{} + x;
+  } else {
+    return {f8v{} + x, f8v{} + x};
+  }
+}
+
+inline __attribute__((always_inline)) Halves halves(f16v v) {
+  Halves h;
+  std::memcpy(&h.lo, &v, sizeof h.lo);
+  std::memcpy(&h.hi, reinterpret_cast<const char*>(&v) + sizeof h.lo, sizeof h.hi);
+  return h;
+}
 
 // 16 numbers from p as floats; with n < 16, only n of them and zeros after.
-template <typename T>
-inline __attribute__((always_inline)) f16v load16(const T* p) {
-  f16v v;
-  if constexpr (std::is_same_v<T, float>) {
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load(const T* p) {
+  V v;  // Halves: lo then hi, as the lanes
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<V, f16v>) {
     std::memcpy(&v, p, sizeof v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's top half
-    u16x16 h;
-    std::memcpy(&h, p, sizeof h);
-    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    std::memcpy(&v, &bits, sizeof v);
+  } else if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v.lo, p, sizeof v.lo);
+    std::memcpy(&v.hi, p + L / 2, sizeof v.hi);
   } else {
-    for (int64_t i = 0; i < L; i++) v[i] = static_cast<float>(p[i]);
+    float f[L];
+    for (int64_t i = 0; i < L; i++) f[i] = static_cast<float>(p[i]);
+    std::memcpy(&v, f, sizeof v);
   }
   return v;
 }
 
-template <typename T>
-inline __attribute__((always_inline)) f16v load16(const T* p, int64_t n) {
-  if (n >= L) return load16(p);
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load(const T* p, int64_t n) {
+  if (n >= L) return load<V>(p);
   T part[L] = {};
   std::copy(p, p + n, part);
-  return load16(part);
+  return load<V>(part);
 }
 
-typedef float f8v __attribute__((vector_size(32)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef float f4v __attribute__((vector_size(16)));
+template <typename V>
+inline __attribute__((always_inline)) void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-// x in every lane. A scalar mixed into a 16-lane expression is broadcast through memory on AVX2
-// (16 stores and a load each time: attention ran 6x slower there), so below AVX-512 it is made
-// of two 8-lane halves; on AVX-512 the halves cost a detour. The same value either way.
-template <int ISA>
-inline __attribute__((always_inline)) f16v splat(float x) {
-  if constexpr (ISA == 2) {
-    return f16v{} + x;
+template <typename V>
+inline __attribute__((always_inline)) V vmax(V a, V b) {
+  if constexpr (std::is_same_v<V, f16v>) {
+    return a > b ? a : b;
   } else {
-    const f8v h = {x, x, x, x, x, x, x, x};
-    f16v v;
-    std::memcpy(&v, &h, sizeof h);
-    std::memcpy(reinterpret_cast<char*>(&v) + sizeof h, &h, sizeof h);
-    return v;
+    return {a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi};
   }
 }
 
-// The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1. Written with halves, not
-// shuffles: GCC lowers a 16-lane shuffle on AVX2 through memory (6x slower attention there).
-inline __attribute__((always_inline)) float lane_sum(f16v a) {
-  f8v lo, hi;
-  std::memcpy(&lo, &a, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
-  const f8v b = lo + hi;
+template <typename V>
+inline __attribute__((always_inline)) V vmin(V a, V b) {
+  if constexpr (std::is_same_v<V, f16v>) {
+    return a < b ? a : b;
+  } else {
+    return {a.lo < b.lo ? a.lo : b.lo, a.hi < b.hi ? a.hi : b.hi};
+  }
+}
+
+// The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1.
+template <typename V>
+inline __attribute__((always_inline)) float lane_sum(V a) {
+  Halves h;
+  if constexpr (std::is_same_v<V, f16v>) {
+    h = halves(a);
+  } else {
+    h = a;
+  }
+  const f8v b = h.lo + h.hi;
   f4v c0, c1;
   std::memcpy(&c0, &b, sizeof c0);
   std::memcpy(&c1, reinterpret_cast<const char*>(&b) + sizeof c0, sizeof c1);
@@ -377,26 +421,63 @@ inline __attribute__((always_inline)) float lane_sum(f16v a) {
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-// e^x for x <= 0, 16 at a time, in plain float arithmetic (libm's expf is a call per element,
-// and vector libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by
-// its Taylor polynomial to r^7, times 2^n made from its bits.
-inline __attribute__((always_inline)) f16v exp_nonpositive(f16v x) {
-  const f16v magic = f16v{} + 12582912.f;  // round_even's
-  x = x < -87.f ? f16v{} - 87.f : x;
-  const f16v n = (x * 1.44269504f + magic) - magic;
-  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
-  f16v p = f16v{} + 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  f16v scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+// The largest lane (a max in any order is exact).
+template <typename V>
+inline __attribute__((always_inline)) float lane_max(V a) {
+  Halves h;
+  if constexpr (std::is_same_v<V, f16v>) {
+    h = halves(a);
+  } else {
+    h = a;
+  }
+  const f8v m = h.lo > h.hi ? h.lo : h.hi;
+  float top = m[0];
+  for (int64_t i = 1; i < 8; i++) top = m[i] > top ? m[i] : top;
+  return top;
+}
+
+// 2^n for whole numbers n in -126..127, as floats, from their bits.
+template <typename V>
+inline __attribute__((always_inline)) V pow2(V n) {
+  V out;
+  if constexpr (std::is_same_v<V, f16v>) {
+    const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+    std::memcpy(&out, &bits, sizeof out);
+  } else {
+    const i8v lo = (__builtin_convertvector(n.lo, i8v) + 127) << 23;
+    const i8v hi = (__builtin_convertvector(n.hi, i8v) + 127) << 23;
+    std::memcpy(&out.lo, &lo, sizeof lo);
+    std::memcpy(&out.hi, &hi, sizeof hi);
+  }
+  return out;
+}
+
+// Whole numbers 0..255 held as floats -> 16 bytes.
+template <typename V>
+inline __attribute__((always_inline)) void store_bytes(uint8_t* p, V v) {
+  if constexpr (std::is_same_v<V, f16v>) {
+    const u8x16 b = __builtin_convertvector(__builtin_convertvector(v, i16v), u8x16);
+    std::memcpy(p, &b, sizeof b);
+  } else {
+    const u8x8 lo = __builtin_convertvector(__builtin_convertvector(v.lo, i8v), u8x8);
+    const u8x8 hi = __builtin_convertvector(__builtin_convertvector(v.hi, i8v), u8x8);
+    std::memcpy(p, &lo, sizeof lo);
+    std::memcpy(p + sizeof lo, &hi, sizeof hi);
+  }
+}
+
+// e^x for x <= 0 in plain float arithmetic (libm's expf is a call per element, and vector
+// libraries differ between instruction sets): x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
+// polynomial to r^7, times 2^n made from its bits.
+template <typename V>
+inline __attribute__((always_inline)) V exp_nonpositive(V x) {
+  const V magic = splat<V>(12582912.f);  // round_even's
+  x = vmax(x, splat<V>(-87.f));
+  const V n = (x * 1.44269504f + magic) - magic;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts (Cody-Waite)
+  V p = splat<V>(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + splat<V>(c);
+  return p * pow2(n);
 }
 
 // ---- quantization ------------------------------------------------------------------------------
@@ -405,56 +486,48 @@ inline __attribute__((always_inline)) f16v exp_nonpositive(f16v x) {
 // other sign's (at code 15), each refined by `steps` least-squares scales, the better kept. The
 // same steps as the torch version, on the block's two vectors; its sums run in another order
 // (lanes, then lane_sum's tree), so a code may differ.
+template <typename V>
 struct Codes {  // a block's codes minus 8, as floats
-  f16v lo, hi;
+  V lo, hi;
 };
 
-template <int ISA>
-inline __attribute__((always_inline)) f16v round_codes(f16v w, float inv) {
-  const f16v magic = f16v{} + 12582912.f;  // round_even's
-  const f16v t = (w * splat<ISA>(inv) + magic) - magic;
-  return t < -8.f ? f16v{} - 8.f : (t > 7.f ? f16v{} + 7.f : t);
+template <typename V>
+inline __attribute__((always_inline)) V round_codes(V w, float inv) {
+  const V magic = splat<V>(12582912.f);  // round_even's
+  return vmin(vmax((w * inv + magic) - magic, splat<V>(-8.f)), splat<V>(7.f));
 }
 
-template <int ISA>
-inline __attribute__((always_inline)) Codes codes_for(f16v w0, f16v w1, float scale) {
+template <typename V>
+inline __attribute__((always_inline)) Codes<V> codes_for(V w0, V w1, float scale) {
   const float inv = scale != 0.f ? 1.f / scale : 0.f;
-  return {round_codes<ISA>(w0, inv), round_codes<ISA>(w1, inv)};
+  return {round_codes(w0, inv), round_codes(w1, inv)};
 }
 
 template <int ISA>
 inline __attribute__((always_inline)) void fit_block(const float* w, int64_t steps, uint8_t* codes,
                                                      c10::Half* scale_out) {
-  const f16v w0 = load16(w), w1 = load16(w + L);
-  const f16v a0 = w0 < 0.f ? -w0 : w0, a1 = w1 < 0.f ? -w1 : w1;
-  const f16v am = a0 > a1 ? a0 : a1;
-  f8v lo, hi;  // the largest magnitude, by halves (a max in any order is exact)
-  std::memcpy(&lo, &am, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&am) + sizeof lo, sizeof hi);
-  const f8v m8 = lo > hi ? lo : hi;
-  float top = m8[0];
-  for (int64_t i = 1; i < 8; i++) top = m8[i] > top ? m8[i] : top;
+  using V = Vec<ISA>;
+  const V w0 = load<V>(w), w1 = load<V>(w + L);
+  const float top = lane_max(vmax(vmax(w0, w0 * -1.f), vmax(w1, w1 * -1.f)));
   int64_t big = 0;  // the first of the largest magnitude, as the scalar search finds it
   while (big < BK - 1 && !(std::fabs(w[big]) == top)) big++;  // (NaN weights: none is)
   float best_err = INFINITY;
   for (const float start : {-8.f, 7.f}) {
     float scale = w[big] / start;
-    Codes t = codes_for<ISA>(w0, w1, scale);
+    Codes<V> t = codes_for(w0, w1, scale);
     for (int64_t s = 0; s < steps; s++) {
       const float tt = lane_sum(t.lo * t.lo + t.hi * t.hi), tw = lane_sum(t.lo * w0 + t.hi * w1);
       if (tt > 0.f) scale = tw / tt;
-      t = codes_for<ISA>(w0, w1, scale);
+      t = codes_for(w0, w1, scale);
     }
     const c10::Half half(scale);
     scale = static_cast<float>(half);
-    t = codes_for<ISA>(w0, w1, scale);
-    const f16v e0 = w0 - t.lo * splat<ISA>(scale), e1 = w1 - t.hi * splat<ISA>(scale);
+    t = codes_for(w0, w1, scale);
+    const V e0 = w0 - t.lo * scale, e1 = w1 - t.hi * scale;
     const float err = lane_sum(e0 * e0 + e1 * e1);
     if (err < best_err) {
       best_err = err;
-      const u8x16 c0 = __builtin_convertvector(__builtin_convertvector(t.lo + 8.f, i16v), u8x16);
-      const u8x16 c1 = __builtin_convertvector(__builtin_convertvector(t.hi + 8.f, i16v), u8x16);
-      std::memcpy(codes, &c0, L), std::memcpy(codes + L, &c1, L);
+      store_bytes(codes, t.lo + 8.f), store_bytes(codes + L, t.hi + 8.f);
       *scale_out = half;
     }
   }
@@ -574,11 +647,11 @@ struct AttentionJob {
 
 // A work unit's rows (see attend_unit) over keys kb and values vb, positions [lo, lo + n) (floats,
 // or T as stored), qf their queries; out is the batch row's.
-template <int ISA, typename T, typename U>
-inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, const f16v* qf, const U* kb,
+template <typename V, typename T, typename U>
+inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, const V* qf, const U* kb,
                                                        const U* vb, int64_t ks, int64_t vs, T* out, int64_t kvh,
-                                                       int64_t t0, int64_t t1, int64_t lo, int64_t n, f16v* scores,
-                                                       f16v* acc, f16v* kf) {
+                                                       int64_t t0, int64_t t1, int64_t lo, int64_t n, V* scores,
+                                                       V* acc, V* kf) {
   const int64_t G = j.H / j.KV, rows = G * (t1 - t0), dk = j.dk, dv = j.dv;
   const int64_t kd = (dk + L - 1) / L, vd = (dv + L - 1) / L, nv = (n + L - 1) / L, off = j.S - j.T;
   // A score: the lanes' products over the head, then their sum in a fixed tree; 4 keys at a time
@@ -586,11 +659,11 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
   for (int64_t s = 0; s < n; s += 4) {
     for (int64_t e = 0; e < 4; e++) {
       const U* key = kb + std::min(s + e, n - 1) * ks;
-      for (int64_t c = 0; c < kd; c++) kf[e * kd + c] = load16(key + c * L, dk - c * L);
+      for (int64_t c = 0; c < kd; c++) kf[e * kd + c] = load<V>(key + c * L, dk - c * L);
     }
     for (int64_t r = 0; r < rows; r++) {
-      const f16v* qr = qf + r * kd;
-      f16v a0 = qr[0] * kf[0], a1 = qr[0] * kf[kd], a2 = qr[0] * kf[2 * kd], a3 = qr[0] * kf[3 * kd];
+      const V* qr = qf + r * kd;
+      V a0 = qr[0] * kf[0], a1 = qr[0] * kf[kd], a2 = qr[0] * kf[2 * kd], a3 = qr[0] * kf[3 * kd];
       for (int64_t c = 1; c < kd; c++) {
         a0 += qr[c] * kf[c], a1 += qr[c] * kf[kd + c];
         a2 += qr[c] * kf[2 * kd + c], a3 += qr[c] * kf[3 * kd + c];
@@ -604,47 +677,49 @@ inline __attribute__((always_inline)) void attend_keys(const AttentionJob& j, co
     const int64_t t = t0 + r / G, h = kvh * G + r % G, pos = off + t;
     const int64_t first = j.first(pos) - lo, count = pos + 1 - j.first(pos);
     float* sc = reinterpret_cast<float*>(scores + r * nv) + first;  // the row's own keys
-    f16v top = splat<ISA>(j.sinks ? j.sinks[h] : sc[0]);  // the largest score (any order: exact)
-    for (int64_t i = 0; i + L <= count; i += L) {
-      const f16v x = load16(sc + i);
-      top = x > top ? x : top;
-    }
-    float mx = top[0];
-    for (int64_t l = 1; l < L; l++) mx = top[l] > mx ? top[l] : mx;
+    V top = splat<V>(j.sinks ? j.sinks[h] : sc[0]);  // the largest score (any order: exact)
+    for (int64_t i = 0; i + L <= count; i += L) top = vmax(load<V>(sc + i), top);
+    float mx = lane_max(top);
     for (int64_t i = count / L * L; i < count; i++) mx = sc[i] > mx ? sc[i] : mx;
-    f16v lanes = {};  // the softmax's sum: key first + i in lane i % 16
+    V lanes = {};  // the softmax's sum: key first + i in lane i % 16
     for (int64_t i = 0; i < count; i += L) {
       const int64_t m = std::min(L, count - i);
-      f16v e = exp_nonpositive(load16(sc + i, m) - splat<ISA>(mx));
-      for (int64_t l = m; l < L; l++) e[l] = 0.f;
-      std::memcpy(sc + i, &e, m * sizeof(float));
-      lanes += e;
+      float e[L];
+      store(e, exp_nonpositive(load<V>(sc + i, m) - mx));
+      std::fill(e + m, e + L, 0.f);
+      std::memcpy(sc + i, e, m * sizeof(float));
+      lanes += load<V>(e);
     }
     float total = lane_sum(lanes);
-    if (j.sinks) total += exp_nonpositive(splat<ISA>(j.sinks[h] - mx))[0];
+    if (j.sinks) {
+      float e[L];
+      store(e, exp_nonpositive(splat<V>(j.sinks[h] - mx)));
+      total += e[0];
+    }
     const U* vr = vb + first * vs;
     int64_t c0 = 0;
     for (; c0 + 4 <= vd && (c0 + 4) * L <= dv; c0 += 4) {  // the values summed in key order
-      f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};  // in registers (acc could alias sc)
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {};  // in registers (acc could alias sc)
       for (int64_t i = 0; i < count; i++) {
         const U* vi = vr + i * vs + c0 * L;
-        const f16v p = splat<ISA>(sc[i]);
-        a0 += p * load16(vi);
-        a1 += p * load16(vi + L);
-        a2 += p * load16(vi + 2 * L);
-        a3 += p * load16(vi + 3 * L);
+        const V p = splat<V>(sc[i]);
+        a0 += p * load<V>(vi);
+        a1 += p * load<V>(vi + L);
+        a2 += p * load<V>(vi + 2 * L);
+        a3 += p * load<V>(vi + 3 * L);
       }
       acc[c0] = a0, acc[c0 + 1] = a1, acc[c0 + 2] = a2, acc[c0 + 3] = a3;
     }
     for (; c0 < vd; c0++) {
-      f16v a = {};
-      for (int64_t i = 0; i < count; i++) a += splat<ISA>(sc[i]) * load16(vr + i * vs + c0 * L, dv - c0 * L);
+      V a = {};
+      for (int64_t i = 0; i < count; i++) a += splat<V>(sc[i]) * load<V>(vr + i * vs + c0 * L, dv - c0 * L);
       acc[c0] = a;
     }
     const float inv = 1.f / total;
     T* o = out + (h * j.T + t) * dv;  // out: batch row b's
     for (int64_t c = 0; c < vd; c++) {
-      const f16v y = acc[c] * splat<ISA>(inv);
+      float y[L];
+      store(y, acc[c] * inv);
       for (int64_t i = 0; i < std::min(L, dv - c * L); i++) o[c * L + i] = static_cast<T>(y[i]);
     }
   }
@@ -664,28 +739,29 @@ inline __attribute__((always_inline)) void attend_unit(const AttentionJob& j, co
   const int64_t lo = j.first(off + t0), n = off + t1 - lo;  // keys any row sees: [lo, off + t1)
   const int64_t nv = (n + L - 1) / L;
   buf.resize((rows * (kd + nv) + vd + 4 * kd + 1) * L);  // + 1 vector: room to align to 64 bytes
-  f16v* qf = reinterpret_cast<f16v*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});  // rows x kd
-  f16v* scores = qf + rows * kd;    // rows x nv*L floats: key lo + s at s
-  f16v* acc = scores + rows * nv;   // vd
-  f16v* kf = acc + vd;              // 4 keys
+  using V = Vec<ISA>;
+  V* qf = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});  // rows x kd
+  V* scores = qf + rows * kd;    // rows x nv*L floats: key lo + s at s
+  V* acc = scores + rows * nv;   // vd
+  V* kf = acc + vd;              // 4 keys
   for (int64_t t = t0; t < t1; t++)
     for (int64_t g = 0; g < G; g++) {
       const T* qr = q + ((b * j.H + kvh * G + g) * j.T + t) * dk;
-      for (int64_t c = 0; c < kd; c++) qf[((t - t0) * G + g) * kd + c] = load16(qr + c * L, dk - c * L);
+      for (int64_t c = 0; c < kd; c++) qf[((t - t0) * G + g) * kd + c] = load<V>(qr + c * L, dk - c * L);
     }
   const int64_t ks = j.kstride[2], vs = j.vstride[2];
   const T* kt = k + b * j.kstride[0] + kvh * j.kstride[1] + lo * ks;
   const T* vt = v + b * j.vstride[0] + kvh * j.vstride[1] + lo * vs;
   out += b * j.H * j.T * dv;
   if (std::is_same_v<T, float> || t1 - t0 == 1)
-    return attend_keys<ISA>(j, qf, kt, vt, ks, vs, out, kvh, t0, t1, lo, n, scores, acc, kf);
+    return attend_keys(j, qf, kt, vt, ks, vs, out, kvh, t0, t1, lo, n, scores, acc, kf);
   floats.resize(n * (dk + dv));  // keys and values as floats, made once for the unit's rows
   float *kf32 = floats.data(), *vf32 = kf32 + n * dk;
   for (int64_t s = 0; s < n; s++) {
     for (int64_t i = 0; i < dk; i++) kf32[s * dk + i] = static_cast<float>(kt[s * ks + i]);
     for (int64_t i = 0; i < dv; i++) vf32[s * dv + i] = static_cast<float>(vt[s * vs + i]);
   }
-  attend_keys<ISA>(j, qf, kf32, vf32, dk, dv, out, kvh, t0, t1, lo, n, scores, acc, kf);
+  attend_keys(j, qf, kf32, vf32, dk, dv, out, kvh, t0, t1, lo, n, scores, acc, kf);
 }
 
 template <int ISA, typename T>
@@ -755,14 +831,16 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // fixed tree, as attention's scores: a row's results depend on nothing but the row (a router's
 // logits are then the same for a token prefilled with others and one decoded alone; BLAS picks
 // its blocking by the row count). For small N (routers): one pass over w per row.
+template <int ISA>
 inline __attribute__((always_inline)) void linear_rows_body(const float* x, const float* w, float* y, int64_t N,
-                                             int64_t K, int64_t u0, int64_t u1) {
+                                                            int64_t K, int64_t u0, int64_t u1) {
+  using V = Vec<ISA>;
   const int64_t kd = (K + L - 1) / L;
   for (int64_t u = u0; u < u1; u++) {
     const int64_t m = u / N, n = u % N;
     const float *xr = x + m * K, *wr = w + n * K;
-    f16v a = load16(xr, K) * load16(wr, K);
-    for (int64_t c = 1; c < kd; c++) a += load16(xr + c * L, K - c * L) * load16(wr + c * L, K - c * L);
+    V a = load<V>(xr, K) * load<V>(wr, K);
+    for (int64_t c = 1; c < kd; c++) a += load<V>(xr + c * L, K - c * L) * load<V>(wr + c * L, K - c * L);
     y[u] = lane_sum(a);
   }
 }
@@ -770,11 +848,11 @@ inline __attribute__((always_inline)) void linear_rows_body(const float* x, cons
 #ifdef MOELOCAL_X86
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void linear_rows_avx512(const float* x, const float* w, float* y,
                                                                             int64_t N, int64_t K, int64_t u0, int64_t u1) {
-  linear_rows_body(x, w, y, N, K, u0, u1);
+  linear_rows_body<2>(x, w, y, N, K, u0, u1);
 }
 __attribute__((target("avx2"))) void linear_rows_avx2(const float* x, const float* w, float* y, int64_t N, int64_t K,
                                                      int64_t u0, int64_t u1) {
-  linear_rows_body(x, w, y, N, K, u0, u1);
+  linear_rows_body<1>(x, w, y, N, K, u0, u1);
 }
 #endif
 
@@ -791,7 +869,7 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_
     if (isa == 2) return linear_rows_avx512(xp, wp, yp, N, K, u0, u1);
     if (isa == 1) return linear_rows_avx2(xp, wp, yp, N, K, u0, u1);
 #endif
-    linear_rows_body(xp, wp, yp, N, K, u0, u1);
+    linear_rows_body<0>(xp, wp, yp, N, K, u0, u1);
   });
   return y;
 }
