@@ -10,7 +10,6 @@ fill memory. The cache never decides the math, so tokens are the same for every 
 and prefetch setting.
 """
 
-import mmap
 import time
 from collections.abc import Iterator
 
@@ -22,7 +21,7 @@ from .io_queue import DEMAND, GUESS
 from .movers import Load
 from .prefetch import GuessRanks
 from .slot_map import SlotMap
-from .store import ALIGN, release_freed_memory
+from .store import ALIGN, aligned_buffer, release_freed_memory
 
 
 class ExpertCache:
@@ -223,13 +222,10 @@ class ExpertCache:
 
 def slot_rows(n_slots: int, nbytes: int, device: torch.device) -> torch.Tensor:
     """A layer's slots, (n_slots, nbytes) uint8. In RAM each starts on an ALIGN boundary, so that
-    a converted expert is read into it directly (O_DIRECT wants aligned memory), in an anonymous
-    mapping asked for huge pages: the first read into a slot faults its pages in, 512 times
-    fewer of them."""
+    a converted expert is read into it directly (O_DIRECT wants aligned memory). (An anonymous
+    mapping asked for huge pages preloaded no faster.)"""
     if device.type != "cpu":
         return torch.empty(n_slots, nbytes, dtype=torch.uint8, device=device)
     row = -(-nbytes // ALIGN) * ALIGN
-    region = mmap.mmap(-1, n_slots * row)  # page-aligned; freed with the last tensor over it
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.uint8).view(n_slots, row)[:, :nbytes]
+    buf, start = aligned_buffer(n_slots * row)
+    return buf[start : start + n_slots * row].view(n_slots, row)[:, :nbytes]
