@@ -8,13 +8,13 @@ nothing about model families; the key tables live in models/.
 
 import json
 import math
-import zlib
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import DTYPE_NAMES, read_config_json
+from .crc import crc32
 from .errors import MoelocalError
 from .model_files import model_file
 
@@ -37,7 +37,7 @@ def file_crc32(path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while piece := f.read(1 << 24):
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
     return crc
 
 

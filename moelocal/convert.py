@@ -16,7 +16,6 @@ import ctypes
 import json
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
+from .crc import crc32
 from .errors import MoelocalError, reason
 from .hub import check_free_space, data_dir, resolve_model
 from .loader import Planned, checkpoint_quant, compute_layout, plan_model, resident_state
@@ -202,7 +202,7 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
             blob.zero_()  # the padding between blobs is zeros, deterministically
             layout.fill(blob[: layout.nbytes], mats["gate_up"], mats["down"],
                         mats.get("gate_up_bias"), mats.get("down_bias"))  # fmt: skip
-            crc = zlib.crc32(blob_bytes(blob, layout.nbytes))
+            crc = crc32(blob_bytes(blob, layout.nbytes))
             entries[f"{layer}.{e}"] = {"offset": i * stride, "crc32": crc}
             writing[i % 2] = writer.submit(write_all, fd, blob_bytes(blob, stride))
             progress(i + 1, len(keys))

@@ -16,12 +16,12 @@ import json
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .crc import crc32
 from .errors import MoelocalError
 from .experts import ExpertLayout
 from .model_files import model_file
@@ -350,7 +350,7 @@ class DiskReader:
         if first.part == "blob":  # a converted model: the blob is stored as it is computed with
             self._read_blob(first, dest)
             data = (ctypes.c_char * first.nbytes).from_address(dest.data_ptr())
-            if zlib.crc32(data) != first.crc32:
+            if crc32(data) != first.crc32:
                 raise MoelocalError(
                     f"{first.path}: expert {e} of layer {layer} fails its checksum (corrupt "
                     "file); run moelocal convert again"
