@@ -1,0 +1,159 @@
+"""A routing trace replayed through moelocal's real expert cache, mover and I/O queue, against
+experts of another model's size on this machine's disk, each layer's compute stood in for by a
+sleep as long as the model it stands for computes: how real routing meets real bandwidth.
+
+    moelocal bench -p 16 -n 256 -r 1 --trace /tmp/default.trace     # the trained default model
+    python scripts/replay_trace.py /tmp/default.trace --like cache/models/mixtral-large-int4 \\
+        --layer-ms 2.4 --slots 2,4,6 --prefetch off,oracle
+
+The experts are written once to a scratch file (the trace's layers x experts blobs of the --like
+model's int4 size, --dir) and read back with O_DIRECT as a converted model's are. Per setting:
+seconds per decoded token, hit rate, expert bytes read per token, and the floor: all-resident
+compute plus the bytes Belady's eviction would read at the disk rate measured in the same run.
+`oracle` prefetches, while a layer computes, exactly the experts the next layer will need (the
+bound any prefetcher is judged against). A sleep frees the cores, as a GPU's compute would;
+on the CPU real compute shares them with the I/O threads.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from cache_sim import POLICIES, hit_rate  # noqa: E402
+
+from moelocal.crc import crc32  # noqa: E402
+from moelocal.expert_cache import ExpertCache  # noqa: E402
+from moelocal.experts import ExpertLayout  # noqa: E402
+from moelocal.io_queue import IOQueue  # noqa: E402
+from moelocal.movers import CpuMover  # noqa: E402
+from moelocal.store import ALIGN, IO_THREADS, DiskReader, Piece  # noqa: E402
+from moelocal.trace import RoutingTrace  # noqa: E402
+
+
+def layout_like(model: Path) -> ExpertLayout:
+    cfg = json.loads((model / "config.json").read_text())
+    intermediate = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    return ExpertLayout(cfg["hidden_size"], intermediate, torch.bfloat16, "int4")
+
+
+def write_experts(path: Path, layers: list[int], n_experts: int, nbytes: int) -> dict:
+    """layers x experts blobs of nbytes at ALIGN strides -> their pieces (with CRC32s)."""
+    stride = -(-nbytes // ALIGN) * ALIGN
+    blob = torch.randint(0, 256, (stride,), dtype=torch.uint8, generator=torch.Generator())
+    pieces, offset = {}, 0
+    with open(path, "wb") as f:
+        for layer in layers:
+            for e in range(n_experts):
+                blob[:8] = torch.tensor([layer, e, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+                data = blob.numpy().tobytes()
+                f.write(data)
+                crc = crc32(data[:nbytes])
+                pieces[layer, e] = [
+                    Piece("blob", path, offset, nbytes, torch.uint8, (nbytes,), crc)
+                ]
+                offset += stride
+        f.flush()
+        os.fsync(f.fileno())
+    if hasattr(os, "posix_fadvise"):  # read back from the disk, not from memory
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    return pieces
+
+
+def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float) -> dict:
+    """Decode the trace through a fresh cache; seconds per token and the cache's figures."""
+    layers = trace.header["moe_layers"]
+    reader = DiskReader(pieces, layout)
+    cache = ExpertCache(layout, CpuMover(reader, IOQueue(IO_THREADS)), layers,
+                        trace.header["experts"], slots, policy)  # fmt: skip
+    try:
+        disk_rate = cache.bandwidth("disk")
+        before = cache.stats.copy()
+        steps, k = trace.steps, trace.header["top_k"]
+        compute = layer_ms / 1000 / (k + 1)  # attention, then each of k experts
+        start = time.perf_counter()
+        for i, (layer, experts, _) in enumerate(steps):
+            if prefetch == "oracle" and i + 1 < len(steps):
+                cache.prefetch(steps[i + 1][0], steps[i + 1][1])
+            time.sleep(compute)
+            for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1)):
+                time.sleep(compute)
+        seconds = time.perf_counter() - start
+        stats = cache.stats.since(before).as_dict(cache.expert_bytes)
+    finally:
+        cache.close()
+    tokens = len(steps) / len(layers)
+    return {
+        "s_per_token": seconds / tokens,
+        "disk_bytes_per_s": disk_rate,
+        "hit_rate": stats["hit_rate"],
+        "bytes_per_token": stats["bytes_moved"] / tokens,
+        "precision": stats["prefetch_precision"],
+        "recall": stats["prefetch_recall"],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace", type=Path)
+    ap.add_argument("--like", type=Path, required=True, help="the model whose expert size to use")
+    ap.add_argument(
+        "--layer-ms",
+        type=float,
+        required=True,
+        help="one layer's compute when all is resident (decode ms per token / layers)",
+    )
+    ap.add_argument("--slots", default="2,4,6")
+    ap.add_argument("--prefetch", default="off,oracle")
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="where the scratch experts go")
+    args = ap.parse_args()
+    trace = RoutingTrace.load(args.trace)
+    layers, E = trace.header["moe_layers"], trace.header["experts"]
+    layout = layout_like(args.like)
+    by_layer = trace.by_layer()
+    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+        path = Path(scratch) / "experts.bin"
+        pieces = write_experts(path, layers, E, layout.nbytes)
+        size = f"{layout.nbytes / 2**20:.1f} MiB ({args.like.name}'s)"
+        print(f"{trace.header.get('model')} routing, {len(trace.steps) // len(layers)} tokens, "
+              f"{len(layers)} layers x {E} experts of {size}, {args.layer_ms} ms a layer, "
+              f"policy {args.policy}")  # fmt: skip
+        print("| slots | prefetch | s/token | vs floor | hit rate | Belady's | MiB/token | "
+              "precision | recall |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for slots in [int(s) for s in args.slots.split(",")]:
+            runs = {p: [] for p in args.prefetch.split(",")}
+            for _ in range(args.rounds):  # alternating
+                for p in runs:
+                    runs[p].append(replay(trace, pieces, layout, slots, p, args.policy,
+                                          args.layer_ms))  # fmt: skip
+            belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
+            belady /= len(by_layer)
+            # the floor at the disk rate of all this setting's runs (it swings from run to run)
+            disk = statistics.median(r["disk_bytes_per_s"] for rows in runs.values() for r in rows)
+            misses_per_token = (1 - belady) * trace.header["top_k"] * len(layers)
+            floor = len(layers) * args.layer_ms / 1000 + misses_per_token * layout.nbytes / disk
+            for p, rows in runs.items():
+                med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+                print(f"| {slots} | {p} | {med['s_per_token']:.4f} | "
+                      f"{med['s_per_token'] / floor:.2f}x | {med['hit_rate']:.3f} | "
+                      f"{belady:.3f} | {med['bytes_per_token'] / 2**20:.1f} | "
+                      f"{med['precision']:.2f} | {med['recall']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
