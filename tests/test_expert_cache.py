@@ -344,10 +344,18 @@ def test_ctrl_c_while_waiting_leaves_no_half_read_expert_behind():
     reader.gates[0, 4] = gate = threading.Event()
     main = threading.get_ident()
     reader.waiting[0, 4] = started = threading.Event()
+    waits, wait_landed = threading.Event(), cache._wait_landed
+
+    def waiting_for_it(layer, e):  # the main thread is about to block on the read
+        waits.set()
+        return wait_landed(layer, e)
+
+    cache._wait_landed = waiting_for_it
 
     def ctrl_c_once_the_read_runs():
         started.wait(10)
-        time.sleep(0.05)  # the main thread is waiting for it by now
+        waits.wait(10)  # (a fixed sleep raced a slow main thread once)
+        time.sleep(0.05)  # from the call into the blocking wait: a few bytecodes
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=ctrl_c_once_the_read_runs).start()
