@@ -1,4 +1,5 @@
-"""Expert cache policies replayed on a routing trace: LRU, LFU and Belady's offline optimum.
+"""Expert cache policies replayed on a routing trace: LRU, LFU, LRU-2, decayed frequency and
+Belady's offline optimum.
 
     python scripts/cache_sim.py TRACE        # a trace from `moelocal bench --trace TRACE`
 
@@ -33,6 +34,45 @@ class LFU(LRU):
 
     def victim(self, t: int, held: set[int]) -> int:
         return min(held, key=lambda e: (self.count[e], self.last[e]))
+
+
+class LRU2(LRU):
+    """LRU-K with K = 2: evict the expert whose use before its last is oldest (an expert used once
+    goes first), ties to the least recently used: recency that a one-off use cannot buy."""
+
+    def __init__(self, trace):
+        super().__init__(trace)
+        self.before: dict[int, int] = {}
+
+    def use(self, t: int, e: int):
+        if self.last.get(e) != t:
+            self.before[e] = self.last.get(e, -1)
+        self.last[e] = t
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return min(held, key=lambda e: (self.before.get(e, -1), self.last[e]))
+
+
+class Decayed(LRU):
+    """Frequency with a half-life of HALF_LIFE tokens: evict the lowest sum of 2^(-age / half-life)
+    over past uses, ties to the least recently used."""
+
+    HALF_LIFE = 4.0
+
+    def __init__(self, trace):
+        super().__init__(trace)
+        self.score: dict[int, tuple[float, int]] = {}  # expert -> (score, token it was made at)
+
+    def value(self, e: int, t: int) -> float:
+        score, at = self.score.get(e, (0.0, t))
+        return score * 0.5 ** ((t - at) / self.HALF_LIFE)
+
+    def use(self, t: int, e: int):
+        self.score[e] = (self.value(e, t) + 1.0, t)
+        self.last[e] = t
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return min(held, key=lambda e: (self.value(e, t), self.last[e]))
 
 
 class Belady:
@@ -70,7 +110,7 @@ def hit_rate(trace: list[set[int]], slots: int, policy_cls) -> float:
     return hits / uses
 
 
-POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
+POLICIES = {"LRU": LRU, "LFU": LFU, "LRU-2": LRU2, "decayed frequency": Decayed, "Belady": Belady}
 
 
 def main():

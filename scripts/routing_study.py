@@ -10,7 +10,8 @@ records each layer's routing; reported per layer:
 - reuse: the share of a token's experts that the previous token also used in that layer;
 - prediction: layer L+d's router applied to the hidden state after layer L's attention (what
   moelocal's prefetcher sees), its top k and k+1 against L+d's real experts: precision, recall;
-- cache: hit rates of LRU, LFU and Belady's optimum at 1..E-1 slots per layer (cache_sim.py).
+- cache: hit rates of LRU, LFU, LRU-2, decayed frequency and Belady's optimum at 1..E-1 slots
+  per layer (cache_sim.py).
 """
 
 import argparse
