@@ -340,6 +340,28 @@ MOELOCAL_HALVES_OP(*)
 template <int ISA>
 using Vec = std::conditional_t<ISA == 2, f16v, Halves>;
 
+// body.template operator()<ISA>() run on instruction-set path isa (2 AVX-512, 1 AVX2, 0 portable):
+// the kernels below are templates on ISA, inlined into a function compiled for that target, so
+// GCC vectorizes them for it. The body must be an always_inline lambda: left a function of its
+// own, GCC compiled it for the default target (AVX-512 attention 4x slower). The caller has
+// checked that this CPU runs isa.
+template <typename F>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void on_avx512(const F& body) {
+  body.template operator()<2>();
+}
+template <typename F>
+__attribute__((target("avx2,f16c"))) void on_avx2(const F& body) {
+  body.template operator()<1>();
+}
+template <typename F>
+void on_path(int64_t isa, const F& body) {
+#ifdef MOELOCAL_X86
+  if (isa == 2) return on_avx512(body);
+  if (isa == 1) return on_avx2(body);
+#endif
+  body.template operator()<0>();
+}
+
 template <typename V>
 inline __attribute__((always_inline)) V splat(float x) {
   if constexpr (std::is_same_v<V, f16v>) {
@@ -539,20 +561,10 @@ inline __attribute__((always_inline)) void fit_blocks(const float* w, int64_t st
   for (int64_t b = b0; b < b1; b++) fit_block<ISA>(w + b * BK, steps, codes + b * BK, scales + b);
 }
 
-#ifdef MOELOCAL_X86
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void fit_blocks_avx512(
-    const float* w, int64_t steps, uint8_t* codes, c10::Half* scales, int64_t b0, int64_t b1) {
-  fit_blocks<2>(w, steps, codes, scales, b0, b1);
-}
-__attribute__((target("avx2,f16c"))) void fit_blocks_avx2(const float* w, int64_t steps, uint8_t* codes,
-                                                         c10::Half* scales, int64_t b0, int64_t b1) {
-  fit_blocks<1>(w, steps, codes, scales, b0, b1);
-}
-#endif
-
 // Blocks w (..., 32) float32 -> codes (..., 32) uint8 and fp16 scales (...), on every thread.
 std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps, int64_t isa) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.size(-1) == BK, "fit_int4: float blocks of 32");
+  TORCH_CHECK(isa <= best_isa(), "fit_int4: this CPU cannot run path ", isa);
   const auto wc = w.contiguous();
   auto codes = torch::empty(w.sizes(), w.options().dtype(torch::kUInt8));
   auto scales = torch::empty(w.sizes().slice(0, w.dim() - 1), w.options().dtype(torch::kHalf));
@@ -560,11 +572,7 @@ std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps, int64
   uint8_t* cp = codes.data_ptr<uint8_t>();
   c10::Half* sp = scales.data_ptr<c10::Half>();
   at::parallel_for(0, scales.numel(), 1024, [&](int64_t b0, int64_t b1) {
-#ifdef MOELOCAL_X86
-    if (isa == 2) return fit_blocks_avx512(wp, steps, cp, sp, b0, b1);
-    if (isa == 1) return fit_blocks_avx2(wp, steps, cp, sp, b0, b1);
-#endif
-    fit_blocks<0>(wp, steps, cp, sp, b0, b1);
+    on_path(isa, [&]<int ISA>() __attribute__((always_inline)) { fit_blocks<ISA>(wp, steps, cp, sp, b0, b1); });
   });
   return {codes, scales};
 }
@@ -774,19 +782,6 @@ inline __attribute__((always_inline)) void attend_rows(const AttentionJob& j, co
   }
 }
 
-#ifdef MOELOCAL_X86
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void attend_rows_avx512(
-    const AttentionJob& j, const T* q, const T* k, const T* v, T* out, int64_t u0, int64_t u1) {
-  attend_rows<2>(j, q, k, v, out, u0, u1);
-}
-template <typename T>
-__attribute__((target("avx2,f16c"))) void attend_rows_avx2(const AttentionJob& j, const T* q, const T* k,
-                                                          const T* v, T* out, int64_t u0, int64_t u1) {
-  attend_rows<1>(j, q, k, v, out, u0, u1);
-}
-#endif
-
 // q (B, H, T, dk) attending to k (B, KV, S, dk) and v (B, KV, S, dv), H a multiple of KV: the
 // queries are the last T of the S positions, each seeing the keys up to its own (and within the
 // last `window`, if > 0); scores times `scale`; `sinks` (H,) float32 logits that attend to
@@ -795,6 +790,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
                         int64_t window, const c10::optional<torch::Tensor>& sinks, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: 4-D tensors");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "attention: dtypes");
+  TORCH_CHECK(isa <= best_isa(), "attention: this CPU cannot run path ", isa);
   // keys and values read through their strides (a KV cache's view holds room for more
   // positions), each position's numbers side by side
   const auto qc = q.contiguous();
@@ -817,11 +813,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     const int64_t blocks = (j.T + TQ - 1) / TQ, per_unit = j.S * (j.dk + j.dv) * (j.H / j.KV) * std::min(j.T, TQ);
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / per_unit);  // multiply-adds per thread, at least
     at::parallel_for(0, B * j.KV * blocks, grain, [&](int64_t u0, int64_t u1) {
-#ifdef MOELOCAL_X86
-      if (isa == 2) return attend_rows_avx512(j, qp, kp, vp, op, u0, u1);
-      if (isa == 1) return attend_rows_avx2(j, qp, kp, vp, op, u0, u1);
-#endif
-      attend_rows<0>(j, qp, kp, vp, op, u0, u1);
+      on_path(isa, [&]<int ISA>() __attribute__((always_inline)) { attend_rows<ISA>(j, qp, kp, vp, op, u0, u1); });
     });
   });
   return out;
@@ -845,31 +837,17 @@ inline __attribute__((always_inline)) void linear_rows_body(const float* x, cons
   }
 }
 
-#ifdef MOELOCAL_X86
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void linear_rows_avx512(const float* x, const float* w, float* y,
-                                                                            int64_t N, int64_t K, int64_t u0, int64_t u1) {
-  linear_rows_body<2>(x, w, y, N, K, u0, u1);
-}
-__attribute__((target("avx2"))) void linear_rows_avx2(const float* x, const float* w, float* y, int64_t N, int64_t K,
-                                                     int64_t u0, int64_t u1) {
-  linear_rows_body<1>(x, w, y, N, K, u0, u1);
-}
-#endif
-
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "linear_rows: float32");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: shapes");
+  TORCH_CHECK(isa <= best_isa(), "linear_rows: this CPU cannot run path ", isa);
   const auto xc = x.contiguous(), wc = w.contiguous();
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, M * N, std::max<int64_t>(1, (1 << 16) / (K + 1)), [&](int64_t u0, int64_t u1) {
-#ifdef MOELOCAL_X86
-    if (isa == 2) return linear_rows_avx512(xp, wp, yp, N, K, u0, u1);
-    if (isa == 1) return linear_rows_avx2(xp, wp, yp, N, K, u0, u1);
-#endif
-    linear_rows_body<0>(xp, wp, yp, N, K, u0, u1);
+    on_path(isa, [&]<int ISA>() __attribute__((always_inline)) { linear_rows_body<ISA>(xp, wp, yp, N, K, u0, u1); });
   });
   return y;
 }
