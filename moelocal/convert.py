@@ -12,7 +12,6 @@ at the end, so an interrupted convert never leaves something that later looks va
 directory is replaced only when it is empty or an earlier conversion.
 """
 
-import ctypes
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from .loader import Planned, checkpoint_quant, compute_layout, plan_model, resid
 from .model_files import foreign_files, model_file
 from .plan import OffloadOptions
 from .quant import round_up
-from .store import ALIGN, DiskReader, aligned_buffer
+from .store import ALIGN, DiskReader, aligned_buffer, tensor_bytes
 
 EXPERTS = "experts.bin"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -171,10 +170,6 @@ def write_all(fd: int, data: memoryview):
         data = data[os.write(fd, data) :]
 
 
-def blob_bytes(blob: torch.Tensor, nbytes: int) -> memoryview:
-    return memoryview((ctypes.c_char * nbytes).from_address(blob.data_ptr()))
-
-
 def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     """The packed model's files, into tmp; its partial mark goes last."""
     save_file(computed_resident_state(ckpt, planned), tmp / RESIDENT, metadata={"format": "pt"})
@@ -202,9 +197,9 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
             blob.zero_()  # the padding between blobs is zeros, deterministically
             layout.fill(blob[: layout.nbytes], mats["gate_up"], mats["down"],
                         mats.get("gate_up_bias"), mats.get("down_bias"))  # fmt: skip
-            crc = crc32(blob_bytes(blob, layout.nbytes))
+            crc = crc32(tensor_bytes(blob, layout.nbytes))
             entries[f"{layer}.{e}"] = {"offset": i * stride, "crc32": crc}
-            writing[i % 2] = writer.submit(write_all, fd, blob_bytes(blob, stride))
+            writing[i % 2] = writer.submit(write_all, fd, tensor_bytes(blob, stride))
             progress(i + 1, len(keys))
         for job in writing:
             if job is not None:

@@ -207,6 +207,12 @@ def release_freed_memory():
         trim(0)
 
 
+def tensor_bytes(t: torch.Tensor, nbytes: int) -> memoryview:
+    """The first nbytes of a CPU tensor's memory as a buffer: read into, written out or
+    checksummed in place."""
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr()))
+
+
 def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     """A uint8 tensor with an ALIGN-aligned region of nbytes; returns (tensor, offset of it)."""
     buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
@@ -255,10 +261,9 @@ class DiskReader:
             self.local.buf = aligned_buffer(self.staging_bytes)
         return self.local.buf
 
-    def _read_into(self, path: Path, address: int, length: int, offset: int, need: int):
-        """Read `length` bytes at a file offset into memory at address; at least `need` of
-        them must exist (O_DIRECT reads whole blocks past a piece's end)."""
-        view = memoryview((ctypes.c_char * length).from_address(address))
+    def _read_into(self, path: Path, view: memoryview, offset: int, need: int):
+        """Fill view from a file offset; at least `need` of its bytes must exist (O_DIRECT reads
+        whole blocks past a piece's end)."""
         got = 0
         while got < need:
             n = read_at(self.fds[path], view[got:], offset + got)
@@ -272,7 +277,9 @@ class DiskReader:
         length = p.offset + p.nbytes - start
         if self.direct[p.path]:
             length += (-length) % ALIGN
-        self._read_into(p.path, buf.data_ptr() + base, length, start, p.offset + p.nbytes - start)
+        self._read_into(
+            p.path, tensor_bytes(buf[base:], length), start, p.offset + p.nbytes - start
+        )
         if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
         lo = base + p.offset - start
@@ -316,7 +323,7 @@ class DiskReader:
             ctypes.memmove(dest.data_ptr(), self._read_piece(p).data_ptr(), p.nbytes)
             return
         whole = p.nbytes - p.nbytes % ALIGN if self.direct[p.path] else p.nbytes
-        self._read_into(p.path, dest.data_ptr(), whole, p.offset, whole)
+        self._read_into(p.path, tensor_bytes(dest, whole), p.offset, whole)
         if whole < p.nbytes:
             tail = replace(p, offset=p.offset + whole, nbytes=p.nbytes - whole,
                            shape=(p.nbytes - whole,))  # fmt: skip
@@ -349,8 +356,7 @@ class DiskReader:
         first = parts[0]
         if first.part == "blob":  # a converted model: the blob is stored as it is computed with
             self._read_blob(first, dest)
-            data = (ctypes.c_char * first.nbytes).from_address(dest.data_ptr())
-            if crc32(data) != first.crc32:
+            if crc32(tensor_bytes(dest, first.nbytes)) != first.crc32:
                 raise MoelocalError(
                     f"{first.path}: expert {e} of layer {layer} fails its checksum (corrupt "
                     "file); run moelocal convert again"
