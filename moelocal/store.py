@@ -263,13 +263,15 @@ class DiskReader:
 
     def _read_into(self, path: Path, view: memoryview, offset: int, need: int):
         """Fill view from a file offset; at least `need` of its bytes must exist (O_DIRECT reads
-        whole blocks past a piece's end)."""
+        whole blocks past a piece's end). A read through the page cache drops its pages after."""
         got = 0
         while got < need:
             n = read_at(self.fds[path], view[got:], offset + got)
             if n <= 0:
                 raise MoelocalError(f"{path}: file ends before offset {offset + need}")
             got += n
+        if not self.direct[path] and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fds[path], offset, need, os.POSIX_FADV_DONTNEED)
 
     def _read_piece(self, p: Piece) -> torch.Tensor:
         buf, base = self._staging()
@@ -280,8 +282,6 @@ class DiskReader:
         self._read_into(
             p.path, tensor_bytes(buf[base:], length), start, p.offset + p.nbytes - start
         )
-        if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
         lo = base + p.offset - start
         raw = buf[lo : lo + p.nbytes]
         if (raw.data_ptr() % p.dtype.itemsize) != 0:
@@ -328,8 +328,6 @@ class DiskReader:
             tail = replace(p, offset=p.offset + whole, nbytes=p.nbytes - whole,
                            shape=(p.nbytes - whole,))  # fmt: skip
             ctypes.memmove(dest.data_ptr() + whole, self._read_piece(tail).data_ptr(), tail.nbytes)
-        if not self.direct[p.path] and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fds[p.path], p.offset, p.nbytes, os.POSIX_FADV_DONTNEED)
 
     def matrices(self, layer: int, e: int, whole=None) -> dict[str, torch.Tensor]:
         """Expert e of layer as float matrices of its own, as the checkpoint stores it decoded:
