@@ -377,6 +377,7 @@ inline __attribute__((always_inline)) Halves halves(f16v v) {
   std::memcpy(&h.hi, reinterpret_cast<const char*>(&v) + sizeof h.lo, sizeof h.hi);
   return h;
 }
+inline __attribute__((always_inline)) Halves halves(Halves v) { return v; }
 
 // 16 numbers from p as floats; with n < 16, only n of them and zeros after.
 template <typename V, typename T>
@@ -429,12 +430,7 @@ inline __attribute__((always_inline)) V vmin(V a, V b) {
 // The lanes' sum in a fixed tree: lane l + lane l+8, then +4, +2, +1.
 template <typename V>
 inline __attribute__((always_inline)) float lane_sum(V a) {
-  Halves h;
-  if constexpr (std::is_same_v<V, f16v>) {
-    h = halves(a);
-  } else {
-    h = a;
-  }
+  const Halves h = halves(a);
   const f8v b = h.lo + h.hi;
   f4v c0, c1;
   std::memcpy(&c0, &b, sizeof c0);
@@ -446,12 +442,7 @@ inline __attribute__((always_inline)) float lane_sum(V a) {
 // The largest lane (a max in any order is exact).
 template <typename V>
 inline __attribute__((always_inline)) float lane_max(V a) {
-  Halves h;
-  if constexpr (std::is_same_v<V, f16v>) {
-    h = halves(a);
-  } else {
-    h = a;
-  }
+  const Halves h = halves(a);
   const f8v m = h.lo > h.hi ? h.lo : h.hi;
   float top = m[0];
   for (int64_t i = 1; i < 8; i++) top = m[i] > top ? m[i] : top;
