@@ -16,11 +16,9 @@ from safetensors import SafetensorError, safe_open
 from .config import DTYPE_NAMES, read_config_json
 from .crc import crc32
 from .errors import MoelocalError
-from .model_files import model_file
+from .model_files import MANIFEST, PARTIAL, RESIDENT, model_file
 
 INDEX_NAME = "model.safetensors.index.json"
-MANIFEST = "moelocal.json"  # a model packed by `moelocal convert`
-PARTIAL = "moelocal.partial"  # a convert that has not finished
 # the converted format: 3 stores the resident weights as they compute (q, k, v fused, Linear
 # layers quantized: "resident": "compute" in the manifest); 2 stored the checkpoint's, quantized
 # at every load, and still loads that way; 2 and 3 store int8/int4 experts in quant.py's layout;
@@ -29,7 +27,6 @@ PARTIAL = "moelocal.partial"  # a convert that has not finished
 FORMAT = 3
 OWN_LAYOUT_QUANTS = ("int8", "int4")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-RESIDENT = "resident.safetensors"  # a converted model's non-expert weights
 
 
 def file_crc32(path) -> int:

@@ -23,17 +23,17 @@ import psutil
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import FORMAT, MANIFEST, PARTIAL, RESIDENT, Checkpoint, file_crc32
+from .checkpoint import FORMAT, Checkpoint, file_crc32
 from .crc import crc32
+from .direct_io import ALIGN
 from .errors import MoelocalError, reason
 from .hub import check_free_space, data_dir, resolve_model
 from .loader import Planned, checkpoint_quant, compute_layout, plan_model, resident_state
-from .model_files import foreign_files, model_file
+from .model_files import EXPERTS, MANIFEST, PARTIAL, RESIDENT, foreign_files, model_file
 from .plan import OffloadOptions
 from .quant import round_up
-from .store import ALIGN, DiskReader, aligned_buffer, tensor_bytes
+from .store import DiskReader, aligned_buffer, tensor_bytes
 
-EXPERTS = "experts.bin"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
 

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 import torch
 
 from .cache_stats import CacheStats
+from .direct_io import ALIGN
 from .experts import ExpertLayout
 from .io_queue import DEMAND, GUESS
 from .movers import Load
 from .prefetch import GuessRanks
 from .slot_map import SlotMap
-from .store import ALIGN, aligned_buffer, release_freed_memory
+from .store import aligned_buffer, release_freed_memory
 
 
 class ExpertCache:

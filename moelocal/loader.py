@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
+from .direct_io import IO_THREADS
 from .errors import MoelocalError
 from .expert_cache import ExpertCache
 from .experts import ExpertLayout
@@ -29,7 +30,7 @@ from .movers import CpuMover, CudaMover
 from .plan import ROUTER, OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import check_mode, dequantize_checkpoint, quantize_linears
-from .store import IO_THREADS, DiskReader, check_shapes, expert_pieces, packed_pieces
+from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")

@@ -10,6 +10,12 @@ from pathlib import Path, PurePosixPath
 
 from .errors import MoelocalError
 
+# a model packed by `moelocal convert`
+MANIFEST = "moelocal.json"  # format, dtype, quant, each expert's offset and CRC32
+RESIDENT = "resident.safetensors"  # the weights that are not routed experts
+EXPERTS = "experts.bin"  # one blob per expert, stride bytes apart
+PARTIAL = "moelocal.partial"  # a conversion that has not finished
+
 
 def root(model_dir: Path) -> Path:
     """What the files of model_dir may resolve into."""

@@ -11,9 +11,10 @@ import time
 
 import torch
 
+from .direct_io import IO_THREADS
 from .errors import MoelocalError
 from .io_queue import DEMAND, IOQueue, Job
-from .store import IO_THREADS, DiskReader
+from .store import DiskReader
 
 
 class Load:

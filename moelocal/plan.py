@@ -13,9 +13,9 @@ import torch
 from rich.table import Table
 
 from .config import ModelConfig
+from .direct_io import ALIGN, IO_THREADS
 from .errors import MoelocalError
 from .quant import MatrixFormat
-from .store import ALIGN, IO_THREADS
 
 # --miss-policy auto on CUDA: a miss routed to this many tokens or fewer runs on the CPU from
 # host RAM, more are copied to the GPU. One token's expert is a matrix-vector product that reads

@@ -11,7 +11,6 @@ blob's layout. This module does not decide what to load; the expert cache does, 
 """
 
 import ctypes
-import fcntl
 import json
 import os
 import struct
@@ -22,13 +21,12 @@ from pathlib import Path
 import torch
 
 from .crc import crc32
+from .direct_io import ALIGN, open_uncached, read_fully
 from .errors import MoelocalError
 from .experts import ExpertLayout
-from .model_files import model_file
+from .model_files import EXPERTS, model_file
 from .quant import dequantize_checkpoint, dequantize_mxfp4
 
-ALIGN = 4096
-IO_THREADS = 4  # disk reads in flight at once (io_queue.py), each with a staging buffer
 LIBC = ctypes.CDLL(None) if os.name == "posix" else None  # the C library we run on
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8,
@@ -160,7 +158,7 @@ def expert_pieces(ckpt, moe_layers, n_experts, expert_keys, fused, quant_state=N
 
 def packed_pieces(ckpt, moe_layers, n_experts) -> dict[tuple, list[Piece]]:
     """(layer, expert) -> its blob in a converted model's experts.bin."""
-    entries, path = ckpt.manifest["experts"], model_file(ckpt.dir, "experts.bin")
+    entries, path = ckpt.manifest["experts"], model_file(ckpt.dir, EXPERTS)
     if path is None:
         raise MoelocalError(f"{ckpt.dir}: experts.bin is missing")
     size = ckpt.manifest["expert_bytes"]
@@ -219,30 +217,6 @@ def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     return buf, (-buf.data_ptr()) % ALIGN
 
 
-def open_uncached(path) -> tuple[int, bool]:
-    """A file descriptor whose reads bypass the page cache where the platform allows, and
-    whether they need O_DIRECT's alignment: Linux O_DIRECT (not on tmpfs and some others),
-    macOS F_NOCACHE, elsewhere plain reads (their pages dropped after, where posix_fadvise is)."""
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
-        except OSError:  # e.g. tmpfs
-            pass
-    fd = os.open(path, os.O_RDONLY)
-    if hasattr(fcntl, "F_NOCACHE"):
-        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-    return fd, False
-
-
-def read_at(fd: int, view: memoryview, offset: int) -> int:
-    """Read into view at a file offset; bytes read (0 at the end of the file)."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [view], offset)
-    data = os.pread(fd, len(view), offset)  # platforms without preadv: one more copy
-    view.cast("B")[: len(data)] = data
-    return len(data)
-
-
 class DiskReader:
     """Reads whole experts from the checkpoint into blobs, by offset."""
 
@@ -262,16 +236,9 @@ class DiskReader:
         return self.local.buf
 
     def _read_into(self, path: Path, view: memoryview, offset: int, need: int):
-        """Fill view from a file offset; at least `need` of its bytes must exist (O_DIRECT reads
-        whole blocks past a piece's end). A read through the page cache drops its pages after."""
-        got = 0
-        while got < need:
-            n = read_at(self.fds[path], view[got:], offset + got)
-            if n <= 0:
-                raise MoelocalError(f"{path}: file ends before offset {offset + need}")
-            got += n
-        if not self.direct[path] and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fds[path], offset, need, os.POSIX_FADV_DONTNEED)
+        """Fill view from a file offset; at least `need` of its bytes must exist."""
+        if not read_fully(self.fds[path], self.direct[path], view, offset, need):
+            raise MoelocalError(f"{path}: file ends before offset {offset + need}")
 
     def _read_piece(self, p: Piece) -> torch.Tensor:
         buf, base = self._staging()

@@ -84,7 +84,8 @@ def disk_bandwidth(model_dir: Path, read_bytes: int) -> float:
     no engine can beat, so it takes the most the disk gave."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from moelocal.store import ALIGN, IO_THREADS, aligned_buffer
+    from moelocal.direct_io import ALIGN, IO_THREADS
+    from moelocal.store import aligned_buffer
 
     path = max(model_dir.glob("*.safetensors"), key=lambda p: p.stat().st_size)
     chunk = read_bytes - read_bytes % ALIGN

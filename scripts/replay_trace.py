@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cache_sim import POLICIES, hit_rate  # noqa: E402
 
 from moelocal.crc import crc32  # noqa: E402
+from moelocal.direct_io import ALIGN, IO_THREADS  # noqa: E402
 from moelocal.expert_cache import ExpertCache  # noqa: E402
 from moelocal.experts import ExpertLayout  # noqa: E402
 from moelocal.io_queue import IOQueue  # noqa: E402
 from moelocal.movers import CpuMover  # noqa: E402
-from moelocal.store import ALIGN, IO_THREADS, DiskReader, Piece  # noqa: E402
+from moelocal.store import DiskReader, Piece  # noqa: E402
 from moelocal.trace import RoutingTrace  # noqa: E402
 
 

@@ -79,7 +79,7 @@ def main():
     parser.add_argument("model", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from moelocal.store import IO_THREADS
+    from moelocal.direct_io import IO_THREADS
 
     cli = [sys.executable, "-m", "moelocal.cli"]
     manifest = args.model / "moelocal.json"
