@@ -55,6 +55,7 @@ class CacheStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     preload_bytes: int = 0
     preload_s: float = 0.0  # reading experts into their slots at load
+    preread_bytes: int = 0  # of preload_bytes, read before the cache existed (preread.py)
 
     def layer(self, i: int) -> LayerStats:
         return self.layers.setdefault(i, LayerStats())
@@ -66,7 +67,8 @@ class CacheStats:
         return total
 
     def copy(self) -> "CacheStats":
-        out = CacheStats(preload_bytes=self.preload_bytes, preload_s=self.preload_s)
+        out = CacheStats(preload_bytes=self.preload_bytes, preload_s=self.preload_s,
+                         preread_bytes=self.preread_bytes)  # fmt: skip
         for i, s in self.layers.items():
             out.layer(i).add(s)
         return out
@@ -77,6 +79,7 @@ class CacheStats:
             out.layer(i).add(s, sign=-1)
         out.preload_bytes -= before.preload_bytes
         out.preload_s -= before.preload_s
+        out.preread_bytes -= before.preread_bytes
         return out
 
     def as_dict(self, expert_bytes: int) -> dict:
@@ -85,6 +88,7 @@ class CacheStats:
             "expert_bytes": expert_bytes,
             "preload_bytes": self.preload_bytes,
             "preload_s": round(self.preload_s, 6),
+            "preread_bytes": self.preread_bytes,
             "per_layer": {str(i): s.summary(expert_bytes) for i, s in sorted(self.layers.items())},
         }
 

@@ -119,6 +119,14 @@ def run(fn):
         fail("interrupted", code=130)
 
 
+def early_reads(model, device, options: dict):
+    """A converted model's experts, read while torch is imported (preread.py); None where they
+    cannot start early."""
+    from .preread import start
+
+    return start(model, device, options["cpu_mem"], options["cache_experts"])
+
+
 def heavy_import(module: str):
     """moelocal.<module>, imported with Ctrl-C held back until the import ends: torch's import
     (about a second) swallows a KeyboardInterrupt raised inside it at some points, and the
@@ -209,11 +217,12 @@ def generate_cmd(
         raise typer.Exit(run(lambda: batch_generate(model, input_path, output_path, load_kwargs,
                                                     batch_kwargs)))  # fmt: skip
 
+    preread = early_reads(model, device, options)
     load = heavy_import("engine").load
 
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
-                  **options) as engine:  # fmt: skip
+                  preread=preread, **options) as engine:  # fmt: skip
             ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
             stream = None if as_json else lambda p: (sys.stdout.write(p), sys.stdout.flush())
             thought = None  # reasoning: dimmed on stderr with --show-reasoning, else only in JSON
@@ -322,17 +331,16 @@ def chat_cmd(
     Reads lines from stdin when it is not a terminal, one reply per line.
     Example: moelocal chat --system "You are terse." --temperature 0.7
     """
-    Chat, load = heavy_import("chat").Chat, heavy_import("engine").load
-
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
                               miss_policy, context)  # fmt: skip
-
     run(lambda: validate.sampling(temperature, top_k, top_p, seed))
     run(lambda: validate.whole("--max-new-tokens", max_new_tokens))
+    preread = early_reads(model, device, options)
+    Chat, load = heavy_import("chat").Chat, heavy_import("engine").load
 
     def go():
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
-                  **options) as engine:  # fmt: skip
+                  preread=preread, **options) as engine:  # fmt: skip
             Chat(engine, system=system, plain=no_chat_template, show_reasoning=show_reasoning,
                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed).run()  # fmt: skip

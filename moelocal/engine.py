@@ -24,6 +24,8 @@ from .loader import load_model, plan_model
 from .model_files import model_file
 from .models.attention import KVCache
 from .plan import OffloadOptions
+from .preread import ExpertPreread
+from .preread import start as start_preread
 from .tokenizer import Tokenizer
 
 
@@ -84,6 +86,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     quant: str | None = None,
     threads: int | None = None,
+    preread: "ExpertPreread | None" = None,
     **offload_options,
 ) -> "Engine":
     """Load a model: a local Hugging Face directory, a hub id in the local cache, or None for the
@@ -94,15 +97,24 @@ def load(
     Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
     layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, miss_policy
     ("auto", "load" or "cpu"; CUDA), context (tokens of KV cache to plan for).
+    preread: a converted model's experts already being read (preread.start, as the CLI does
+    before importing torch); by default they start here, where they can.
     Close the engine (or use it in a `with` block) to release its I/O threads and files.
     """
-    options = OffloadOptions(**offload_options)
-    cpu_kernels.set_threads(threads)
-    model_dir = resolve_model(model)
-    device = pick_device(device)
-    baseline_rss = psutil.Process().memory_info().rss  # the process before any weight
-    ckpt = Checkpoint(model_dir)
-    loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant)
+    try:
+        options = OffloadOptions(**offload_options)
+        cpu_kernels.set_threads(threads)
+        model_dir = resolve_model(model)
+        device = pick_device(device)
+        if preread is None:
+            preread = start_preread(model_dir, device.type, options.cpu_mem, options.cache_experts)
+        # the process before any weight (experts a preread already holds not counted)
+        baseline_rss = psutil.Process().memory_info().rss - (preread.bytes_read if preread else 0)
+        ckpt = Checkpoint(model_dir)
+        loaded = load_model(ckpt, device, pick_dtype(dtype), options, quant, preread)
+    finally:
+        if preread is not None:
+            preread.close()
     try:
         has_tokenizer = model_file(model_dir, "tokenizer.json") is not None
         tokenizer = Tokenizer(model_dir) if has_tokenizer else None

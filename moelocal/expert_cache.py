@@ -30,12 +30,16 @@ class ExpertCache:
 
     def __init__(
         self, layout: ExpertLayout, mover, moe_layers: list[int], n_experts: int, n_slots: int,
-        policy: str = "lru",
+        policy: str = "lru", preread=None,
     ):  # fmt: skip
+        """preread: an ExpertPreread the loader kept (preread.py), whose memory becomes the
+        slots and whose rows are taken as they land."""
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts, self.n_slots = n_experts, n_slots
         self.expert_bytes = layout.nbytes
-        self.slots = {i: slot_rows(n_slots, layout.nbytes, self.device) for i in moe_layers}
+        memory = preread.memory if preread is not None else {}
+        self.slots = {i: slot_rows(n_slots, layout.nbytes, self.device, memory.get(i))
+                      for i in moe_layers}  # fmt: skip
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
         # layer -> the prefetcher's last guess, and (rank, expert) of its guesses not cached
@@ -44,7 +48,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.trace = None  # a trace.RoutingTrace to record each layer's needed experts into
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
-        self._preload()
+        self._preload(preread)
         release_freed_memory()  # the preload's temporaries, if experts were converted as read
 
     @property
@@ -57,15 +61,29 @@ class ExpertCache:
         """Bytes of the host store (CUDA; page-locked RAM)."""
         return self.mover.host_experts * self.expert_bytes
 
-    def _preload(self):
-        """Expert s of every layer into slot s, so that a big enough budget never misses."""
-        loads, start = [], time.perf_counter()
-        for layer, slots in self.slots.items():
-            for slot in range(self.n_slots):
-                load = self.mover.load(layer, slot, slots[slot])
-                load.start()
-                loads.append((layer, slot, load))
+    def _preload(self, preread=None):
+        """Expert s of every layer into slot s, so that a big enough budget never misses: the
+        rows a preread holds as they land, the others (and any it failed to read) by the mover."""
+        loads, start = [], preread.started if preread is not None else time.perf_counter()
+        early = preread.slots if preread is not None else 0
+
+        def load(layer: int, slot: int):
+            load = self.mover.load(layer, slot, self.slots[layer][slot])
+            load.start()
+            loads.append((layer, slot, load))
+
         try:
+            for slot in range(early, self.n_slots):
+                for layer in self.slots:
+                    load(layer, slot)
+            for slot in range(min(early, self.n_slots)):
+                for layer in self.slots:
+                    if preread.landed(layer, slot):
+                        self.maps[layer].place(slot, slot)
+                        self.stats.preload_bytes += self.expert_bytes
+                        self.stats.preread_bytes += self.expert_bytes
+                    else:
+                        load(layer, slot)
             for layer, slot, load in loads:
                 load.wait()
                 self.maps[layer].place(slot, slot)
@@ -221,12 +239,15 @@ class ExpertCache:
         self.mover.close()
 
 
-def slot_rows(n_slots: int, nbytes: int, device: torch.device) -> torch.Tensor:
+def slot_rows(n_slots: int, nbytes: int, device: torch.device, memory=None) -> torch.Tensor:
     """A layer's slots, (n_slots, nbytes) uint8. In RAM each starts on an ALIGN boundary, so that
     a converted expert is read into it directly (O_DIRECT wants aligned memory). (An anonymous
-    mapping asked for huge pages preloaded no faster.)"""
+    mapping asked for huge pages preloaded no faster.) memory: a preread's rows of this layer."""
     if device.type != "cpu":
         return torch.empty(n_slots, nbytes, dtype=torch.uint8, device=device)
     row = -(-nbytes // ALIGN) * ALIGN
+    if memory is not None:
+        rows = torch.frombuffer(memory, dtype=torch.uint8, count=n_slots * row)
+        return rows.view(n_slots, row)[:, :nbytes]
     buf, start = aligned_buffer(n_slots * row)
     return buf[start : start + n_slots * row].view(n_slots, row)[:, :nbytes]

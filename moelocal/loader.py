@@ -273,9 +273,16 @@ def load_model(
     dtype: torch.dtype | None,
     options: OffloadOptions,
     quant: str | None = None,
+    preread=None,
 ) -> LoadedModel:
+    """preread: the experts' early reads (preread.py), kept if they read what this load plans
+    (closed by the caller)."""
     planned = plan_model(ckpt, device, dtype, options, quant)
     family, cfg, dtype, model, resident, pieces, plan, layout, quant_state = planned
+    if preread is not None and not (
+        device.type == "cpu" and preread.keep(pieces, layout.nbytes, plan.device_slots)
+    ):
+        preread = None
     state = resident_state(ckpt, planned, device)
     want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, t in state.items():
@@ -291,7 +298,9 @@ def load_model(
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
     moe_layers = sorted({layer for layer, _ in pieces})
     cache = (
-        open_expert_cache(pieces, layout, plan, moe_layers, device, options) if moe_layers else None
+        open_expert_cache(pieces, layout, plan, moe_layers, device, options, preread)
+        if moe_layers
+        else None
     )
     try:
         prefetcher = None
@@ -314,7 +323,8 @@ def load_model(
 
 
 def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers: list[int],
-                      device: torch.device, options: OffloadOptions) -> ExpertCache:  # fmt: skip
+                      device: torch.device, options: OffloadOptions,
+                      preread=None) -> ExpertCache:  # fmt: skip
     """The expert cache, its slots filled; its reader, I/O threads and mover released if that
     fails."""
     reader, queue = DiskReader(pieces, layout), IOQueue(IO_THREADS)
@@ -330,7 +340,7 @@ def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers
         raise
     try:
         cache = ExpertCache(layout, mover, moe_layers, plan.n_experts, plan.device_slots,
-                            options.cache_policy)  # fmt: skip
+                            options.cache_policy, preread)  # fmt: skip
     except BaseException:
         mover.close()
         raise

@@ -1,5 +1,6 @@
 """What a user waits for before the first token, measured in one run: the CLI's answer, the disk's
-direct-I/O bandwidth against the rate experts are preloaded at, loading, and the first token.
+direct-I/O bandwidth against the rate experts are preloaded at, loading, the first token, and
+`moelocal generate -n 1` from launch to exit.
 
     python scripts/startup.py cache/models/mixtral-large-int4     # a converted model
     python scripts/startup.py cache/models/mixtral-large-int4 --rounds 3
@@ -21,13 +22,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# as `moelocal generate` runs: the experts' reads start before torch is imported (preread.py)
 CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
+from moelocal import preread
+early = preread.start(sys.argv[1], "cpu")
 import torch
 imported = time.perf_counter()
 import moelocal
-engine = moelocal.load(sys.argv[1], device="cpu")
+engine = moelocal.load(sys.argv[1], device="cpu", preread=early)
 loaded = time.perf_counter()
 ids = engine.chat_prompt([{"role": "user", "content": "Hello!"}])
 out = engine.generate(ids, max_new_tokens=1)
@@ -91,6 +95,9 @@ def main():
     rows = []
     for _ in range(args.rounds):  # alternating: the disk's rate, then a load
         row = {"help_s": wall([*cli, "--help"]), "list_s": wall([*cli, "list"])}
+        # what a user waits for: from the command to its exit after one token of the same prompt
+        row["cli_one_token_s"] = wall([*cli, "generate", str(args.model), "--device", "cpu",
+                                       "--prompt", "Hello!", "-n", "1"])  # fmt: skip
         row["direct_io_bytes_per_s"] = direct_io_bandwidth(files, piece, IO_THREADS)
         child = subprocess.run([sys.executable, "-c", CHILD, str(args.model)],
                                capture_output=True, text=True, check=True)  # fmt: skip
