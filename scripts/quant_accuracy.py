@@ -11,6 +11,7 @@ at code 0, no fit) in moelocal's int4 layout and kernels: the same bits as int4,
 """
 
 import argparse
+from functools import partial
 
 import torch
 
@@ -47,9 +48,11 @@ def main():
     ref = reference.logits(ids).log_softmax(-1)
     del reference
     print(f"{'mode':<6}{'prefill KL':>12}{'top-1':>8}{'decode KL':>12}{'top-1':>8}")
-    fit = moelocal.quant.fit_int4
+    units = moelocal.quant.quantize_units
     for mode in args.modes.split(","):
-        moelocal.quant.fit_int4 = q4_0_rounding if mode == "q4_0" else fit
+        moelocal.quant.quantize_units = (
+            partial(units, fit=q4_0_rounding) if mode == "q4_0" else units
+        )
         if mode == "bf16":
             engine = moelocal.load(args.model, device="cpu", dtype="bfloat16", quant="none")
         else:
@@ -61,7 +64,7 @@ def main():
             top1 = (logp.argmax(-1) == ref.argmax(-1)).float().mean().item()
             row += f"{kl:>12.4f}{top1:>8.3f}"
         print(row)
-    moelocal.quant.fit_int4 = fit
+    moelocal.quant.quantize_units = units
 
 
 if __name__ == "__main__":

@@ -31,17 +31,12 @@ def test_matmul_matches_the_float_product(mode, N, K, M):
     assert seg_bytes == fmt.nbytes < N * K * 4
 
 
-def test_int4_fit_lowers_the_error_against_q4_0s_rounding(monkeypatch):
+def test_int4_fit_lowers_the_error_against_q4_0s_rounding():
     """The fit starts from Q4_0's own rounding (same bits) and lowers the squared error of normal
-    weights by ~8%; a block is never made noticeably worse (the fp16 scale rounding aside). The
-    compiled fit and the torch one agree."""
+    weights by ~8%; a block is never made noticeably worse (the fp16 scale rounding aside)."""
     from moelocal.quant import fit_int4
 
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(512, 32, 32, generator=gen)
-    w[0, 0] = 0.0  # a block of zeros (padding), a constant one and a two-valued one stay exact
-    w[0, 1] = 0.75
-    w[0, 2] = torch.tensor([-1.0, 2.0]).repeat(16)
+    w = blocks_to_fit()
 
     def error(codes, scale):
         assert codes.dtype == torch.uint8 and codes.max() <= 15 and scale.dtype == torch.float16
@@ -52,14 +47,54 @@ def test_int4_fit_lowers_the_error_against_q4_0s_rounding(monkeypatch):
     inv = torch.where(q4_0 != 0, 1 / q4_0.float(), 0.0)
     codes = (w * inv).round().add(8).clamp(0, 15).to(torch.uint8)
     plain, fitted = error(codes, q4_0[..., 0]), error(*fit_int4(w))
-    from moelocal import cpu_kernels
-
-    monkeypatch.setattr(cpu_kernels, "extension", lambda: None)  # the torch version, as without
-    in_torch = error(*fit_int4(w))  # a compiler: the same steps, sums in another order
-    assert torch.allclose(fitted, in_torch, rtol=1e-3, atol=1e-6)
     assert (fitted <= plain * 1.001 + 1e-6).all()
     assert fitted[0, :3].max() < 1e-10
     assert fitted.sum() < 0.94 * plain.sum()
+
+
+def blocks_to_fit() -> torch.Tensor:
+    """(512, 32, 32) normal weights, and a block of zeros (padding), a constant one and a
+    two-valued one, which a fit must keep exact."""
+    w = torch.randn(512, 32, 32, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 0.0
+    w[0, 1] = 0.75
+    w[0, 2] = torch.tensor([-1.0, 2.0]).repeat(16)
+    return w
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("N, K", [(512, 1024), (17, 40), (200, 96), (33, 2056), (1, 32)])
+def test_the_compiled_quantizer_matches_the_torch_one(mode, N, K):
+    """quantize_units' kernel (every instruction-set path this CPU has, float32, bf16 and fp16
+    weights, edges padded with zeros) gives the torch version's units: int8 the same bytes,
+    int4 the same fit up to the order of its sums (the block errors agree)."""
+    from moelocal import cpu_kernels
+    from moelocal.quant import BITS, INT4_FIT_STEPS, dequantize, fit_int4, quantize_units
+
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N * K))
+    w[0, : min(K, 96)] = blocks_to_fit()[0, :3].flatten()[
+        : min(K, 96)
+    ]  # zeros, constant, two values
+    fmt = MatrixFormat(mode, N, K, torch.float32)
+    in_torch = quantize_units(w, fmt, fit=fit_int4)
+    ext = cpu_kernels.extension()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        exact = w.to(dtype)  # the kernel reads bf16/fp16 as stored: the same as their floats
+        want = (
+            quantize_units(exact.float(), fmt, fit=fit_int4) if dtype != torch.float32 else in_torch
+        )
+        for isa in kernel_paths():
+            units = ext.quantize_units(exact, BITS[mode], INT4_FIT_STEPS, isa)
+            assert units.shape == want.shape and units.dtype == torch.uint8
+            if mode == "int8":
+                assert torch.equal(units, want), (dtype, isa)
+                continue
+            rows = fmt.Np // 16
+            padded = torch.nn.functional.pad(exact.float(), (0, fmt.Kp - K))
+            errors = [(padded - dequantize(q.view(-1), fmt, 0, rows, torch.float32)[:N])
+                      .pow(2).unflatten(-1, (-1, 32)).sum(-1) for q in (units, want)]  # fmt: skip
+            assert torch.allclose(*errors, rtol=1e-3, atol=1e-6), (dtype, isa)
+            assert (units != want).float().mean() < 0.01  # a rare code differs
 
 
 def test_int4_is_refused_on_cuda_with_the_alternatives():

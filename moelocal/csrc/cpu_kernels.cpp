@@ -516,56 +516,133 @@ inline __attribute__((always_inline)) Codes<V> codes_for(V w0, V w1, float scale
   return {round_codes(w0, inv), round_codes(w1, inv)};
 }
 
-template <int ISA>
-inline __attribute__((always_inline)) void fit_block(const float* w, int64_t steps, uint8_t* codes,
-                                                     c10::Half* scale_out) {
+// NB blocks of 32 (consecutive in w and in codes), each fit from both starts: 2 * NB chains of
+// dependent steps (round, sum, divide, round again), interleaved. One chain alone kept the FPU
+// waiting on latency; each chain does exactly the operations it did alone, so the same codes.
+template <int ISA, int NB>
+inline __attribute__((always_inline)) void fit_blocks(const float* w, int64_t steps, uint8_t* codes,
+                                                      c10::Half* scale_out) {
   using V = Vec<ISA>;
-  const V w0 = load<V>(w), w1 = load<V>(w + L);
-  const float top = lane_max(vmax(vmax(w0, w0 * -1.f), vmax(w1, w1 * -1.f)));
-  int64_t big = 0;  // the first of the largest magnitude, as the scalar search finds it
-  while (big < BK - 1 && !(std::fabs(w[big]) == top)) big++;  // (NaN weights: none is)
-  float best_err = INFINITY;
-  for (const float start : {-8.f, 7.f}) {
-    float scale = w[big] / start;
-    Codes<V> t = codes_for(w0, w1, scale);
-    for (int64_t s = 0; s < steps; s++) {
-      const float tt = lane_sum(t.lo * t.lo + t.hi * t.hi), tw = lane_sum(t.lo * w0 + t.hi * w1);
-      if (tt > 0.f) scale = tw / tt;
-      t = codes_for(w0, w1, scale);
+  constexpr float STARTS[2] = {-8.f, 7.f};
+  V w0[NB], w1[NB];
+  float scale[NB][2];
+  Codes<V> t[NB][2];
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; b++) {
+    const float* wb = w + b * BK;
+    w0[b] = load<V>(wb), w1[b] = load<V>(wb + L);
+    const float top = lane_max(vmax(vmax(w0[b], w0[b] * -1.f), vmax(w1[b], w1[b] * -1.f)));
+    int64_t big = 0;  // the first of the largest magnitude, as the scalar search finds it
+    while (big < BK - 1 && !(std::fabs(wb[big]) == top)) big++;  // (NaN weights: none is)
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++) {
+      scale[b][k] = wb[big] / STARTS[k];
+      t[b][k] = codes_for(w0[b], w1[b], scale[b][k]);
     }
-    const c10::Half half(scale);
-    scale = static_cast<float>(half);
-    t = codes_for(w0, w1, scale);
-    const V e0 = w0 - t.lo * scale, e1 = w1 - t.hi * scale;
-    const float err = lane_sum(e0 * e0 + e1 * e1);
-    if (err < best_err) {
-      best_err = err;
-      store_bytes(codes, t.lo + 8.f), store_bytes(codes + L, t.hi + 8.f);
-      *scale_out = half;
+  }
+  for (int64_t s = 0; s < steps; s++) {
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; b++) {
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; k++) {
+        const Codes<V>& c = t[b][k];
+        const float tt = lane_sum(c.lo * c.lo + c.hi * c.hi);
+        const float tw = lane_sum(c.lo * w0[b] + c.hi * w1[b]);
+        if (tt > 0.f) scale[b][k] = tw / tt;
+        t[b][k] = codes_for(w0[b], w1[b], scale[b][k]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int b = 0; b < NB; b++) {
+    float best_err = INFINITY;
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++) {
+      const c10::Half half(scale[b][k]);
+      const float rounded = static_cast<float>(half);
+      const Codes<V> c = codes_for(w0[b], w1[b], rounded);
+      const V e0 = w0[b] - c.lo * rounded, e1 = w1[b] - c.hi * rounded;
+      const float err = lane_sum(e0 * e0 + e1 * e1);
+      if (err < best_err) {
+        best_err = err;
+        store_bytes(codes + b * BK, c.lo + 8.f), store_bytes(codes + b * BK + L, c.hi + 8.f);
+        scale_out[b] = half;
+      }
     }
   }
 }
 
-template <int ISA>
-inline __attribute__((always_inline)) void fit_blocks(const float* w, int64_t steps, uint8_t* codes,
-                                                      c10::Half* scales, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; b++) fit_block<ISA>(w + b * BK, steps, codes + b * BK, scales + b);
+// A row's block of 32 as float32: zeros past the matrix's edges (the padding of quant.py's layout);
+// bf16 widened by a shift (a vector op, where c10's conversion is a call per value).
+template <typename T>
+inline __attribute__((always_inline)) void block_as_float(const T* src, int64_t n, float* dst) {
+  for (int64_t c = 0; c < BK; c++) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const uint32_t bits = c < n ? uint32_t(src[c].x) << 16 : 0;
+      std::memcpy(dst + c, &bits, 4);
+    } else {
+      dst[c] = c < n ? static_cast<float>(src[c]) : 0.f;
+    }
+  }
 }
 
-// Blocks w (..., 32) float32 -> codes (..., 32) uint8 and fp16 scales (...), on every thread.
-std::vector<torch::Tensor> fit_int4(const torch::Tensor& w, int64_t steps, int64_t isa) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.size(-1) == BK, "fit_int4: float blocks of 32");
-  TORCH_CHECK(isa <= best_isa(), "fit_int4: this CPU cannot run path ", isa);
+// quant.py's quantize_int8 for one block: the same float operations, so the same bytes.
+inline __attribute__((always_inline)) void int8_block(const float* w, int8_t* codes, c10::Half* scale) {
+  float top = 0.f;
+  for (int64_t c = 0; c < BK; c++) top = std::max(top, std::fabs(w[c]));
+  *scale = c10::Half(top / 127.f);
+  const float s = static_cast<float>(*scale), inv = s > 0.f ? 1.f / s : 0.f;
+  for (int64_t c = 0; c < BK; c++) codes[c] = int8_t(std::clamp(std::nearbyint(w[c] * inv), -127.f, 127.f));
+}
+
+// Unit u (16 rows x 32 columns) of w: each row's block quantized, then stored as quant.py's pack
+// lays it out: the rows' bytes in k-quads (quad q: 4 bytes of row 0, of row 1, ...; int4 holds
+// columns c and c + 16 in byte c), then the 16 fp16 scales.
+template <int ISA, typename T>
+inline __attribute__((always_inline)) void quantize_unit(const T* w, int64_t N, int64_t K, int64_t u,
+                                                         int64_t bits, int64_t steps, uint8_t* unit) {
+  constexpr int NB = ISA == 2 ? 4 : 2;  // blocks fit together (AVX-512 has registers for 4)
+  const int64_t nb = (K + BK - 1) / BK, g = u / nb, b = u % nb, row_bytes = BK * bits / 8;
+  alignas(64) float blocks[R][BK];
+  alignas(64) uint8_t codes[R][BK];
+  c10::Half* scales = reinterpret_cast<c10::Half*>(unit + R * row_bytes);
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t row = g * R + r, n = row < N ? std::min(BK, K - b * BK) : 0;
+    block_as_float(w + row * K + b * BK, n, blocks[r]);
+  }
+  if (bits == 4) {
+    for (int64_t r = 0; r < R; r += NB) fit_blocks<ISA, NB>(blocks[r], steps, codes[r], scales + r);
+  }
+  for (int64_t r = 0; r < R; r++) {
+    uint8_t bytes[BK];
+    if (bits == 4) {
+      for (int64_t c = 0; c < BK / 2; c++) bytes[c] = codes[r][c] | codes[r][c + BK / 2] << 4;
+    } else {
+      int8_block(blocks[r], reinterpret_cast<int8_t*>(bytes), scales + r);
+    }
+    for (int64_t q = 0; q < row_bytes / 4; q++) std::memcpy(unit + q * 4 * R + r * 4, bytes + q * 4, 4);
+  }
+}
+
+// Weights (N, K) float32, bf16 or fp16 -> the int8 or int4 units of quant.py's layout,
+// (Np / 16, Kp / 32, unit bytes): fit (or rounded) and packed in one pass, on every thread.
+torch::Tensor quantize_units(const torch::Tensor& w, int64_t bits, int64_t steps, int64_t isa) {
+  TORCH_CHECK(w.dim() == 2 && (bits == 4 || bits == 8), "quantize_units: an (N, K) matrix, 4 or 8 bits");
+  TORCH_CHECK(isa <= best_isa(), "quantize_units: this CPU cannot run path ", isa);
   const auto wc = w.contiguous();
-  auto codes = torch::empty(w.sizes(), w.options().dtype(torch::kUInt8));
-  auto scales = torch::empty(w.sizes().slice(0, w.dim() - 1), w.options().dtype(torch::kHalf));
-  const float* wp = wc.data_ptr<float>();
-  uint8_t* cp = codes.data_ptr<uint8_t>();
-  c10::Half* sp = scales.data_ptr<c10::Half>();
-  at::parallel_for(0, scales.numel(), 1024, [&](int64_t b0, int64_t b1) {
-    on_path(isa, [&]<int ISA>() __attribute__((always_inline)) { fit_blocks<ISA>(wp, steps, cp, sp, b0, b1); });
+  const int64_t N = w.size(0), K = w.size(1), groups = (N + R - 1) / R, nb = (K + BK - 1) / BK;
+  const int64_t unit = bits == 4 ? Q4_UNIT : Q8_UNIT;
+  auto out = torch::empty({groups, nb, unit}, w.options().dtype(torch::kUInt8));
+  uint8_t* op = out.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "quantize_units", [&] {
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    at::parallel_for(0, groups * nb, 16, [&](int64_t u0, int64_t u1) {
+      on_path(isa, [&]<int ISA>() __attribute__((always_inline)) {
+        for (int64_t u = u0; u < u1; u++) quantize_unit<ISA>(wp, N, K, u, bits, steps, op + u * unit);
+      });
+    });
   });
-  return {codes, scales};
+  return out;
 }
 
 // ---- the small ops between the matmuls: one call each instead of 5-8 from Python ---------------
@@ -849,7 +926,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ W.T with W in a q8/q4 stream");
   m.def("swiglu", &swiglu, "one SwiGLU expert over q8/q4 streams");
   m.def("rms_norm", &rms_norm, "transformers' RMSNorm");
-  m.def("fit_int4", &fit_int4, "int4 codes and scales for blocks of 32");
+  // without the GIL: convert reads the next expert on a thread while this one is quantized
+  m.def("quantize_units", &quantize_units, "a matrix into int8/int4 units, fit and packed",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rope", &rope, "rotary embedding, rotate_half layout");
   m.def("attention", &attention, "softmax attention, one order of sums per query row");
   m.def("linear_rows", &linear_rows, "x @ w.T in float32, each row on its own");
