@@ -181,16 +181,22 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
     writing = [None, None]
     reader = DiskReader(planned.pieces, layout)
     entries = {}
-    # one (2I, D) buffer for every expert's gate and up: a fresh one's pages are faulted in by
-    # the copy into it (reading the next expert on a thread while this one is quantized was
-    # slower on 2 cores: the quantizing threads wait for the reading one)
+    # two (2I, D) buffers for the experts' gate and up, reused (a fresh one's pages are faulted
+    # in by the copy into it): the next expert is read into one on a thread while this one is
+    # quantized from the other (the quantizing kernel lets go of the GIL)
     dtype = planned.pieces[keys[0]][0].dtype if keys else None
-    whole = torch.zeros(2 * layout.I, layout.D, dtype=dtype)
+    wholes = [torch.zeros(2 * layout.I, layout.D, dtype=dtype) for _ in "ab"]
     fd = open_for_writing(tmp / EXPERTS)
     writer = ThreadPoolExecutor(1, thread_name_prefix="moelocal-convert-write")
+    reading = ThreadPoolExecutor(1, thread_name_prefix="moelocal-convert-read")
+
+    def read(i: int):
+        return reading.submit(reader.matrices, *keys[i], wholes[i % 2]) if i < len(keys) else None
+
     try:
+        next_mats = read(0)
         for i, (layer, e) in enumerate(keys):
-            mats = reader.matrices(layer, e, whole)
+            mats, next_mats = next_mats.result(), read(i + 1)
             blob = blobs[i % 2]
             if writing[i % 2] is not None:
                 writing[i % 2].result()  # its previous blob is on disk
@@ -205,6 +211,7 @@ def write(ckpt: Checkpoint, planned: Planned, tmp: Path, progress):
             if job is not None:
                 job.result()
     finally:
+        reading.shutdown(wait=True, cancel_futures=True)  # nothing reads once reader is closed
         writer.shutdown(wait=True, cancel_futures=True)  # nothing writes once fd is closed
         os.close(fd)
         reader.close()
