@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .direct_io import ALIGN, IO_THREADS
 from .errors import MoelocalError
 from .quant import MatrixFormat
+from .slot_map import POLICIES
 
 # --miss-policy auto on CUDA: a miss routed to this many tokens or fewer runs on the CPU from
 # host RAM, more are copied to the GPU. One token's expert is a matrix-vector product that reads
@@ -114,8 +115,9 @@ class OffloadOptions:
     def __post_init__(self):
         self.gpu_mem = parse_size(self.gpu_mem, "--gpu-mem")
         self.cpu_mem = parse_size(self.cpu_mem, "--cpu-mem")
-        if self.cache_policy not in ("lru", "lfu"):
-            raise MoelocalError(f"--cache-policy '{self.cache_policy}': choose lru or lfu")
+        if self.cache_policy not in POLICIES:
+            raise MoelocalError(f"--cache-policy '{self.cache_policy}': choose one of "
+                                f"{', '.join(POLICIES)}")  # fmt: skip
         if self.miss_policy not in ("auto", "load", "cpu"):
             raise MoelocalError(f"--miss-policy '{self.miss_policy}': choose auto, load or cpu")
         if self.prefetch_margin < 0:
