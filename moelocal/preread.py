@@ -55,11 +55,11 @@ class ExpertPreread:
         self.memory = {layer: mmap.mmap(-1, self.slots * self.row) for layer in layers}
         self.fd, self.direct = open_uncached(self.path)
         self.queue = IOQueue(IO_THREADS, "moelocal-preread")
-        self.jobs = {}
-        for slot in range(self.slots):
-            for layer in layers:
-                if (layer, slot) in self.entries:
-                    self.jobs[layer, slot] = self.queue.put(Job(self._read, layer, slot))
+        self.jobs = {}  # slot s of every layer before slot s + 1, as the cache preloads
+        for layer, slot in sorted(
+            (k for k in self.entries if k[1] < self.slots), key=lambda k: k[::-1]
+        ):
+            self.jobs[layer, slot] = self.queue.put(Job(self._read, layer, slot))
 
     def _read(self, layer: int, slot: int) -> bool:
         """Expert `slot` of layer into its row; True when it landed whole and its CRC32 matches."""

@@ -102,6 +102,23 @@ def test_a_flipped_byte_is_read_again_and_named(packed, tmp_path):
     assert result.exit_code == 1 and "expert 2 of layer 1 fails its checksum" in result.stderr
 
 
+def test_a_manifest_naming_an_expert_config_json_lacks_is_not_taken(packed, tmp_path):
+    """An entry far past the config's experts (a damaged or foreign manifest) neither stalls the
+    preread (only the manifest's entries are read) nor is taken: the loader reads anew."""
+    out, tokens = packed
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for f in out.iterdir():
+        (odd / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((out / "moelocal.json").read_text())
+    manifest["experts"]["0.100000000"] = manifest["experts"]["0.0"]
+    (odd / "moelocal.json").write_text(json.dumps(manifest))
+    with moelocal.load(odd, device="cpu") as engine:
+        assert engine.expert_cache.stats.preread_bytes == 0
+        assert engine.generate(prompt(), max_new_tokens=8).token_ids == tokens
+    assert not preread_threads()
+
+
 def test_a_failed_load_leaves_no_reads_behind(packed):
     out, _ = packed
     early = preread.start(out, "cpu")
