@@ -67,7 +67,7 @@ class ExpertCache:
         loads, start = [], preread.started if preread is not None else time.perf_counter()
         early = preread.slots if preread is not None else 0
 
-        def load(layer: int, slot: int):
+        def by_mover(layer: int, slot: int):
             load = self.mover.load(layer, slot, self.slots[layer][slot])
             load.start()
             loads.append((layer, slot, load))
@@ -75,7 +75,7 @@ class ExpertCache:
         try:
             for slot in range(early, self.n_slots):
                 for layer in self.slots:
-                    load(layer, slot)
+                    by_mover(layer, slot)
             for slot in range(min(early, self.n_slots)):
                 for layer in self.slots:
                     if preread.landed(layer, slot):
@@ -83,7 +83,7 @@ class ExpertCache:
                         self.stats.preload_bytes += self.expert_bytes
                         self.stats.preread_bytes += self.expert_bytes
                     else:
-                        load(layer, slot)
+                        by_mover(layer, slot)
             for layer, slot, load in loads:
                 load.wait()
                 self.maps[layer].place(slot, slot)
