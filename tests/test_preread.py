@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,15 @@ def packed(tiny, tmp_path_factory):
     with moelocal.load(out, device="cpu", cpu_mem="64GiB") as plain:  # a budget: no preread
         assert plain.expert_cache.stats.preread_bytes == 0
         return out, plain.generate(prompt(), max_new_tokens=8).token_ids
+
+
+def copy_of(model: Path, where: Path) -> tuple[Path, dict]:
+    """A copy of a converted model (real files: links out of a model directory are refused)
+    and its manifest."""
+    where.mkdir()
+    for f in model.iterdir():
+        (where / f.name).write_bytes(f.read_bytes())
+    return where, json.loads((where / "moelocal.json").read_text())
 
 
 def preread_threads() -> list[str]:
@@ -84,11 +94,7 @@ def test_a_flipped_byte_is_read_again_and_named(packed, tmp_path):
     """A blob whose checksum fails in the preread is read again by the cache's reader, whose
     error names the expert; the experts the preread read well are still taken."""
     out, _ = packed
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for f in out.iterdir():
-        (damaged / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((damaged / "moelocal.json").read_text())
+    damaged, manifest = copy_of(out, tmp_path / "damaged")
     data = bytearray((damaged / "experts.bin").read_bytes())
     data[manifest["experts"]["1.2"]["offset"] + 7] ^= 0x10
     (damaged / "experts.bin").write_bytes(bytes(data))
@@ -106,11 +112,7 @@ def test_a_manifest_naming_an_expert_config_json_lacks_is_not_taken(packed, tmp_
     """An entry far past the config's experts (a damaged or foreign manifest) neither stalls the
     preread (only the manifest's entries are read) nor is taken: the loader reads anew."""
     out, tokens = packed
-    odd = tmp_path / "odd"
-    odd.mkdir()
-    for f in out.iterdir():
-        (odd / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((out / "moelocal.json").read_text())
+    odd, manifest = copy_of(out, tmp_path / "odd")
     manifest["experts"]["0.100000000"] = manifest["experts"]["0.0"]
     (odd / "moelocal.json").write_text(json.dumps(manifest))
     with moelocal.load(odd, device="cpu") as engine:
