@@ -26,8 +26,8 @@ def parse_sweep(name: str, value: str | None) -> list:
     option = "--" + name.replace("_", "-")
     if not all(items):
         raise MoelocalError(f"{option} '{value}': an empty item in the list")
-    if name in ("cache_experts", "threads"):
-        low = 1 if name == "threads" else 0
+    if name in ("cache_experts", "threads", "prefetch_depth"):
+        low = 0 if name == "cache_experts" else 1
         try:
             numbers = [int(v) for v in items]
         except ValueError:
@@ -118,6 +118,7 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
         "cache_experts": engine.plan.device_slots,
         "cache_policy": config.get("cache_policy", "lru"),
         "prefetch": config.get("prefetch", True),
+        "prefetch_depth": config.get("prefetch_depth", 1),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "prefill_tok_s": prefill[0],
@@ -158,6 +159,10 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
     }
 
 
+def onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def report_table(rows: list[dict]):
     """Configuration columns that vary or were set, then the measurements."""
     first = rows[0]
@@ -165,9 +170,9 @@ def report_table(rows: list[dict]):
                   f"pp{first['prompt_tokens']} tg{first['gen_tokens']}")  # fmt: skip
     config = [("quant", "quant"), ("gpu mem", "gpu_mem"), ("cpu mem", "cpu_mem"),
               ("slots", "cache_experts"), ("policy", "cache_policy"),
-              ("prefetch", "prefetch")]  # fmt: skip
+              ("prefetch", "prefetch"), ("depth", "prefetch_depth")]  # fmt: skip
     config = [(name, key) for name, key in config if any(r[key] != first[key] for r in rows)
-              or first[key] not in (None, "lru", True, "none")]  # fmt: skip
+              or first[key] not in (None, "lru", True, "none", 1)]  # fmt: skip
     config += [("kernel", "kernel"), ("threads", "threads")]  # as llama-bench shows them
 
     def pct(row, key):
@@ -194,6 +199,7 @@ def report_table(rows: list[dict]):
     for name in [name for name, _ in config] + list(measures):
         table.add_column(name, justify="right")
     for r in rows:
-        cells = [str({True: "on", False: "off"}.get(r[key], r[key]) or "-") for _, key in config]
+        cells = [onoff(r[key]) if isinstance(r[key], bool) else str(r[key] or "-")
+                 for _, key in config]  # fmt: skip
         table.add_row(*cells, *(fn(r) for fn in measures.values()))
     return table

@@ -18,6 +18,7 @@ class LayerStats:
     misses: int = 0
     cpu_computed: int = 0  # misses run on the CPU from the host store (CUDA)
     prefetch_issued: int = 0
+    guesses_skipped: int = 0  # steps the layer was not guessed: guessing it did not pay
     predicted_needed: int = 0  # needed experts that the prefetcher had guessed
     needed_with_guess: int = 0  # needed experts in layer calls that had a guess
     bytes_from_disk: int = 0
@@ -39,6 +40,7 @@ class LayerStats:
             # needed experts already in the cache; with prefetch_used, the share found there
             "hit_rate": ratio(self.hits, self.uses),
             "prefetch_issued": self.prefetch_issued,
+            "guesses_skipped": self.guesses_skipped,
             "prefetch_precision": ratio(self.prefetch_used, self.prefetch_issued),
             "prefetch_recall": ratio(self.predicted_needed, self.needed_with_guess),
             "bytes_moved": self.bytes_from_disk + self.bytes_from_host,

@@ -73,6 +73,9 @@ CachePolicyOpt = Annotated[str, typer.Option(help="Expert cache eviction: lru or
 PrefetchOpt = Annotated[
     bool, typer.Option(help="Load the experts the next layer's router predicts, ahead of time.")
 ]
+PrefetchDepthOpt = Annotated[
+    int, typer.Option(help="Guess each layer's experts this many layers before it runs.")
+]
 MissPolicyOpt = Annotated[
     str,
     typer.Option(help="CUDA: on a miss, load the expert (load), run it on the CPU (cpu), or "
@@ -86,10 +89,11 @@ ContextOpt = Annotated[
 ]
 
 
-def offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch, miss_policy, context):
+def offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch, prefetch_depth,
+                    miss_policy, context):  # fmt: skip
     return dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
-                cache_policy=cache_policy, prefetch=prefetch, miss_policy=miss_policy,
-                context=context)  # fmt: skip
+                cache_policy=cache_policy, prefetch=prefetch, prefetch_depth=prefetch_depth,
+                miss_policy=miss_policy, context=context)  # fmt: skip
 
 
 @app.callback()
@@ -188,6 +192,7 @@ def generate_cmd(
     cache_experts: CacheExpertsOpt = None,
     cache_policy: CachePolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
+    prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
@@ -200,7 +205,7 @@ def generate_cmd(
     Example: moelocal generate --input prompts.jsonl --output results.jsonl --batch-size 8
     """
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
-                              miss_policy, context)  # fmt: skip
+                              prefetch_depth, miss_policy, context)  # fmt: skip
     if (prompt is None) == (input_path is None):
         fail("give either --prompt or --input")
     if output_path is not None and input_path is None:
@@ -321,6 +326,7 @@ def chat_cmd(
     cache_experts: CacheExpertsOpt = None,
     cache_policy: CachePolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
+    prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
@@ -332,7 +338,7 @@ def chat_cmd(
     Example: moelocal chat --system "You are terse." --temperature 0.7
     """
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
-                              miss_policy, context)  # fmt: skip
+                              prefetch_depth, miss_policy, context)  # fmt: skip
     run(lambda: validate.sampling(temperature, top_k, top_p, seed))
     run(lambda: validate.whole("--max-new-tokens", max_new_tokens))
     preread = early_reads(model, device, options)
@@ -375,6 +381,7 @@ def serve_cmd(
     cache_experts: CacheExpertsOpt = None,
     cache_policy: CachePolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
+    prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
@@ -386,7 +393,7 @@ def serve_cmd(
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
     """
     options = offload_options(gpu_mem, cpu_mem, cache_experts, cache_policy, prefetch,
-                              miss_policy, context)  # fmt: skip
+                              prefetch_depth, miss_policy, context)  # fmt: skip
     if api_key is not None and not api_key.strip():
         fail("--api-key is empty")
     name = model_name or (Path(model).name if model and Path(model).exists() else model)
@@ -469,6 +476,9 @@ def bench_cmd(
     ] = None,
     cache_policy: Annotated[str | None, typer.Option(help="lru, lfu or lru,lfu.")] = None,
     prefetch: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
+    prefetch_depth: Annotated[
+        str | None, typer.Option(help="Layers ahead to guess experts, comma-separated.")
+    ] = None,
     quant: Annotated[
         str | None, typer.Option(help="none, int8, int4, nf4, comma-separated.")
     ] = None,
@@ -498,8 +508,8 @@ def bench_cmd(
 
     def go():
         sweeps = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, cache_experts=cache_experts,
-                      cache_policy=cache_policy, prefetch=prefetch, quant=quant,
-                      threads=threads)  # fmt: skip
+                      cache_policy=cache_policy, prefetch=prefetch,
+                      prefetch_depth=prefetch_depth, quant=quant, threads=threads)  # fmt: skip
         rows, trace = [], None
         if trace_path is not None:
             RoutingTrace.check_path(trace_path)

@@ -12,6 +12,7 @@ and prefetch setting.
 
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -20,9 +21,18 @@ from .direct_io import ALIGN
 from .experts import ExpertLayout
 from .io_queue import DEMAND, GUESS
 from .movers import Load
-from .prefetch import GuessRanks
+from .prefetch import GuessRanks, Payoff
 from .slot_map import SlotMap
 from .store import aligned_buffer, release_freed_memory
+
+
+class Guess(NamedTuple):
+    """The prefetcher's guess of a layer's experts, until the layer runs."""
+
+    ranked: list[int]  # best first
+    uncached: list[tuple[int, int]]  # (rank, expert) of those not cached when guessed
+    loaded: list[tuple[int, Load]]  # those whose loads it started
+    cost_s: float  # the time making it took
 
 
 class ExpertCache:
@@ -42,9 +52,9 @@ class ExpertCache:
                       for i in moe_layers}  # fmt: skip
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
-        # layer -> the prefetcher's last guess, and (rank, expert) of its guesses not cached
-        self.guesses: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+        self.guesses: dict[int, Guess] = {}  # layer -> the prefetcher's last guess
         self.guess_ranks = GuessRanks()
+        self.payoffs: dict[int, Payoff] = {}  # for each layer the prefetcher guesses
         self.stats = CacheStats()
         self.trace = None  # a trace.RoutingTrace to record each layer's needed experts into
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
@@ -109,11 +119,15 @@ class ExpertCache:
             return
         self._settle_guesses(layer, set(needed))
         m.reap()
-        if layer in self.guesses:
-            guess, uncached = self.guesses.pop(layer)
+        guess = self.guesses.pop(layer, None)
+        if guess is not None:
             stats.needed_with_guess += len(needed)
-            stats.predicted_needed += len(set(guess).intersection(needed))
-            self.guess_ranks.record(uncached, set(needed))
+            stats.predicted_needed += len(set(guess.ranked).intersection(needed))
+            self.guess_ranks.record(guess.uncached, set(needed))
+            self.payoffs[layer].record(self._saved(guess, set(needed)))
+        if layer in self.payoffs:
+            self.payoffs[layer].ran(guessed=guess is not None)
+            stats.guesses_skipped += guess is None
         in_slot = [e for e in needed if e in m.slot_of]
         stats.prefetch_used += len(m.guessed.intersection(in_slot))
         stats.hits += len(in_slot) - len(m.guessed.intersection(in_slot))
@@ -151,7 +165,7 @@ class ExpertCache:
         m.use(e)
         self._start_misses(layer, queue)
 
-    def _start(self, layer: int, e: int, slot: int, priority: int):
+    def _start(self, layer: int, e: int, slot: int, priority: int) -> Load:
         load: Load = self.mover.load(layer, e, self.slots[layer][slot])
         self.maps[layer].start(e, slot, load, guess=priority == GUESS)
         load.start(priority)
@@ -160,6 +174,7 @@ class ExpertCache:
             stats.bytes_from_host += self.expert_bytes
         else:
             stats.bytes_from_disk += self.expert_bytes
+        return load
 
     def _start_misses(self, layer: int, queue: list[int]):
         """Start loading the queued misses, in order, while slots are free."""
@@ -212,12 +227,30 @@ class ExpertCache:
 
     # ---- prefetch ----------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, ranked: list[int]):
+    def _saved(self, guess: Guess, needed: set[int]) -> float:
+        """Seconds a guess saved, its layer running now: each needed guess spared the part of
+        its load done by now; each load took its CPU time from compute (none on CUDA); each
+        wrong guess evicted an expert that will cost a load (as MIN_PRECISION assumes); making
+        the guess took its time."""
+        now, (wall, cpu) = time.perf_counter(), self.mover.load_seconds()
+        saved = -guess.cost_s
+        for e, load in guess.loaded:
+            saved += (load.head_start(now, wall) if e in needed else -wall) - cpu
+        return saved
+
+    def due(self, layer: int) -> bool:
+        """Should the prefetcher guess this MoE layer's experts this step?"""
+        payoff = self.payoffs.get(layer)
+        return payoff is None or payoff.due
+
+    def prefetch(self, layer: int, ranked: list[int], cost_s: float = 0.0):
         """Start loading the guessed experts (best first) that are not cached, while slots allow,
-        behind every miss, and only the ranks whose guesses have been needed often enough."""
+        behind every miss, and only the ranks whose guesses have been needed often enough.
+        cost_s: the time making the guess took."""
         m = self.maps[layer]
         uncached = [(r, e) for r, e in enumerate(ranked[: self.n_slots]) if e not in m.slot_of]
-        self.guesses[layer] = ranked, uncached
+        guess = self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
+        self.payoffs.setdefault(layer, Payoff())
         protect = set(ranked[: self.n_slots])  # never evict one guess to make room for another
         m.reap()
         for rank, e in uncached:
@@ -226,7 +259,7 @@ class ExpertCache:
             slot = m.free_slot(protect)
             if slot is None:
                 return
-            self._start(layer, e, slot, GUESS)
+            guess.loaded.append((e, self._start(layer, e, slot, GUESS)))
             self.stats.layer(layer).prefetch_issued += 1
 
     def bandwidth(self, source: str) -> float:

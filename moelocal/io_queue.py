@@ -9,8 +9,10 @@ started can be dropped once its layer has run. Equal priorities are served in th
 import heapq
 import itertools
 import threading
+import time
 
 DEMAND, GUESS = 0, 1
+JOB_S_WINDOW = 16
 
 
 class Job:
@@ -20,6 +22,8 @@ class Job:
         self.fn, self.args = fn, args
         self.state = "new"  # new, queued, running, done, dropped
         self.result = self.error = None
+        self.started = None  # when it began to run (perf_counter)
+        self.seconds = self.cpu_seconds = 0.0  # how long it ran on its I/O thread; its CPU time
         self.finished = threading.Event()
 
     def done(self) -> bool:
@@ -38,11 +42,21 @@ class Job:
             raise self.error
         return self.result
 
+    def ran_for(self, now: float) -> float:
+        """Seconds of it run by `now` (perf_counter): all of them once done."""
+        if self.state == "done":
+            return self.seconds
+        return now - self.started if self.state == "running" and self.started else 0.0
+
     def run(self):
+        start = self.started = time.perf_counter()
+        cpu_start = time.thread_time()
         try:
             self.result = self.fn(*self.args)
         except BaseException as e:  # handed to whoever waits
             self.error = e
+        self.seconds = time.perf_counter() - start
+        self.cpu_seconds = time.thread_time() - cpu_start
         self.state = "done"
         self.finished.set()
 
@@ -54,6 +68,8 @@ class IOQueue:
         self.lock = threading.Condition()
         self.closed = False
         self.demand_running = 0
+        # a job's recent run time and CPU time, on average (0 until one has run)
+        self.job_s = self.job_cpu_s = 0.0
         self.threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -109,6 +125,10 @@ class IOQueue:
                 priority, job = picked
                 self.demand_running += priority == DEMAND
             job.run()
+            # moving averages over ~JOB_S_WINDOW jobs (estimates: a race loses an update)
+            weight = 1 / JOB_S_WINDOW if self.job_s else 1.0
+            self.job_s += (job.seconds - self.job_s) * weight
+            self.job_cpu_s += (job.cpu_seconds - self.job_cpu_s) * weight
             if priority == DEMAND:
                 with self.lock:
                     self.demand_running -= 1

@@ -305,7 +305,7 @@ def load_model(
     try:
         prefetcher = None
         if cache is not None and options.prefetch and cache.streaming:
-            prefetcher = Prefetcher(cache, options.prefetch_margin)
+            prefetcher = Prefetcher(cache, options.prefetch_margin, options.prefetch_depth)
         with on_meta():
             model = family.build(cfg, cache, prefetcher)
         stored = computed_resident(ckpt)

@@ -44,6 +44,13 @@ class Load:
         if event is not None:
             event.synchronize()
 
+    def head_start(self, now: float, whole: float) -> float:
+        """Seconds of this load done by `now` (perf_counter); `whole` for a landed copy that
+        was not timed."""
+        if self.job is not None:
+            return self.job.ran_for(now)
+        return whole if self.done() else 0.0
+
     def done(self) -> bool:
         """Nothing of it runs any more (landed, failed, dropped or never started)."""
         if self.job is not None and not self.job.done():
@@ -85,6 +92,11 @@ class CpuMover:
 
     def on_host(self, layer: int, e: int, n_tokens: int) -> bool:
         return False  # RAM is the device here
+
+    def load_seconds(self) -> tuple[float, float]:
+        """How long loading one expert takes now, and the CPU time it takes from compute (all
+        of its own: compute keeps every core busy). 0 until one has been read."""
+        return self.queue.job_s, self.queue.job_cpu_s
 
     def bandwidth(self, source: str, n_experts: int = 8) -> float:
         """Bytes/s of whole-expert reads from disk through the queue, IO_THREADS at a time."""
@@ -142,6 +154,7 @@ class CudaMover:
     ):  # fmt: skip
         self.reader, self.queue, self.device = reader, queue, device
         self.cpu_miss_tokens = cpu_miss_tokens
+        self.host_copy_s = None
         nbytes = reader.layout.nbytes
         per_layer = min(host_experts, len(reader.pieces)) // max(1, len(moe_layers))
         self.host_experts = per_layer * len(moe_layers)
@@ -193,6 +206,15 @@ class CudaMover:
     def on_host(self, layer: int, e: int, n_tokens: int) -> bool:
         """Compute this miss on the CPU from the host store instead of copying it."""
         return n_tokens <= self.cpu_miss_tokens and (layer, e) in self.host
+
+    def load_seconds(self) -> tuple[float, float]:
+        """How long loading one expert takes now, on average over where the experts are: a copy
+        from the host store (measured once) or a disk read and its copy (as recently measured);
+        and the time it takes from compute, none: the GPU computes."""
+        on_host = self.host_experts / len(self.reader.pieces)
+        if on_host and self.host_copy_s is None:
+            self.host_copy_s = self.reader.layout.nbytes / self.bandwidth("host")
+        return on_host * (self.host_copy_s or 0.0) + (1 - on_host) * self.queue.job_s, 0.0
 
     def host_views(self, layer: int, e: int) -> dict:
         return self.reader.layout.views(self.host[layer, e])

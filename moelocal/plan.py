@@ -109,6 +109,7 @@ class OffloadOptions:
     cache_policy: str = "lru"
     prefetch: bool = True
     prefetch_margin: int = 1  # extra experts guessed beyond the router's top-k
+    prefetch_depth: int = 1  # each layer's experts are guessed this many layers before it runs
     miss_policy: str = "auto"  # CUDA: load a missing expert, run it on the CPU, or choose by tokens
     context: int | None = None  # tokens of KV cache to plan for (default: the model's context)
 
@@ -122,6 +123,8 @@ class OffloadOptions:
             raise MoelocalError(f"--miss-policy '{self.miss_policy}': choose auto, load or cpu")
         if self.prefetch_margin < 0:
             raise MoelocalError(f"--prefetch-margin {self.prefetch_margin}: must be >= 0")
+        if self.prefetch_depth < 1:
+            raise MoelocalError(f"--prefetch-depth {self.prefetch_depth}: must be at least 1")
         if self.context is not None and self.context < 1:
             raise MoelocalError(f"--context {self.context}: must be at least 1 token")
 

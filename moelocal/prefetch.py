@@ -1,11 +1,12 @@
-"""Router-logit prefetch: after a layer's attention, guess the next layer's experts and start
-loading the ones that are not cached.
+"""Router-logit prefetch: after a layer's attention, guess a later layer's experts and start
+loading the ones that are not cached, where guessing pays.
 
 The hidden state entering layer L+1 is close to the one leaving layer L's attention (the residual
 stream changes slowly), so layer L+1's own `route()` applied to it is a good guess, taken with a
-margin of extra experts.
+margin of extra experts; layers further on are guessed the same way, less well.
 """
 
+import time
 from collections import Counter
 
 import torch
@@ -15,6 +16,8 @@ import torch
 # a guess pays when p > 2 (1 - p). (mixtral-large int4 under a 1536 MiB cap: prefetch on/off
 # 0.98x with 1/2, 1.05x with 0.7.)
 MIN_PRECISION = 2 / 3
+PROBE = 64  # a layer whose guesses do not pay is still guessed every PROBE-th time it runs
+DECAY = 0.9  # the weight of a layer's earlier guesses in its payoff, per guess
 
 
 class GuessRanks:
@@ -42,18 +45,58 @@ class GuessRanks:
         return (self.needed[rank] + 1) / (self.guessed[rank] + 2) >= MIN_PRECISION
 
 
+class Payoff:
+    """Whether guessing one layer's experts pays, from what its recent guesses saved (the
+    expert cache reckons it when the layer runs: the waits its needed guesses spared, less the
+    CPU time its loads took from compute, a later load for each expert a wrong guess evicted, and
+    the time making the guess took; routing ahead is not free, ~50 us a layer on the CPU). Where
+    guessing does not pay (the layer's experts are cached already, loads are quicker than
+    routing, take the CPU or wait behind the layers' own misses, or the guesses are wrong) the
+    layer is guessed only every PROBE-th time it runs, to notice when it would. Decided as the
+    layer runs, so that asking costs one attribute: this is asked of every layer, every step."""
+
+    def __init__(self):
+        self.gain = 0.0  # seconds saved by recent guesses, older ones weighing less
+        self.passed = 0  # runs without a guess since the last one
+        self.due = True  # guess the layer's next run (a layer never guessed is guessed)
+
+    def ran(self, guessed: bool):
+        """The layer ran, with or without a guess: decide about its next run."""
+        self.passed = 0 if guessed else self.passed + 1
+        self.due = self.gain >= 0 or self.passed >= PROBE - 1
+
+    def record(self, saved_s: float):
+        """What a guess of this layer saved (negative: cost)."""
+        self.gain = DECAY * self.gain + saved_s
+
+
 class Prefetcher:
-    def __init__(self, cache, margin: int = 1):
+    """After layer L's attention, guess the experts of layer L + depth (layer 0 guesses layers
+    1..depth) and have the cache load the uncached ones: each layer is guessed once a step,
+    `depth` layers before it runs. A deeper guess leaves its loads more time and is right less
+    often."""
+
+    def __init__(self, cache, margin: int = 1, depth: int = 1):
         self.cache, self.margin = cache, margin
+        moe = sorted(cache.slots)
+        # layer i -> the MoE layers guessed from the hidden state after its attention
+        self.targets = {i: [t for t in moe if (1 if i == 0 else i + depth) <= t <= i + depth]
+                        for i in range(max(moe, default=0))}  # fmt: skip
+
+    def wanted(self, i: int) -> bool:
+        """Does layer i's hidden state make a guess this step? (Cheap: asked every layer.)"""
+        return any(self.cache.due(t) for t in self.targets.get(i, ()))
 
     @torch.no_grad()
-    def __call__(self, layer, h: torch.Tensor):
-        """layer: the next DecoderLayer; h: the hidden state after this layer's attention;
-        the cache is an expert_cache.ExpertCache."""
-        guess = layer.route(h, self.margin)
-        if guess is None:  # a dense layer
-            return
-        rows = guess[0].tolist()  # one transfer from the device per layer
-        # rank by how many tokens chose each expert, ties in the router's order (stable sort)
-        votes = Counter(e for row in rows for e in row)
-        self.cache.prefetch(layer.layer, sorted(votes, key=votes.__getitem__, reverse=True))
+    def __call__(self, layers, i: int, h: torch.Tensor):
+        """layers: the DecoderLayers; i: the layer whose attention made h, the hidden state after
+        it; the cache is an expert_cache.ExpertCache."""
+        for target in self.targets[i]:
+            if self.cache.due(target):
+                start = time.perf_counter()
+                guess = layers[target].route(h, self.margin)
+                rows = guess[0].tolist()  # one transfer from the device per layer
+                # rank by how many tokens chose each expert, ties in the router's order
+                votes = Counter(e for row in rows for e in row)
+                ranked = sorted(votes, key=votes.__getitem__, reverse=True)
+                self.cache.prefetch(target, ranked, time.perf_counter() - start)

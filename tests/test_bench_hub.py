@@ -54,9 +54,21 @@ def test_bench_table_and_csv():
     assert "decode_tok_s" in header.split(",") and len(row.split(",")) == len(header.split(","))
 
 
-def test_bench_bad_sweep_is_one_line():
-    result = runner.invoke(app, ["bench", "--prefetch", "maybe"])
+@pytest.mark.parametrize("bad", [["--prefetch", "maybe"], ["--prefetch-depth", "1,0"],
+                                 ["--prefetch-depth", "two"]])  # fmt: skip
+def test_bench_bad_sweep_is_one_line(bad):
+    result = runner.invoke(app, ["bench", *bad])
     assert result.exit_code == 1 and result.stderr.startswith("error:")
+    assert result.stderr.count("\n") == 1
+
+
+def test_bench_sweeps_the_prefetch_depth():
+    result = runner.invoke(app, ["bench", "-p", "8", "-n", "8", "-r", "1", "--cache-experts", "2",
+                                 "--prefetch-depth", "1,3", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["prefetch_depth"] for r in rows] == [1, 3]
+    assert all(r["hit_rate"] < 1 for r in rows)
 
 
 def test_bench_sweeps_threads_and_reports_the_kernel_path():

@@ -17,6 +17,7 @@ from moelocal.io_queue import DEMAND, GUESS, IOQueue, Job
 from moelocal.models.common import GLU
 from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
+from moelocal.prefetch import PROBE, Payoff, Prefetcher
 from moelocal.slot_map import SlotMap
 
 D, I, E = 8, 4, 6
@@ -149,6 +150,7 @@ class FakeReader:
         self.layout = layout
         self.pieces = {(layer, e): None for layer in layers for e in range(E)}
         self.reads, self.gates, self.errors = [], {}, {}
+        self.delay = 0.0  # seconds each read takes
         self.waiting = {}  # (layer, e) -> set once its read waits at its gate
 
     def weights(self, layer, e):
@@ -160,6 +162,7 @@ class FakeReader:
         if gate is not None:
             self.waiting.setdefault((layer, e), threading.Event()).set()
             assert gate.wait(10)
+        time.sleep(self.delay)
         self.reads.append((layer, e))
         if (layer, e) in self.errors:
             raise self.errors.pop((layer, e))
@@ -390,3 +393,72 @@ def test_stats_are_consistent(policy):
     assert d["demand_bytes"] == s.misses * cache.expert_bytes
     assert d["bytes_moved"] == d["bytes_from_disk"] == d["demand_bytes"] + d["prefetch_bytes"]
     cache.close()
+
+
+# ---- whether guessing pays -------------------------------------------------------------------
+
+
+def test_a_layer_whose_guesses_cost_is_guessed_only_every_probe_th_run():
+    payoff, due = Payoff(), []
+    for _ in range(3 * PROBE):
+        due.append(payoff.due)  # never guessed: guessed
+        if payoff.due:
+            payoff.record(-1e-4)  # the routing cost, nothing saved
+        payoff.ran(guessed=payoff.due)
+    assert due == [True] + ([False] * (PROBE - 1) + [True]) * 2 + [False] * (PROBE - 1)
+
+
+def test_a_guess_that_saved_time_keeps_its_layer_guessed_through_a_few_that_did_not():
+    payoff = Payoff()
+    payoff.record(-1e-3)
+    payoff.ran(guessed=True)
+    assert not payoff.due
+    payoff.record(5e-3)  # a probe that hid a load
+    payoff.ran(guessed=True)
+    assert payoff.due
+    for _ in range(3):
+        payoff.record(-1e-4)
+        payoff.ran(guessed=True)
+        assert payoff.due
+
+
+def guessed_then_run(needed: list[int], delay: float):
+    """A cache whose reads take `delay` s: layer 0 guessed [3], the guess landed, then the layer
+    runs needing `needed`."""
+    cache, reader = make_cache(2)
+    reader.delay = delay
+    cache.prefetch(0, [3], cost_s=1e-3)  # routing, here slow
+    cache.maps[0].loading[3].job.finished.wait(10)
+    step(cache, needed)
+    return cache
+
+
+def test_a_guess_its_layer_needed_pays_for_itself_and_a_wrong_one_does_not():
+    cache = guessed_then_run([3], delay=0.02)
+    assert cache.payoffs[0].gain > 0.01 and cache.due(0)
+    cache.close()
+    cache = guessed_then_run([4], delay=0.02)  # 3 evicted 0, which will cost a read
+    assert cache.payoffs[0].gain < 0 and not cache.due(0)
+    step(cache, [0])  # a run without a guess is counted as skipped
+    assert cache.stats.total().guesses_skipped == 1
+    cache.close()
+
+
+def test_a_load_quicker_than_the_guess_does_not_pay():
+    cache = guessed_then_run([3], delay=0.0)
+    assert cache.payoffs[0].gain < 0 and not cache.due(0)
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    "moe, depth, targets",
+    [
+        ([0, 1, 2, 3], 1, {0: [1], 1: [2], 2: [3]}),
+        ([0, 1, 2, 3], 2, {0: [1, 2], 1: [3], 2: []}),
+        ([0, 2, 3], 1, {0: [], 1: [2], 2: [3]}),  # layer 1 dense: nothing to guess from 0
+        ([1, 2], 3, {0: [1, 2], 1: []}),
+    ],
+)
+def test_each_moe_layer_is_guessed_once_a_step_depth_layers_ahead(moe, depth, targets):
+    cache = SimpleNamespace(slots=dict.fromkeys(moe))
+    assert Prefetcher(cache, depth=depth).targets == targets

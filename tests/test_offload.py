@@ -22,6 +22,8 @@ SETTINGS = [
     dict(cache_experts=2, cache_policy="lfu"),
     dict(cache_experts=3, cache_policy="lfu", prefetch=False, prefetch_margin=0),
     dict(cache_experts=2, prefetch_margin=3),
+    dict(cache_experts=2, prefetch_depth=2),
+    dict(cache_experts=1, prefetch_depth=3, prefetch_margin=2),
 ]
 
 
@@ -62,10 +64,24 @@ def test_streaming_gives_identical_results(tiny, resident_runs, arch, setting):
     assert out.token_ids == tokens
     experts = out.stats.extra["experts"]
     assert experts["misses"] > 0  # it really streamed
-    if setting.get("prefetch", True):
-        assert experts["prefetch_issued"] > 0
-    else:
-        assert experts["prefetch_issued"] == 0
+    if not setting.get("prefetch", True):
+        assert experts["prefetch_issued"] == experts["guesses_skipped"] == 0
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("depth", [1, 2])
+def test_guessing_every_layer_every_step_gives_identical_results(
+    tiny, resident_runs, arch, depth, monkeypatch
+):
+    monkeypatch.setattr("moelocal.prefetch.PROBE", 1)  # no layer is ever left unguessed
+    monkeypatch.setattr("moelocal.prefetch.MIN_PRECISION", 0)  # nor any guess left unloaded
+    ids, logits, tokens = resident_runs(arch)
+    engine = moelocal.load(tiny(arch)[0], device="cpu", cache_experts=1, prefetch_depth=depth)
+    assert torch.equal(engine.logits(ids), logits)
+    out = engine.generate(ids, max_new_tokens=12)
+    assert out.token_ids == tokens
+    experts = out.stats.extra["experts"]
+    assert experts["guesses_skipped"] == 0 and experts["prefetch_issued"] > 0
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -116,7 +132,8 @@ def test_impossible_budget_is_one_line(tiny):
 
 @pytest.mark.parametrize("bad", [["--cpu-mem", "lots"], ["--cache-policy", "fifo"],
                                  ["--cache-experts", "0"], ["--miss-policy", "never"],
-                                 ["--context", "-5"], ["--context", "0"]])  # fmt: skip
+                                 ["--context", "-5"], ["--context", "0"],
+                                 ["--prefetch-depth", "0"]])  # fmt: skip
 def test_bad_offload_options_are_one_line(bad):
     result = CliRunner().invoke(app, ["generate", "-p", "hi", "-n", "1", *bad])
     assert result.exit_code == 1 and result.stderr.startswith("error:"), result.output

@@ -66,7 +66,8 @@ class Body(nn.Module):
 
 class Transformer(nn.Module):
     """experts: the routed experts' provider (expert_cache.ExpertCache); prefetcher: called after
-    each layer's attention with the next layer and the hidden state (prefetch.Prefetcher)."""
+    each layer's attention with the layers, that layer's index and the hidden state
+    (prefetch.Prefetcher)."""
 
     def __init__(self, cfg: ModelConfig, attention_cls=Attention, rope_dim: int | None = None,
                  experts=None, prefetcher=None):  # fmt: skip
@@ -95,8 +96,8 @@ class Transformer(nn.Module):
         layers = self.model.layers
         for i, layer in enumerate(layers):
             guess = None
-            if self.prefetcher is not None and i + 1 < len(layers):
-                guess = partial(self.prefetcher, layers[i + 1])
+            if self.prefetcher is not None and self.prefetcher.wanted(i):
+                guess = partial(self.prefetcher, layers, i)
             x = layer(x, rope, kv, masks, guess)
         kv.length += T
         if last_only:
