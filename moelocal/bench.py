@@ -15,6 +15,7 @@ from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
 from .plan import OffloadOptions, human
+from .prefetch import GuessRecorder
 from .quant import MODES
 
 
@@ -61,16 +62,21 @@ def configurations(sweeps: dict[str, str | None]) -> list[dict]:
 
 def one_run(engine: Engine, ids: list[int], gen_tokens: int, trace=None) -> dict:
     """One prefill + decode; expert figures for the decode alone (the prefill sees every expert).
-    trace: a RoutingTrace that records the decode's routing."""
+    trace: a RoutingTrace that records the decode's routing and the prefetcher's guesses (which
+    slow this run down)."""
     stats = Stats()
-    ec = engine.expert_cache
-    after_prefill = None
+    ec, model = engine.expert_cache, engine.model
+    prefetcher, after_prefill = model.prefetcher, None
+    margin = prefetcher.margin if prefetcher is not None else OffloadOptions.prefetch_margin
     try:
-        for i, _ in enumerate(generate(engine.model, [Request(ids, gen_tokens)], stats=[stats])):
+        for i, _ in enumerate(generate(model, [Request(ids, gen_tokens)], stats=[stats])):
             if i == 0 and ec is not None:
                 after_prefill = ec.stats.copy()
                 ec.trace = trace
+                if trace is not None:
+                    model.prefetcher = GuessRecorder(prefetcher, trace, sorted(ec.slots), margin)
     finally:
+        model.prefetcher = prefetcher
         if ec is not None:
             ec.trace = None
     decode = ec.stats.since(after_prefill).total() if ec is not None else None

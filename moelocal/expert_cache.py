@@ -3,11 +3,11 @@
 
 Slots are preallocated once, shaped like a stacked layer: (n_slots, bytes of one expert's blob).
 The MoE block (models/moe.py) asks for the experts a layer needs and gets each one's views as
-soon as it can be read: hits at once, misses as their loads land. A layer's own misses are read
-before the prefetcher's guesses, and a guess still queued when its layer runs is dropped (or
-promoted, if the layer needs it). All bookkeeping happens on the main thread; I/O threads only
-fill memory. The cache never decides the math, so tokens are the same for every budget, policy
-and prefetch setting.
+soon as it can be read: hits at once, misses as their loads land. A layer's own misses are
+queued before the loads of the guesses made during its attention, and read first; a guess still
+queued when its layer runs is dropped (or promoted, if the layer needs it). All bookkeeping
+happens on the main thread; I/O threads only fill memory. The cache never decides the math, so
+tokens are the same for every budget, policy and prefetch setting.
 """
 
 import time
@@ -53,6 +53,7 @@ class ExpertCache:
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
         self.guesses: dict[int, Guess] = {}  # layer -> the prefetcher's last guess
+        self.unstarted: list[int] = []  # layers guessed whose loads have not been started
         self.guess_ranks = GuessRanks()
         self.payoffs: dict[int, Payoff] = {}  # for each layer the prefetcher guesses
         self.stats = CacheStats()
@@ -140,6 +141,7 @@ class ExpertCache:
         m.in_use.update(needed)
         try:
             self._start_misses(layer, queue)
+            self.start_guesses()  # the later layers', behind these misses
             ready = [e for e in in_slot if m.ready(e)]
             for e in ready:  # hits compute while the misses load
                 yield e, self.views[layer][m.slot_of[e]], self.device
@@ -244,23 +246,34 @@ class ExpertCache:
         return payoff is None or payoff.due
 
     def prefetch(self, layer: int, ranked: list[int], cost_s: float = 0.0):
-        """Start loading the guessed experts (best first) that are not cached, while slots allow,
-        behind every miss, and only the ranks whose guesses have been needed often enough.
-        cost_s: the time making the guess took."""
+        """Note a guess of a layer's experts (best first); cost_s: the time making it took. Its
+        loads start with start_guesses(), which the running layer calls once it has asked for
+        its own misses: a guess read already running would share the disk with them."""
         m = self.maps[layer]
         uncached = [(r, e) for r, e in enumerate(ranked[: self.n_slots]) if e not in m.slot_of]
-        guess = self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
+        self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
         self.payoffs.setdefault(layer, Payoff())
-        protect = set(ranked[: self.n_slots])  # never evict one guess to make room for another
-        m.reap()
-        for rank, e in uncached:
-            if not self.guess_ranks.worth_loading(rank):
+        self.unstarted.append(layer)
+
+    def start_guesses(self):
+        """Start loading what the guesses noted since the last call name and is not cached,
+        while slots allow, behind every miss, and only the ranks whose guesses have been needed
+        often enough. A guess whose layer has run already is gone."""
+        for layer in self.unstarted:
+            guess, m = self.guesses.get(layer), self.maps[layer]
+            if guess is None:
                 continue
-            slot = m.free_slot(protect)
-            if slot is None:
-                return
-            guess.loaded.append((e, self._start(layer, e, slot, GUESS)))
-            self.stats.layer(layer).prefetch_issued += 1
+            protect = set(guess.ranked[: self.n_slots])  # no guess evicts another
+            m.reap()
+            for rank, e in guess.uncached:
+                if e in m.slot_of or not self.guess_ranks.worth_loading(rank):
+                    continue
+                slot = m.free_slot(protect)
+                if slot is None:
+                    break
+                guess.loaded.append((e, self._start(layer, e, slot, GUESS)))
+                self.stats.layer(layer).prefetch_issued += 1
+        self.unstarted.clear()
 
     def bandwidth(self, source: str) -> float:
         """Measured bytes/s into a slot from "disk" or "host" (the performance model's)."""

@@ -18,6 +18,7 @@ import torch
 MIN_PRECISION = 2 / 3
 PROBE = 64  # a layer whose guesses do not pay is still guessed every PROBE-th time it runs
 DECAY = 0.9  # the weight of a layer's earlier guesses in its payoff, per guess
+TRACE_DEPTH = 4  # a routing trace holds the guesses of each layer from up to this many before
 
 
 class GuessRanks:
@@ -94,9 +95,37 @@ class Prefetcher:
         for target in self.targets[i]:
             if self.cache.due(target):
                 start = time.perf_counter()
-                guess = layers[target].route(h, self.margin)
-                rows = guess[0].tolist()  # one transfer from the device per layer
-                # rank by how many tokens chose each expert, ties in the router's order
-                votes = Counter(e for row in rows for e in row)
-                ranked = sorted(votes, key=votes.__getitem__, reverse=True)
+                ranked = guess(layers[target], h, self.margin)
                 self.cache.prefetch(target, ranked, time.perf_counter() - start)
+        if i not in self.cache.slots:  # a dense layer: no misses of its own to go first
+            self.cache.start_guesses()
+
+
+def guess(layer, h: torch.Tensor, margin: int) -> list[int]:
+    """MoE layer `layer`'s experts for hidden state h, with `margin` more, best first: ranked by
+    how many tokens chose each, ties in the router's order."""
+    rows = layer.route(h, margin)[0].tolist()  # one transfer from the device per layer
+    votes = Counter(e for row in rows for e in row)
+    return sorted(votes, key=votes.__getitem__, reverse=True)
+
+
+class GuessRecorder:
+    """Stands in for a model's prefetcher (or its absence) while a routing trace is recorded:
+    after each layer's attention it also has the trace note the guess the prefetcher would make
+    of each of the next TRACE_DEPTH MoE layers, so that a replay can try every depth."""
+
+    def __init__(self, prefetcher, trace, moe_layers: list[int], margin: int):
+        self.prefetcher, self.trace, self.margin = prefetcher, trace, margin
+        self.targets = {i: [t for t in moe_layers if i < t <= i + TRACE_DEPTH]
+                        for i in range(max(moe_layers, default=0))}  # fmt: skip
+
+    def wanted(self, i: int) -> bool:
+        return bool(self.targets.get(i)) or (self.prefetcher is not None
+                                             and self.prefetcher.wanted(i))  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, layers, i: int, h: torch.Tensor):
+        if self.prefetcher is not None and self.prefetcher.wanted(i):
+            self.prefetcher(layers, i, h)
+        for target in self.targets.get(i, ()):
+            self.trace.guess(target, target - i, guess(layers[target], h, self.margin))

@@ -3,9 +3,10 @@ them. `moelocal bench --trace FILE` records the decode of a row; scripts/cache_s
 trace through cache policies (LRU, LFU, Belady's optimum).
 
 A trace is JSON lines: a header {"moe_layers", "experts", "top_k", "model"}, then one line per
-MoE layer call {"layer", "experts", "routed"} in the order they ran: the experts the layer
-needed (for one sequence's decode, the token's top k) and how many (token, expert) pairs were
-routed to them.
+MoE layer call {"layer", "experts", "routed", "guesses"} in the order they ran: the experts the
+layer needed (for one sequence's decode, the token's top k), how many (token, expert) pairs were
+routed to them, and the prefetcher's guesses of them (best first) made d layers before, by d
+("1", "2", ...; prefetch.GuessRecorder), for scripts/replay_trace.py to replay.
 """
 
 import json
@@ -19,9 +20,16 @@ from .errors import MoelocalError, reason
 class RoutingTrace:
     header: dict
     steps: list[tuple[int, list[int], int]] = field(default_factory=list)  # layer, experts, routed
+    guesses: list[dict[int, list[int]]] = field(default_factory=list)  # per step: depth -> guess
+    pending: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # layer's, until it runs
+
+    def guess(self, layer: int, depth: int, ranked: list[int]):
+        """The prefetcher's guess of layer's experts, made `depth` layers before it runs."""
+        self.pending.setdefault(layer, {})[depth] = ranked
 
     def record(self, layer: int, experts: list[int], routed: int):
         self.steps.append((layer, sorted(experts), routed))
+        self.guesses.append(self.pending.pop(layer, {}))
 
     def by_layer(self) -> dict[int, list[set[int]]]:
         """Each layer's sequence of needed-expert sets."""
@@ -32,8 +40,8 @@ class RoutingTrace:
 
     def save(self, path: Path):
         lines = [json.dumps(self.header)]
-        lines += [json.dumps({"layer": layer, "experts": e, "routed": n})
-                  for layer, e, n in self.steps]  # fmt: skip
+        lines += [json.dumps({"layer": layer, "experts": e, "routed": n, "guesses": g})
+                  for (layer, e, n), g in zip(self.steps, self.guesses, strict=True)]  # fmt: skip
         try:
             Path(path).write_text("\n".join(lines) + "\n")
         except OSError as e:
@@ -57,8 +65,10 @@ class RoutingTrace:
             trace.header["moe_layers"]  # noqa: B018
             for line in lines[1:]:
                 step = json.loads(line)
+                for depth, ranked in step.get("guesses", {}).items():
+                    trace.guess(int(step["layer"]), int(depth), [int(e) for e in ranked])
                 trace.record(int(step["layer"]), [int(e) for e in step["experts"]],
                              int(step["routed"]))  # fmt: skip
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise MoelocalError(f"{path}: not a routing trace ({e})") from None
         return trace

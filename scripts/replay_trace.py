@@ -4,15 +4,18 @@ sleep as long as the model it stands for computes: how real routing meets real b
 
     moelocal bench -p 16 -n 256 -r 1 --trace /tmp/default.trace     # the trained default model
     python scripts/replay_trace.py /tmp/default.trace --like cache/models/mixtral-large-int4 \\
-        --layer-ms 2.4 --slots 2,4,6 --prefetch off,oracle
+        --layer-ms 2.4 --slots 2,4,6 --prefetch off,oracle,router1,router2
 
 The experts are written once to a scratch file (the trace's layers x experts blobs of the --like
 model's int4 size, --dir) and read back with O_DIRECT as a converted model's are. Per setting:
 seconds per decoded token, hit rate, expert bytes read per token, and the floor: all-resident
 compute plus the bytes Belady's eviction would read at the disk rate measured in the same run.
 `oracle` prefetches, while a layer computes, exactly the experts the next layer will need (the
-bound any prefetcher is judged against). A sleep frees the cores, as a GPU's compute would;
-on the CPU real compute shares them with the I/O threads.
+bound any prefetcher is judged against); `routerD` replays the guesses the trace recorded D
+layers ahead (`moelocal bench --trace` records them for every depth up to 4) through the
+prefetcher's targets and the cache's switch, each guess costing --route-us. "speedup" is off's
+time over the row's, "of oracle's" the row's gain as a share of the oracle's. A sleep frees the
+cores, as a GPU's compute would; on the CPU real compute shares them with the I/O threads.
 """
 
 import argparse
@@ -38,6 +41,7 @@ from moelocal.expert_cache import ExpertCache  # noqa: E402
 from moelocal.experts import ExpertLayout  # noqa: E402
 from moelocal.io_queue import IOQueue  # noqa: E402
 from moelocal.movers import CpuMover  # noqa: E402
+from moelocal.prefetch import Prefetcher  # noqa: E402
 from moelocal.store import DiskReader, Piece  # noqa: E402
 from moelocal.trace import RoutingTrace  # noqa: E402
 
@@ -73,12 +77,18 @@ def write_experts(path: Path, layers: list[int], n_experts: int, nbytes: int) ->
     return pieces
 
 
-def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float) -> dict:
-    """Decode the trace through a fresh cache; seconds per token and the cache's figures."""
+def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float,
+           route_us: float) -> dict:  # fmt: skip
+    """Decode the trace through a fresh cache; seconds per token and the cache's figures.
+    prefetch: off, oracle, or routerD: the guesses the trace recorded D layers ahead, through
+    the prefetcher's own choice of targets and the cache's switch (each costs route_us)."""
     layers = trace.header["moe_layers"]
+    position = {layer: n for n, layer in enumerate(layers)}
     reader = DiskReader(pieces, layout)
     cache = ExpertCache(layout, CpuMover(reader, IOQueue(IO_THREADS)), layers,
                         trace.header["experts"], slots, policy)  # fmt: skip
+    depth = int(prefetch.removeprefix("router")) if prefetch.startswith("router") else 0
+    targets = Prefetcher(cache, depth=depth).targets if depth else {}
     try:
         disk_rate = cache.bandwidth("disk")
         before = cache.stats.copy()
@@ -86,9 +96,15 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
         compute = layer_ms / 1000 / (k + 1)  # attention, then each of k experts
         start = time.perf_counter()
         for i, (layer, experts, _) in enumerate(steps):
+            time.sleep(compute)  # attention; then the prefetcher
             if prefetch == "oracle" and i + 1 < len(steps):
                 cache.prefetch(steps[i + 1][0], steps[i + 1][1])
-            time.sleep(compute)
+            for target in targets.get(layer, ()):
+                j = i + position[target] - position[layer]  # its step, in this token
+                ranked = trace.guesses[j].get(target - layer) if j < len(steps) else None
+                if ranked is not None and cache.due(target):
+                    time.sleep(route_us / 1e6)
+                    cache.prefetch(target, ranked, route_us / 1e6)
             for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1)):
                 time.sleep(compute)
         seconds = time.perf_counter() - start
@@ -103,6 +119,7 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
         "bytes_per_token": stats["bytes_moved"] / tokens,
         "precision": stats["prefetch_precision"],
         "recall": stats["prefetch_recall"],
+        "skipped": stats["guesses_skipped"] / max(1, len(steps)),
     }
 
 
@@ -117,7 +134,12 @@ def main():
         help="one layer's compute when all is resident (decode ms per token / layers)",
     )
     ap.add_argument("--slots", default="2,4,6")
-    ap.add_argument("--prefetch", default="off,oracle")
+    ap.add_argument(
+        "--prefetch",
+        default="off,oracle,router1",
+        help="off, oracle, routerD (the trace's guesses D layers ahead), comma-separated",
+    )
+    ap.add_argument("--route-us", type=float, default=50.0, help="what making one guess costs")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where the scratch experts go")
@@ -133,27 +155,38 @@ def main():
         print(f"{trace.header.get('model')} routing, {len(trace.steps) // len(layers)} tokens, "
               f"{len(layers)} layers x {E} experts of {size}, {args.layer_ms} ms a layer, "
               f"policy {args.policy}")  # fmt: skip
-        print("| slots | prefetch | s/token | vs floor | hit rate | Belady's | MiB/token | "
-              "precision | recall |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| slots | prefetch | s/token | vs floor | speedup | of oracle's | hit rate | "
+              "Belady's | MiB/token | precision | recall | not guessed |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for slots in [int(s) for s in args.slots.split(",")]:
             runs = {p: [] for p in args.prefetch.split(",")}
             for _ in range(args.rounds):  # alternating
                 for p in runs:
                     runs[p].append(replay(trace, pieces, layout, slots, p, args.policy,
-                                          args.layer_ms))  # fmt: skip
+                                          args.layer_ms, args.route_us))  # fmt: skip
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)
             # the floor at the disk rate of all this setting's runs (it swings from run to run)
             disk = statistics.median(r["disk_bytes_per_s"] for rows in runs.values() for r in rows)
             misses_per_token = (1 - belady) * trace.header["top_k"] * len(layers)
             floor = len(layers) * args.layer_ms / 1000 + misses_per_token * layout.nbytes / disk
-            for p, rows in runs.items():
-                med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+            meds = {p: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+                    for p, rows in runs.items()}  # fmt: skip
+            off = meds.get("off", {}).get("s_per_token")
+            oracle = meds.get("oracle", {}).get("s_per_token")
+            for p, med in meds.items():
+                speedup = off / med["s_per_token"] if off else None
+                of_oracle = (speedup - 1) / (off / oracle - 1) if off and oracle != off else None
                 print(f"| {slots} | {p} | {med['s_per_token']:.4f} | "
-                      f"{med['s_per_token'] / floor:.2f}x | {med['hit_rate']:.3f} | "
+                      f"{med['s_per_token'] / floor:.2f}x | {cell(speedup, '{:.2f}x')} | "
+                      f"{cell(of_oracle, '{:.0%}')} | {med['hit_rate']:.3f} | "
                       f"{belady:.3f} | {med['bytes_per_token'] / 2**20:.1f} | "
-                      f"{med['precision']:.2f} | {med['recall']:.2f} |")  # fmt: skip
+                      f"{med['precision']:.2f} | {med['recall']:.2f} | "
+                      f"{med['skipped']:.0%} |")  # fmt: skip
+
+
+def cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 if __name__ == "__main__":

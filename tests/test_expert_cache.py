@@ -187,6 +187,12 @@ def step(cache, experts, n_tokens=1, layer=0):
     return MoE.routed_experts(block, x, ids, weights), x, ids, weights
 
 
+def guess(cache, layer, ranked, cost_s=0.0):
+    """The prefetcher's guess, its loads started at once (as the running layer would)."""
+    cache.prefetch(layer, ranked, cost_s)
+    cache.start_guesses()
+
+
 def expected(reader, x, experts, weights):
     out = torch.zeros_like(x)
     for k, e in enumerate(experts):
@@ -256,12 +262,12 @@ def test_one_token_sums_like_the_general_path(dtype):
 def test_in_flight_prefetch_is_never_evicted():
     cache, reader = make_cache(2)  # holds 0, 1
     reader.gates[0, 4] = reader.gates[0, 5] = gate = threading.Event()
-    cache.prefetch(0, [4])  # evicts the least recent (0); 4 is in flight
+    guess(cache, 0, [4])  # evicts the least recent (0); 4 is in flight
     m = cache.maps[0]
     assert 4 in m.loading and 4 in m.slot_of
-    cache.prefetch(0, [5])  # the only other slot holds 1: evictable, so 5 replaces 1
+    guess(cache, 0, [5])  # the only other slot holds 1: evictable, so 5 replaces 1
     assert set(m.slot_of) == {4, 5}
-    cache.prefetch(0, [2])  # both slots in flight: nothing to evict, no load
+    guess(cache, 0, [2])  # both slots in flight: nothing to evict, no load
     assert 2 not in m.slot_of and cache.stats.total().prefetch_issued == 2
     gate.set()
     step(cache, [4])
@@ -272,7 +278,7 @@ def test_in_flight_prefetch_is_never_evicted():
 
 def test_prediction_recall_counts_guessed_experts():
     cache, _ = make_cache(2)
-    cache.prefetch(0, [3, 4])
+    guess(cache, 0, [3, 4])
     step(cache, [3, 5])
     s = cache.stats.total()
     assert (s.predicted_needed, s.needed_with_guess) == (1, 2)
@@ -282,7 +288,7 @@ def test_prediction_recall_counts_guessed_experts():
 def test_a_guess_not_started_is_dropped_when_its_layer_runs():
     cache, reader = make_cache(3, threads=1)
     reader.gates[0, 3] = gate = threading.Event()
-    cache.prefetch(0, [3, 4])  # 3 is read (held at its gate), 4 waits in the queue
+    guess(cache, 0, [3, 4])  # 3 is read (held at its gate), 4 waits in the queue
     while cache.maps[0].loading[3].job.state != "running":
         time.sleep(0.001)
     out, x, _, weights = step(cache, [2])
@@ -298,7 +304,7 @@ def test_a_guess_not_started_is_dropped_when_its_layer_runs():
 def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     cache, reader = make_cache(2, threads=1, layers=(0, 1))
     reader.gates[1, 3] = gate = threading.Event()
-    cache.prefetch(1, [3, 4])  # 3 holds the only I/O thread, 4 waits
+    guess(cache, 1, [3, 4])  # 3 holds the only I/O thread, 4 waits
     while cache.maps[1].loading[3].job.state != "running":
         time.sleep(0.001)
 
@@ -314,10 +320,22 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     assert after in ([(1, 3), (0, 5), (1, 4)], [(1, 3), (0, 5)])  # 4: read next, or dropped
 
 
+def test_a_guess_made_during_a_layers_attention_is_read_after_that_layers_misses():
+    cache, reader = make_cache(2, threads=1, layers=(0, 1))
+    cache.prefetch(1, [3])  # layer 0's attention guessed layer 1
+    assert 3 not in cache.maps[1].slot_of  # nothing started yet
+    step(cache, [5], layer=0)  # layer 0 asks for its miss, then the guess starts
+    cache.maps[1].loading[3].job.finished.wait(10)
+    assert reader.reads[-2:] == [(0, 5), (1, 3)]
+    step(cache, [3], layer=1)
+    assert cache.stats.layer(1).prefetch_used == 1
+    cache.close()
+
+
 def test_waiting_for_a_slot_held_by_a_guess_counts_as_stall():
     cache, reader = make_cache(1, threads=2)
     reader.gates[0, 3] = gate = threading.Event()
-    cache.prefetch(0, [3])  # the only slot: 3's read, held
+    guess(cache, 0, [3])  # the only slot: 3's read, held
     while cache.maps[0].loading[3].job.state != "running":
         time.sleep(0.001)
     threading.Timer(0.3, gate.set).start()
@@ -384,7 +402,7 @@ def test_stats_are_consistent(policy):
     for _ in range(30):
         experts = torch.randperm(E, generator=gen)[:2].tolist()
         if torch.rand(1, generator=gen) < 0.5:
-            cache.prefetch(0, torch.randperm(E, generator=gen)[:2].tolist())
+            guess(cache, 0, torch.randperm(E, generator=gen)[:2].tolist())
         step(cache, experts)
     s = cache.stats.total()
     d = cache.stats.as_dict(cache.expert_bytes)
@@ -427,7 +445,7 @@ def guessed_then_run(needed: list[int], delay: float):
     runs needing `needed`."""
     cache, reader = make_cache(2)
     reader.delay = delay
-    cache.prefetch(0, [3], cost_s=1e-3)  # routing, here slow
+    guess(cache, 0, [3], cost_s=1e-3)  # routing, here slow
     cache.maps[0].loading[3].job.finished.wait(10)
     step(cache, needed)
     return cache
@@ -462,3 +480,11 @@ def test_a_load_quicker_than_the_guess_does_not_pay():
 def test_each_moe_layer_is_guessed_once_a_step_depth_layers_ahead(moe, depth, targets):
     cache = SimpleNamespace(slots=dict.fromkeys(moe))
     assert Prefetcher(cache, depth=depth).targets == targets
+
+
+def test_a_guess_made_at_a_dense_layer_starts_at_once():
+    cache, reader = make_cache(2, layers=(1,))
+    layer = SimpleNamespace(route=lambda h, extra: (torch.tensor([[3, 4]]), None))
+    Prefetcher(cache)([None, layer], 0, torch.zeros(1, 1, D))  # layer 0 is dense
+    assert {3, 4} <= set(cache.maps[1].loading) | set(cache.maps[1].slot_of)
+    cache.close()

@@ -33,10 +33,37 @@ def test_bench_records_the_decode_routing(tmp_path):
     assert [layer for layer, _, _ in trace.steps[: len(h["moe_layers"])]] == h["moe_layers"]
     for _, experts, routed in trace.steps:
         assert len(experts) == 2 and routed == 2 and all(0 <= e < 8 for e in experts)
-    # greedy decode of the same prompt: the same routing whatever the cache's size
+    # the prefetcher's guesses of each layer from each of the up to 4 layers before it
+    layers = h["moe_layers"]
+    for (layer, experts, _), guesses in zip(trace.steps, trace.guesses, strict=True):
+        assert sorted(guesses) == list(range(1, min(layers.index(layer), 4) + 1))
+        assert all(len(g) == 3 and len(set(g)) == 3 for g in guesses.values())  # k + 1
+    # greedy decode of the same prompt: the same routing (and guesses) whatever the cache's size
     again = tmp_path / "again.jsonl"
     assert bench_trace(again, "--cache-experts", "8").exit_code == 0
     assert RoutingTrace.load(again).steps == trace.steps
+    assert RoutingTrace.load(again).guesses == trace.guesses
+
+
+def test_replay_runs_the_trace_through_the_cache(tmp_path):
+    import subprocess
+
+    from moelocal.hub import resolve_model
+
+    path = tmp_path / "trace.jsonl"
+    assert bench_trace(path, "--cache-experts", "2").exit_code == 0
+    script = Path(__file__).resolve().parent.parent / "scripts" / "replay_trace.py"
+    out = subprocess.run([sys.executable, str(script), str(path), "--like", str(resolve_model(None)),
+                          "--layer-ms", "0.1", "--slots", "2", "--rounds", "1", "--dir",
+                          str(tmp_path), "--prefetch", "off,oracle,router1,router2"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {r.split("|")[2].strip(): r.split("|")[1:-1] for r in out.stdout.splitlines()
+            if r.startswith("| 2 |")}  # fmt: skip
+    assert list(rows) == ["off", "oracle", "router1", "router2"]
+    precision, recall = 9, 10
+    assert float(rows["oracle"][precision]) == float(rows["oracle"][recall]) == 1.0
+    assert float(rows["off"][recall]) == 0.0 and 0 < float(rows["router1"][recall]) <= 1
 
 
 def test_a_file_that_is_not_a_trace_is_not_overwritten(tmp_path):
