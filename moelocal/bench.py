@@ -1,7 +1,8 @@
 """`moelocal bench`: llama-bench's rows (prefill and decode tokens/s, mean ± std over repetitions)
 plus what only an offloading engine can show: hit rate, prefetch precision and recall, bytes moved
-per token, the share of time stalled on experts, peak memory, and the floor of DESIGN.md's
-performance model: time per token >= max(compute time, bytes moved ÷ measured bandwidth).
+per token, the share of time stalled on experts, peak memory, the floor of DESIGN.md's
+performance model: time per token >= max(compute time, bytes moved ÷ measured bandwidth), and what
+`plan`'s model (perf_model.py) predicts at the run's hit rate.
 """
 
 import itertools
@@ -14,6 +15,7 @@ from rich.table import Table
 from .engine import Engine, load, reset_peak_memory
 from .errors import MoelocalError
 from .generate import Request, Stats, generate
+from .perf_model import Bandwidths, memory_bandwidth, predicted_seconds
 from .plan import OffloadOptions, human
 from .prefetch import GuessRecorder
 from .quant import MODES
@@ -147,11 +149,10 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
     for r in runs[1:]:
         d.add(r["decode"])
     disk_bytes, host_bytes = d.bytes_from_disk / steps, d.bytes_from_host / steps
-    io_s = 0.0
-    if disk_bytes:
-        io_s += disk_bytes / ec.bandwidth("disk")
-    if host_bytes:
-        io_s += host_bytes / ec.bandwidth("host")
+    rates = Bandwidths(memory_bandwidth(engine.device),
+                       ec.bandwidth("disk") if disk_bytes or ec.streaming else 1.0,
+                       ec.bandwidth("host") if host_bytes else 0.0)  # fmt: skip
+    io_s = disk_bytes / rates.disk + (host_bytes / rates.host if host_bytes else 0.0)
     compute_s = max(0.0, decode_s - d.stall_s) / steps  # decode time not spent waiting
     floor_s = max(compute_s, io_s)
     summary = d.summary(ec.expert_bytes)
@@ -162,6 +163,8 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
         "bytes_moved_per_token": summary["bytes_moved"] / steps,
         "stall_share": d.stall_s / decode_s if decode_s else 0.0,
         "floor_tok_s": 1 / floor_s if floor_s else None,
+        # the plan's performance model at this run's hit rate (perf_model.py)
+        "predicted_tok_s": 1 / predicted_seconds(engine.plan, summary["hit_rate"], rates),
     }
 
 
@@ -199,6 +202,7 @@ def report_table(rows: list[dict]):
         "stalled": lambda r: pct(r, "stall_share"),
         "peak RAM": lambda r: size(r, "peak_rss_bytes"),
         "floor tg": lambda r: f"{r['floor_tok_s']:.1f}" if r.get("floor_tok_s") else "-",
+        "predicted": lambda r: f"{r['predicted_tok_s']:.1f}" if r.get("predicted_tok_s") else "-",
     }
     if first["device"] == "cuda":
         measures["peak GPU"] = lambda r: size(r, "peak_gpu_bytes")

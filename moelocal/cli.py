@@ -433,14 +433,26 @@ def plan_cmd(
     hit_rate: Annotated[
         float, typer.Option(help="Hit rate for the expected bytes moved per token.")
     ] = 0.8,
+    trace_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Take the hit rate from this routing trace (bench --trace), "
+            "as LRU would have had it at the plan's slots.",
+        ),
+    ] = None,  # fmt: skip
     as_json: JsonOpt = False,
 ):
-    """Show where each part of the model would live within the budgets, without loading it.
+    """Show where each part of the model would live within the budgets, without loading it, and
+    the decode speed the performance model predicts for it (bandwidths measured now).
 
     Example: moelocal plan ./Mixtral-8x7B --gpu-mem 6GiB --cpu-mem 24GiB
     """
     plan = heavy_import("engine").plan
+    from .hub import resolve_model
+    from .perf_model import measure, predicted_seconds
     from .plan import human
+    from .trace import RoutingTrace
 
     if not 0 <= hit_rate <= 1:  # NaN included
         fail(f"--hit-rate {hit_rate}: a share from 0 to 1 (0.8 is 80%)")
@@ -448,13 +460,33 @@ def plan_cmd(
     def go():
         p = plan(model, device=device, dtype=dtype, quant=quant, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
                  cache_experts=cache_experts, context=context)  # fmt: skip
-        moved = p.bytes_moved_per_token(hit_rate)
+        rate, source = hit_rate, "an assumed"
+        if trace_path is not None:
+            trace = RoutingTrace.load(trace_path)
+            if trace.header.get("experts") != p.n_experts:
+                raise MoelocalError(f"--trace {trace_path}: routing over "
+                                    f"{trace.header.get('experts')} experts a layer, the model "
+                                    f"has {p.n_experts}")  # fmt: skip
+            rate, source = trace.lru_hit_rate(p.device_slots), "the trace's"
+        if p.device_slots >= p.n_experts:
+            rate, source = 1.0, "a"
+        moved = p.bytes_moved_per_token(rate)
+        bw = measure(p, resolve_model(model))
+        tok_s = 1 / predicted_seconds(p, rate, bw)
         if as_json:
-            print(json.dumps(p.as_dict() | {"hit_rate": hit_rate, "bytes_moved_per_token": moved}))
+            print(json.dumps(p.as_dict() | {
+                "hit_rate": rate, "bytes_moved_per_token": moved,
+                "bytes_read_per_token": p.bytes_read_per_token(), "predicted_tok_s": tok_s,
+                "memory_bytes_per_s": bw.memory, "disk_bytes_per_s": bw.disk,
+                "host_bytes_per_s": bw.host}))  # fmt: skip
             return
         Console().print(p.table())
-        print(f"one expert: {human(p.expert_bytes)}; at a {hit_rate:.0%} hit rate a decoded token "
-              f"moves {human(moved)} of experts")  # fmt: skip
+        print(f"one expert: {human(p.expert_bytes)}; at {source} {rate:.0%} hit rate a decoded "
+              f"token moves {human(moved)} of experts")  # fmt: skip
+        print(f"predicted decode: {tok_s:.1f} tok/s (weights read per token "
+              f"{human(p.bytes_read_per_token())} at {bw.memory / 1e9:.1f} GB/s, experts moved "
+              f"at {(bw.host or bw.disk) / 1e9:.2f} GB/s{' from the host store' if bw.host else ''}"
+              ")")  # fmt: skip
 
     run(go)
 

@@ -141,6 +141,7 @@ class Plan:
     n_experts: int  # routed experts per MoE layer
     moe_layers: int
     top_k: int
+    layers: int  # decoder layers, MoE or not
     device_slots: int  # expert slots per MoE layer in the device cache
     host_experts: int  # experts kept in page-locked host RAM (CUDA); 0 on a CPU-only machine
     staging_bytes: int
@@ -168,6 +169,14 @@ class Plan:
             self.host_experts if self.device == "cuda" else self.device_slots * self.moe_layers
         )
         return max(0, self.total_experts - in_memory)
+
+    def bytes_read_per_token(self) -> int:
+        """Weights a decoded token reads: every resident matrix but the embedding table (one
+        row of it, unless it is also the head), and k experts in each MoE layer."""
+        resident = self.resident_bytes
+        if self.resident.get("lm_head"):
+            resident -= self.resident.get("embeddings", 0)
+        return resident + self.moe_layers * self.top_k * self.expert_bytes
 
     def bytes_moved_per_token(self, hit_rate: float) -> float:
         """Expected bytes moved into the expert cache per decoded token at a given hit rate:
@@ -211,6 +220,7 @@ class Plan:
             "expert_bytes": self.expert_bytes,
             "experts_per_layer": self.n_experts,
             "moe_layers": self.moe_layers,
+            "layers": self.layers,
             "device_slots_per_layer": self.device_slots,
             "device_cache_bytes": self.cache_bytes,
             "host_experts": self.host_experts,
@@ -279,7 +289,8 @@ def make_plan(
     return Plan(
         device=device.type, dtype=dtype, quant=quant, resident=resident, context=context,
         kv_bytes=kv, expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
-        top_k=cfg.num_experts_per_tok, device_slots=int(slots), host_experts=int(host),
+        top_k=cfg.num_experts_per_tok, layers=cfg.num_hidden_layers, device_slots=int(slots),
+        host_experts=int(host),
         staging_bytes=staging, cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
         gpu_budget=gpu_mem, cpu_budget=cpu_mem,
     )  # fmt: skip

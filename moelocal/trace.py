@@ -38,6 +38,18 @@ class RoutingTrace:
             out.setdefault(layer, []).append(set(experts))
         return out
 
+    def lru_hit_rate(self, slots: int) -> float:
+        """The share of needed experts an LRU cache of `slots` per layer would have held."""
+        hits = uses = 0
+        for steps in self.by_layer().values():
+            recent: list[int] = []  # least recently used first
+            for needed in steps:
+                hits += sum(e in recent for e in needed)
+                uses += len(needed)
+                recent = [e for e in recent if e not in needed] + sorted(needed)
+                recent = recent[max(0, len(recent) - slots) :]
+        return hits / uses if uses else 0.0
+
     def save(self, path: Path):
         lines = [json.dumps(self.header)]
         lines += [json.dumps({"layer": layer, "experts": e, "routed": n, "guesses": g})

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import moelocal
 from moelocal.cli import app
 from moelocal.errors import MoelocalError
+from moelocal.perf_model import LAYER_OVERHEAD_S
 from moelocal.synthetic import make_checkpoint
 
 SETTINGS = [
@@ -180,8 +181,44 @@ def test_plan_cli(tiny):
     assert plan["disk_experts"] == 2 * (8 - 3)
     assert plan["resident"]["dense_mlp"] > 0 and plan["resident"]["shared_experts"] > 0
     assert plan["bytes_moved_per_token"] == pytest.approx(2 * 2 * 0.2 * plan["expert_bytes"])
+    assert plan["memory_bytes_per_s"] > 0 and plan["disk_bytes_per_s"] > 0
+    assert plan["bytes_read_per_token"] > plan["moe_layers"] * 2 * plan["expert_bytes"]
+    assert plan["predicted_tok_s"] > 0
     table = CliRunner().invoke(app, ["plan", str(path), "--cache-experts", "3"])
     assert "expert cache" in table.stdout and "disk: 10 experts" in table.stdout
+    assert "predicted decode:" in table.stdout
+
+
+def test_predicted_speed_falls_with_the_hit_rate_and_ignores_it_when_all_is_cached(tiny):
+    from moelocal.perf_model import Bandwidths, predicted_seconds
+
+    path = tiny("mixtral")[0]
+    streamed = moelocal.engine.plan(path, device="cpu", cache_experts=2)
+    rates = Bandwidths(memory=20e9, disk=1e9)
+    times = [predicted_seconds(streamed, h, rates) for h in (0.2, 0.5, 0.9, 1.0)]
+    assert times == sorted(times, reverse=True)
+    # at a 100% hit rate: the weights a token reads, and each layer's fixed cost
+    assert times[-1] == pytest.approx(streamed.bytes_read_per_token() / 20e9
+                                      + streamed.layers * LAYER_OVERHEAD_S)  # fmt: skip
+    resident = moelocal.engine.plan(path, device="cpu")
+    assert predicted_seconds(resident, 0.1, rates) == predicted_seconds(resident, 1.0, rates)
+
+
+def test_plan_takes_the_hit_rate_from_a_trace(tmp_path):
+    from moelocal.trace import RoutingTrace
+
+    trace = tmp_path / "t.jsonl"
+    runner = CliRunner()
+    assert runner.invoke(app, ["bench", "-p", "8", "-n", "9", "-r", "1", "--trace",
+                               str(trace)]).exit_code == 0  # fmt: skip
+    result = runner.invoke(app, ["plan", "--cache-experts", "3", "--trace", str(trace), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["hit_rate"] == RoutingTrace.load(trace).lru_hit_rate(3)
+    other = json.loads(trace.read_text().splitlines()[0]) | {"experts": 64}
+    trace.write_text("\n".join([json.dumps(other), *trace.read_text().splitlines()[1:]]))
+    wrong = runner.invoke(app, ["plan", "--cache-experts", "3", "--trace", str(trace)])
+    assert wrong.exit_code == 1 and wrong.stderr.count("\n") == 1 and "64 experts" in wrong.stderr
 
 
 def test_peak_memory_stays_within_budget(tmp_path):

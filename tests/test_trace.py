@@ -35,7 +35,7 @@ def test_bench_records_the_decode_routing(tmp_path):
         assert len(experts) == 2 and routed == 2 and all(0 <= e < 8 for e in experts)
     # the prefetcher's guesses of each layer from each of the up to 4 layers before it
     layers = h["moe_layers"]
-    for (layer, experts, _), guesses in zip(trace.steps, trace.guesses, strict=True):
+    for (layer, _, _), guesses in zip(trace.steps, trace.guesses, strict=True):
         assert sorted(guesses) == list(range(1, min(layers.index(layer), 4) + 1))
         assert all(len(g) == 3 and len(set(g)) == 3 for g in guesses.values())  # k + 1
     # greedy decode of the same prompt: the same routing (and guesses) whatever the cache's size
@@ -53,7 +53,8 @@ def test_replay_runs_the_trace_through_the_cache(tmp_path):
     path = tmp_path / "trace.jsonl"
     assert bench_trace(path, "--cache-experts", "2").exit_code == 0
     script = Path(__file__).resolve().parent.parent / "scripts" / "replay_trace.py"
-    out = subprocess.run([sys.executable, str(script), str(path), "--like", str(resolve_model(None)),
+    like = str(resolve_model(None))
+    out = subprocess.run([sys.executable, str(script), str(path), "--like", like,
                           "--layer-ms", "0.1", "--slots", "2", "--rounds", "1", "--dir",
                           str(tmp_path), "--prefetch", "off,oracle,router1,router2"],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -90,6 +91,19 @@ def test_belady_bounds_every_policy(seed):
     uses = sum(len(t) for t in trace)
     for policy in POLICIES.values():  # every expert fits: only the first use of each misses
         assert hit_rate(trace, E, policy) == pytest.approx(1 - first_uses / uses)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_traces_own_lru_agrees_with_cache_sim(seed):
+    rng = random.Random(seed)
+    trace = RoutingTrace({"moe_layers": [0, 1]})
+    for _ in range(200):
+        for layer in (0, 1):
+            trace.record(layer, [rng.randrange(8)], 1)  # top 1: no ties for the victim
+    by_layer = trace.by_layer().values()
+    for slots in range(1, 9):
+        simulated = sum(hit_rate(t, slots, POLICIES["LRU"]) for t in by_layer) / 2
+        assert trace.lru_hit_rate(slots) == pytest.approx(simulated)
 
 
 def test_cache_sim_reads_a_trace(tmp_path):
