@@ -10,8 +10,11 @@ the build fails, `path()` is "torch" and quant.py multiplies with torch ops over
 layout: slower, never wrong. This module knows nothing of formats beyond handing bytes over.
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+NAME = "moelocal_cpu_kernels"  # the module, and its file in the build directory: NAME.so
 PATHS = {"avx512": 2, "avx2": 1, "portable": 0}
 
 
@@ -45,7 +49,32 @@ def build_dir(cxx: str) -> Path:
     key = hashlib.sha256(f"{torch.__version__}|{where_torch}|{cxx}|{sys.version}".encode())
     key.update(SOURCE.read_bytes())
     name = f"moelocal-torch{torch.__version__}-{key.hexdigest()[:12]}"
-    return Path(get_default_build_root()) / name
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
+def import_built(path: Path):
+    """The built module, imported directly: torch's loader would first run ninja and a compiler
+    check in child processes (~0.1 s, and their memory, which under a tight cap was the one
+    allocation too many)."""
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def build_lock(where: Path):
+    """Held while the extension is loaded or built. torch's own lock is a file that a process
+    killed while holding it (by the OOM killer, kill -9) leaves behind, and every later load then
+    waits for it forever. This flock is released by the kernel when its holder dies, and whoever
+    holds it knows that a torch lock file still there is such a leftover, and removes it."""
+    fd = os.open(where / "moelocal.flock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @functools.cache
@@ -68,20 +97,26 @@ def extension():
         tmp = where / f".{SOURCE.name}.{os.getpid()}"
         tmp.write_bytes(SOURCE.read_bytes())
         tmp.replace(source)
-    if not any(where.glob("*.so")):
-        print("moelocal: compiling the CPU kernels (once for this torch and compiler, ~30 s)",
-              file=sys.stderr)  # fmt: skip
     # at::parallel_for runs its threads only where the code is compiled with OpenMP; the
     # extension then binds to the libgomp.so.1 torch has loaded: one thread pool, not two
     openmp = ["-fopenmp"] if sys.platform == "linux" else []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cpp_extension.load(
-                name="moelocal_cpu_kernels", sources=[str(source)], build_directory=str(where),
-                extra_cflags=["-O3", "-ffp-contract=off", *openmp], extra_ldflags=openmp,
-                verbose=False,
-            )  # fmt: skip
+        with build_lock(where):
+            built = where / f"{NAME}.so"
+            if built.is_file():  # the directory's name says it is this source's build
+                try:
+                    return import_built(built)
+                except ImportError:  # a link cut short: built again below
+                    built.unlink()
+            print("moelocal: compiling the CPU kernels (once for this torch and compiler, ~30 s)",
+                  file=sys.stderr)  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return cpp_extension.load(
+                    name=NAME, sources=[str(source)], build_directory=str(where),
+                    extra_cflags=["-O3", "-ffp-contract=off", *openmp], extra_ldflags=openmp,
+                    verbose=False,
+                )  # fmt: skip
     except Exception as e:  # a broken toolchain must not stop the engine
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"moelocal: building the CPU kernels failed ({first}); using the slower torch "

@@ -301,6 +301,32 @@ def test_kernel_paths_forced_or_without_a_compiler_give_the_tokens(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_a_killed_build_neither_hangs_nor_breaks_the_next_start(tmp_path):
+    """torch's extension lock is a plain file: a process killed while holding it (the OOM killer,
+    kill -9) left it behind, and every later start waited for it forever. A build whose library
+    was cut short is built again."""
+    import os
+    import subprocess
+    import sys
+
+    from moelocal import cpu_kernels
+
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path)}  # a build of its own
+    load = [sys.executable, "-c", "from moelocal import cpu_kernels; print(cpu_kernels.path())"]
+    first = subprocess.run(load, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr
+    [where] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (where / "lock").write_text("")  # as a killed holder leaves it
+    again = subprocess.run(load, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert not (where / "lock").exists()
+    assert first.stdout.strip() == cpu_kernels.path()
+    (where / f"{cpu_kernels.NAME}.so").write_bytes(b"cut short")  # a link killed half way
+    rebuilt = subprocess.run(load, capture_output=True, text=True, timeout=600, env=env)
+    assert rebuilt.returncode == 0 and rebuilt.stdout == first.stdout, rebuilt.stderr
+    assert "compiling the CPU kernels" in rebuilt.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_norm_and_rope_give_the_torch_ops_results(dtype):
     """The decode step's RMSNorm and RoPE in one call each: RoPE gives the torch ops' bits on a
