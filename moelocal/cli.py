@@ -481,6 +481,8 @@ def plan_cmd(
                 "host_bytes_per_s": bw.host}))  # fmt: skip
             return
         Console().print(p.table())
+        for note in p.notes:
+            print(note)
         print(f"one expert: {human(p.expert_bytes)}; at {source} {rate:.0%} hit rate a decoded "
               f"token moves {human(moved)} of experts")  # fmt: skip
         print(f"predicted decode: {tok_s:.1f} tok/s (weights read per token "

@@ -279,6 +279,8 @@ def load_model(
     (closed by the caller)."""
     planned = plan_model(ckpt, device, dtype, options, quant)
     family, cfg, dtype, model, resident, pieces, plan, layout, quant_state = planned
+    for note in plan.notes:
+        print(f"moelocal: {note}", file=sys.stderr)
     if preread is not None and not (
         device.type == "cpu" and preread.keep(pieces, layout.nbytes, plan.device_slots)
     ):

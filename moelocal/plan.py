@@ -12,6 +12,7 @@ import psutil
 import torch
 from rich.table import Table
 
+from . import memory_room
 from .config import ModelConfig
 from .direct_io import ALIGN, IO_THREADS
 from .errors import MoelocalError
@@ -23,6 +24,9 @@ from .slot_map import POLICIES
 # the weights once, about as fast from host RAM as a copy over PCIe; a batch reuses the copy.
 # A fixed number, not a timing: the tokens must not depend on how fast a run happened to be.
 AUTO_CPU_TOKENS = 4
+# without --cpu-mem, memory left out of the plan's budget where the process's room is what bounds
+# it: what is allocated beyond the budget (README: 64 MiB measured) and some slack
+ROOM_MARGIN = 128 * 2**20
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
@@ -229,6 +233,7 @@ class Plan:
             "cpu_miss_tokens": self.cpu_miss_tokens,
             "gpu_budget": self.gpu_budget,
             "cpu_budget": self.cpu_budget,
+            "notes": self.notes,
         }
 
 
@@ -251,15 +256,30 @@ def make_plan(
     cuda = device.type == "cuda"
     # on CUDA the GPU budget holds the resident part and the slots; on CPU, cpu_mem holds all
     budget = gpu_mem if cuda else cpu_mem
-    if context is None:  # a budget plans for a llama.cpp-like default context, not 128k
-        context = 4096 if budget is not None else cfg.max_position_embeddings
-    context = min(context, cfg.max_position_embeddings)
-    kv = kv_bytes_per_token(cfg, dtype) * context
     moe_layers, E = sum(cfg.moe_layers), cfg.num_experts
     # CUDA also stages each expert whole in pinned memory before its copy to the GPU
     staging = IO_THREADS * (largest_read + 2 * ALIGN + (expert_bytes if cuda else 0))
     if quantize_on_read:  # quantizing on load works on float32 copies of a matrix pair
         staging += IO_THREADS * 4 * 2 * cfg.moe_intermediate_size * cfg.hidden_size * 4
+
+    def kv_for(budget) -> tuple[int, int]:  # the context to plan for, and its KV cache's bytes
+        n = context
+        if n is None:  # a budget plans for a llama.cpp-like default context, not 128k
+            n = 4096 if budget is not None else cfg.max_position_embeddings
+        n = min(n, cfg.max_position_embeddings)
+        return n, kv_bytes_per_token(cfg, dtype) * n
+
+    context, kv = kv_for(budget)
+    notes = []
+    if budget is None and not cuda and cache_experts is None and moe_layers:
+        # no --cpu-mem: every expert in RAM if the process may take that much, else within
+        # what it may take (a container's limit is a hard one: past it the process is killed)
+        room = memory_room.available() - ROOM_MARGIN
+        if sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging > room:
+            budget = max(0, room)
+            context, kv = kv_for(budget)
+            notes.append(f"{human(room)} of memory is free to this process (RAM, or its cgroup's "
+                         "limit): planned within it; --cpu-mem sets the budget")  # fmt: skip
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
     if moe_layers == 0:
@@ -273,10 +293,12 @@ def make_plan(
     else:
         minimum = fixed + moe_layers * expert_bytes + (0 if cuda else staging)
         if budget < minimum:
+            given = (f"only {human(budget)} is free to this process" if notes
+                     else f"{name} {human(budget)} is too small")  # fmt: skip
             raise MoelocalError(
                 f"model needs at least {human(minimum)} in {'GPU' if cuda else 'RAM'} (resident "
                 f"{human(sum(resident.values()))}, KV cache for {context} tokens {human(kv)}, one "
-                f"expert slot per layer); {name} {human(budget)} is too small"
+                f"expert slot per layer); {given}"
             )
         free = budget - fixed - (0 if cuda else staging)
         slots = min(E, free // (moe_layers * expert_bytes))
@@ -292,7 +314,7 @@ def make_plan(
         top_k=cfg.num_experts_per_tok, layers=cfg.num_hidden_layers, device_slots=int(slots),
         host_experts=int(host),
         staging_bytes=staging, cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
-        gpu_budget=gpu_mem, cpu_budget=cpu_mem,
+        gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes,
     )  # fmt: skip
 
 

@@ -8,11 +8,13 @@ So the CLI starts them first (this module does not import torch), in the order t
 (slot s of every layer before slot s + 1), and the cache takes the memory over as its slots.
 
 They start only where the cache's size is known beforehand: on the CPU without --cpu-mem (every
-expert gets a slot, or --cache-experts N). The loader stays the judge: the cache takes a preread
-over only if every expert's file, offset, size and checksum are the ones it planned (else it is
-closed and its memory freed); rows the cache has no slot for are released; an expert whose read
-failed or whose checksum did not match is read again by the cache's own reader, whose error names
-it. Nothing here reports an error: the load that follows does.
+expert gets a slot, or --cache-experts N), and where those slots, the resident part and torch fit
+in the memory free to the process (memory_room.py; else the plan will choose fewer slots).
+The loader stays the judge: the cache takes a preread over only if every expert's file, offset,
+size and checksum are the ones it planned (else it is closed and its memory freed); rows the
+cache has no slot for are released; an expert whose read failed or whose checksum did not match
+is read again by the cache's own reader, whose error names it. Nothing here reports an error:
+the load that follows does.
 """
 
 import json
@@ -21,14 +23,16 @@ import os
 import time
 from pathlib import Path
 
+from . import memory_room
 from .crc import crc32
 from .direct_io import ALIGN, IO_THREADS, open_uncached, read_fully
 from .errors import MoelocalError
 from .hub import DEFAULT_MODEL, resolve_model
 from .io_queue import IOQueue, Job
-from .model_files import EXPERTS, MANIFEST, PARTIAL, model_file
+from .model_files import EXPERTS, MANIFEST, PARTIAL, RESIDENT, model_file
 
 GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # where device "auto" may pick a GPU
+TORCH_ROOM = 512 * 2**20  # what importing torch and the kernels will take beside the reads
 
 
 class ExpertPreread:
@@ -50,6 +54,11 @@ class ExpertPreread:
         n_experts = 1 + max(e for _, e in self.entries)
         self.slots = n_experts if slots is None else min(slots, n_experts)
         self.row = -(-self.nbytes // ALIGN) * ALIGN
+        resident = model_file(model_dir, RESIDENT)
+        need = self.slots * len(layers) * self.row + TORCH_ROOM
+        need += resident.stat().st_size if resident is not None else 0
+        if need > memory_room.available():  # the plan will keep fewer slots: not known here
+            raise ValueError("the experts do not fit the memory free to this process")
         self.started = time.perf_counter()
         # anonymous mappings: page-aligned, and pages exist only once a read lands in them
         self.memory = {layer: mmap.mmap(-1, self.slots * self.row) for layer in layers}

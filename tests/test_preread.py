@@ -149,6 +149,15 @@ def test_where_it_does_not_start(packed, tiny, tmp_path):
     assert preread.start(partial, "cpu") is None
 
 
+def test_it_does_not_start_where_the_experts_would_not_fit_the_memory_free(packed, monkeypatch):
+    out, _ = packed
+    started = preread.start(out, "cpu")
+    assert started is not None
+    started.close()
+    monkeypatch.setattr("moelocal.memory_room.available", lambda: preread.TORCH_ROOM)
+    assert preread.start(out, "cpu") is None
+
+
 def test_the_cli_reads_early_and_gives_the_same_tokens(packed, monkeypatch):
     out, tokens = packed
     started, kept = [], []
