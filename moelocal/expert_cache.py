@@ -258,14 +258,18 @@ class ExpertCache:
     def start_guesses(self):
         """Start loading what the guesses noted since the last call name and is not cached,
         while slots allow, behind every miss, and only the ranks whose guesses have been needed
-        often enough. A guess whose layer has run already is gone."""
+        often enough; one only while the layer's guesses have not paid yet. A guess whose layer
+        has run already is gone."""
         for layer in self.unstarted:
             guess, m = self.guesses.get(layer), self.maps[layer]
             if guess is None:
                 continue
             protect = set(guess.ranked[: self.n_slots])  # no guess evicts another
+            most = 1 if self.payoffs[layer].probing else len(guess.uncached)
             m.reap()
             for rank, e in guess.uncached:
+                if len(guess.loaded) == most:
+                    break
                 if e in m.slot_of or not self.guess_ranks.worth_loading(rank):
                     continue
                 slot = m.free_slot(protect)

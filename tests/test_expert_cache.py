@@ -188,8 +188,10 @@ def step(cache, experts, n_tokens=1, layer=0):
 
 
 def guess(cache, layer, ranked, cost_s=0.0):
-    """The prefetcher's guess, its loads started at once (as the running layer would)."""
+    """The prefetcher's guess of a layer whose guesses pay, its loads started at once (as the
+    running layer would)."""
     cache.prefetch(layer, ranked, cost_s)
+    cache.payoffs[layer].recorded = True  # past probing: every guess worth loading is loaded
     cache.start_guesses()
 
 
@@ -486,5 +488,20 @@ def test_a_guess_made_at_a_dense_layer_starts_at_once():
     cache, reader = make_cache(2, layers=(1,))
     layer = SimpleNamespace(route=lambda h, extra: (torch.tensor([[3, 4]]), None))
     Prefetcher(cache)([None, layer], 0, torch.zeros(1, 1, D))  # layer 0 is dense
-    assert {3, 4} <= set(cache.maps[1].loading) | set(cache.maps[1].slot_of)
+    assert 3 in set(cache.maps[1].loading) | set(cache.maps[1].slot_of)
+    cache.close()
+
+
+def test_a_layer_not_known_to_pay_loads_only_its_best_guess():
+    cache, reader = make_cache(3)  # 0, 1, 2 cached
+    reader.delay = 0.02
+    cache.prefetch(0, [3, 4, 5])
+    cache.start_guesses()  # never guessed before: a probe
+    assert [e for e, _ in cache.guesses[0].loaded] == [3]
+    cache.maps[0].loading[3].job.finished.wait(10)
+    step(cache, [3, 4])  # it paid: 3's read was done
+    assert not cache.payoffs[0].probing
+    cache.prefetch(0, [5, 6, 7])
+    cache.start_guesses()
+    assert [e for e, _ in cache.guesses[0].loaded] == [5, 6]  # rank 3: never needed yet
     cache.close()
