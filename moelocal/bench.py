@@ -149,9 +149,10 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
     for r in runs[1:]:
         d.add(r["decode"])
     disk_bytes, host_bytes = d.bytes_from_disk / steps, d.bytes_from_host / steps
+    # (all resident, nothing moves and the disk's rate is never used: not measured)
     rates = Bandwidths(memory_bandwidth(engine.device),
                        ec.bandwidth("disk") if disk_bytes or ec.streaming else 1.0,
-                       ec.bandwidth("host") if host_bytes else 0.0)  # fmt: skip
+                       ec.bandwidth("host") if ec.mover.host_experts else 0.0)  # fmt: skip
     io_s = disk_bytes / rates.disk + (host_bytes / rates.host if host_bytes else 0.0)
     compute_s = max(0.0, decode_s - d.stall_s) / steps  # decode time not spent waiting
     floor_s = max(compute_s, io_s)

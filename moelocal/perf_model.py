@@ -40,7 +40,7 @@ def predicted_seconds(plan, hit_rate: float, bw: Bandwidths) -> float:
     if plan.device_slots >= plan.n_experts:  # every expert has its slot: nothing moves
         hit_rate = 1.0
     compute = plan.bytes_read_per_token() / bw.memory + plan.layers * LAYER_OVERHEAD_S
-    on_host = plan.host_experts / plan.total_experts if plan.total_experts else 0.0
+    on_host = plan.host_experts / plan.total_experts if plan.total_experts and bw.host else 0.0
     missed = plan.bytes_moved_per_token(hit_rate)
     moved = missed * on_host / bw.host if on_host else 0.0
     return compute + moved + missed * (1 - on_host) / bw.disk
