@@ -274,9 +274,9 @@ def make_plan(
     if budget is None and not cuda and cache_experts is None and moe_layers:
         # no --cpu-mem: every expert in RAM if the process may take that much, else within
         # what it may take (a container's limit is a hard one: past it the process is killed)
-        room = memory_room.available() - ROOM_MARGIN
+        room = max(0, memory_room.available() - ROOM_MARGIN)
         if sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging > room:
-            budget = max(0, room)
+            budget = room
             context, kv = kv_for(budget)
             notes.append(f"{human(room)} of memory is free to this process (RAM, or its cgroup's "
                          "limit): planned within it; --cpu-mem sets the budget")  # fmt: skip
@@ -312,8 +312,8 @@ def make_plan(
         device=device.type, dtype=dtype, quant=quant, resident=resident, context=context,
         kv_bytes=kv, expert_bytes=expert_bytes, n_experts=E, moe_layers=moe_layers,
         top_k=cfg.num_experts_per_tok, layers=cfg.num_hidden_layers, device_slots=int(slots),
-        host_experts=int(host),
-        staging_bytes=staging, cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
+        host_experts=int(host), staging_bytes=staging,
+        cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
         gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes,
     )  # fmt: skip
 
