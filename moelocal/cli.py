@@ -613,6 +613,65 @@ def convert_cmd(
     print(f"{path}: {size / 1e9:.2f} GB")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: ModelArg = None,
+    text: Annotated[
+        Path, typer.Option(help="UTF-8 text of the kind the model will run (a few pages or more).")
+    ] = ...,
+    tokens: Annotated[int, typer.Option(help="Tokens of the text to run at most.")] = 8192,
+    prefetch_depth: Annotated[
+        int, typer.Option(help="Fit the guesses of every depth from 1 to this.")
+    ] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the fits here (default: the data directory, where every "
+            "later load of this model finds them)."
+        ),
+    ] = None,  # fmt: skip
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    cpu_mem: CpuMemOpt = None,
+):
+    """Fit the prefetcher's guesses of each layer's experts to text the model runs.
+
+    The next layer's router guesses from the current hidden state; where the model changes it
+    a lot between layers, a linear map fitted on this text guesses better. Fits are kept only
+    where they beat the router on the text's last tokens, and used by every later load.
+    Example: moelocal calibrate ./Mixtral-8x7B --text notes.txt
+    """
+    validate.whole("tokens", tokens)
+    validate.whole("prefetch_depth", prefetch_depth)
+
+    def calibrate():
+        if out is not None:  # the data directory's file is ours, damaged or not
+            heavy_import("predictor").check_replaceable(out)
+        try:
+            content = text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MoelocalError(f"{text}: not UTF-8 text (byte {e.start})") from None
+        engine_mod, predictor = heavy_import("engine"), heavy_import("predictor")
+        options = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, prefetch=False)
+        with engine_mod.load(model, device=device, dtype=dtype, **options) as engine:
+            fits_of = heavy_import("calibrate").calibrate
+            predictors, fits = fits_of(engine, content, tokens, prefetch_depth)
+            fp = predictor.fingerprint(engine.model)
+        path = out if out is not None else predictor.stored_path(fp)
+        predictor.write(path, predictors, fp)
+        return fits, path
+
+    fits, path = run(calibrate)
+    for f in fits:  # recall of the k+1 guesses on the text's held-out last tokens
+        verdict = "fitted" if f.kept else "the router guesses as well"
+        print(
+            f"layer {f.source} -> {f.target}: recall {f.router_recall:.3f} by the router, "
+            f"{f.fitted_recall:.3f} fitted ({verdict})"
+        )
+    print(f"{path}: {sum(f.kept for f in fits)} of {len(fits)} layers' guesses fitted")
+
+
 @app.command("pull")
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. Qwen/Qwen3-30B-A3B.")],

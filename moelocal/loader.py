@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import predictor
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .direct_io import IO_THREADS
@@ -317,11 +318,24 @@ def load_model(
         model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
         if not stored:
             compute_layout(model, cfg, plan.quant)
+        if cache is not None:
+            model.route_predictors = route_predictors(model, device)
+            if prefetcher is not None:
+                prefetcher.predictors = model.route_predictors
     except BaseException:
         if cache is not None:
             cache.close()
         raise
     return LoadedModel(cfg, model.eval(), plan, cache)
+
+
+def route_predictors(model, device: torch.device):
+    """The fitted guesses of later layers' routing stored for this model (predictor.py), if
+    any; a stored file that cannot be used is said in one line and left alone."""
+    predictors, note = predictor.find(model)
+    if note:
+        print(f"moelocal: {note}", file=sys.stderr)
+    return predictors.to(device) if predictors is not None else None
 
 
 def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers: list[int],

@@ -85,12 +85,9 @@ class Prefetcher:
     `depth` layers before it runs. A deeper guess leaves its loads more time and is right less
     often."""
 
-    def __init__(self, cache, margin: int = 1, depth: int = 1):
-        self.cache, self.margin = cache, margin
-        moe = sorted(cache.slots)
-        # layer i -> the MoE layers guessed from the hidden state after its attention
-        self.targets = {i: [t for t in moe if (1 if i == 0 else i + depth) <= t <= i + depth]
-                        for i in range(max(moe, default=0))}  # fmt: skip
+    def __init__(self, cache, margin: int = 1, depth: int = 1, predictors=None):
+        self.cache, self.margin, self.predictors = cache, margin, predictors
+        self.targets = guessed_from(sorted(cache.slots), depth)
 
     def wanted(self, i: int) -> bool:
         """Does layer i's hidden state make a guess this step? (Cheap: asked every layer.)"""
@@ -103,16 +100,27 @@ class Prefetcher:
         for target in self.targets[i]:
             if self.cache.due(target):
                 start = time.perf_counter()
-                ranked = guess(layers[target], h, self.margin)
+                ranked = guess(layers, i, target, h, self.margin, self.predictors)
                 self.cache.prefetch(target, ranked, time.perf_counter() - start)
         if i not in self.cache.slots:  # a dense layer: no misses of its own to go first
             self.cache.start_guesses()
 
 
-def guess(layer, h: torch.Tensor, margin: int) -> list[int]:
-    """MoE layer `layer`'s experts for hidden state h, with `margin` more, best first: ranked by
-    how many tokens chose each, ties in the router's order."""
-    rows = layer.route(h, margin)[0].tolist()  # one transfer from the device per layer
+def guessed_from(moe_layers: list[int], depth: int) -> dict[int, list[int]]:
+    """Layer i -> the MoE layers guessed from the hidden state after its attention: each MoE
+    layer `depth` layers before it (layer 0 guesses layers 1..depth)."""
+    return {i: [t for t in moe_layers if (1 if i == 0 else i + depth) <= t <= i + depth]
+            for i in range(max(moe_layers, default=0))}  # fmt: skip
+
+
+def guess(layers, source: int, target: int, h: torch.Tensor, margin: int,
+          predictors=None) -> list[int]:  # fmt: skip
+    """MoE layer `target`'s experts for h, the hidden state after layer `source`'s attention,
+    with `margin` more, best first: ranked by how many tokens chose each, ties in the router's
+    order. Scored by the fitted map for the pair where there is one (predictor.py), else by
+    the target's own router."""
+    gate = predictors.gate(source, target) if predictors is not None else None
+    rows = layers[target].route(h, margin, gate)[0].tolist()  # one transfer from the device
     votes = Counter(e for row in rows for e in row)
     return sorted(votes, key=votes.__getitem__, reverse=True)
 
@@ -122,8 +130,9 @@ class GuessRecorder:
     after each layer's attention it also has the trace note the guess the prefetcher would make
     of each of the next TRACE_DEPTH MoE layers, so that a replay can try every depth."""
 
-    def __init__(self, prefetcher, trace, moe_layers: list[int], margin: int):
+    def __init__(self, prefetcher, trace, moe_layers: list[int], margin: int, predictors=None):
         self.prefetcher, self.trace, self.margin = prefetcher, trace, margin
+        self.predictors = predictors
         self.targets = {i: [t for t in moe_layers if i < t <= i + TRACE_DEPTH]
                         for i in range(max(moe_layers, default=0))}  # fmt: skip
 
@@ -136,4 +145,5 @@ class GuessRecorder:
         if self.prefetcher is not None and self.prefetcher.wanted(i):
             self.prefetcher(layers, i, h)
         for target in self.targets.get(i, ()):
-            self.trace.guess(target, target - i, guess(layers[target], h, self.margin))
+            ranked = guess(layers, i, target, h, self.margin, self.predictors)
+            self.trace.guess(target, target - i, ranked)

@@ -10,6 +10,7 @@ records each layer's routing; reported per layer:
 - reuse: the share of a token's experts that the previous token also used in that layer;
 - prediction: layer L+d's router applied to the hidden state after layer L's attention (what
   moelocal's prefetcher sees), its top k and k+1 against L+d's real experts: precision, recall;
+  and the k+1 of the map fitted for the pair (moelocal calibrate; shipped for the default model);
 - cache: hit rates of LRU, LFU, LRU-2, decayed frequency and Belady's optimum at 1..E-1 slots
   per layer (cache_sim.py).
 """
@@ -28,6 +29,7 @@ from tokenizers import Tokenizer
 from train_default import FORTUNES, held_out, pack, read_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moelocal import predictor  # noqa: E402
 from moelocal.hub import resolve_model  # noqa: E402
 from moelocal.synthetic import make_checkpoint  # noqa: E402
 
@@ -59,10 +61,13 @@ def record(model, rows: torch.Tensor):
 
 
 @torch.no_grad()
-def predicted(model, mid: torch.Tensor, layer: int, m: int) -> torch.Tensor:
-    """Layer `layer`'s router on hidden states taken earlier: its top m experts per token."""
+def predicted(model, mid: torch.Tensor, layer: int, m: int, gate=None) -> torch.Tensor:
+    """Layer `layer`'s router (or `gate`, a fitted stand-in) on hidden states taken earlier: its
+    top m experts per token."""
     target = model.model.layers[layer]
-    return target.mlp.gate(target.post_attention_layernorm(mid))[0].topk(m, -1).indices
+    x = target.post_attention_layernorm(mid)
+    logits = gate(x) if gate is not None else target.mlp.gate(x)[0]
+    return logits.topk(m, -1).indices
 
 
 def overlap(guess: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,7 @@ def overlap(guess: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 def study(model, rows: torch.Tensor, depths=(1, 2)) -> dict:
     ids, logits, mids = record(model, rows)
+    fitted, _ = predictor.find(model)  # moelocal calibrate's fits, where stored
     k, E = model.config.num_experts_per_tok, model.config.num_local_experts
     report = []
     for L, (real, lg) in enumerate(zip(ids, logits, strict=True)):
@@ -95,6 +101,10 @@ def study(model, rows: torch.Tensor, depths=(1, 2)) -> dict:
                     hit = overlap(predicted(model, mids[L], L + d, m), ids[L + d])
                     row[f"precision+{d}@{m}"] = float(hit.mean() / m)
                     row[f"recall+{d}@{m}"] = float(hit.mean() / k)
+                gate = fitted.gate(L, L + d) if fitted is not None else None
+                if gate is not None:
+                    hit = overlap(predicted(model, mids[L], L + d, k + 1, gate), ids[L + d])
+                    row[f"fitted recall+{d}@{k + 1}"] = float(hit.mean() / k)
         report.append(row)
     return dict(layers=report, tokens=rows.numel(), k=k, experts=E)
 
@@ -103,8 +113,9 @@ def table(name: str, result: dict) -> str:
     k, E = result["k"], result["experts"]
     lines = [f"### {name} ({result['tokens']} tokens)", "",
              f"| layer | balance | load min-max | entropy | reuse | L+1 P@{k} | L+1 R@{k} "
-             f"| L+1 P@{k + 1} | L+1 R@{k + 1} | L+2 R@{k} | L+2 R@{k + 1} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| L+1 P@{k + 1} | L+1 R@{k + 1} | L+1 R@{k + 1} fitted | L+2 R@{k} "
+             f"| L+2 R@{k + 1} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(row, key):
         return f"{row[key]:.2f}" if key in row else "-"
@@ -115,7 +126,8 @@ def table(name: str, result: dict) -> str:
             f"| {r['layer']} | {r['balance']:.3f} | {spread} | {r['entropy']:.2f} | "
             f"{r['reuse']:.2f} | {cell(r, f'precision+1@{k}')} | {cell(r, f'recall+1@{k}')} | "
             f"{cell(r, f'precision+1@{k + 1}')} | {cell(r, f'recall+1@{k + 1}')} | "
-            f"{cell(r, f'recall+2@{k}')} | {cell(r, f'recall+2@{k + 1}')} |"
+            f"{cell(r, f'fitted recall+1@{k + 1}')} | {cell(r, f'recall+2@{k}')} | "
+            f"{cell(r, f'recall+2@{k + 1}')} |"
         )
     lines += ["", "hit rate, mean over layers, by slots per layer:", "",
               "| policy | " + " | ".join(str(s) for s in range(1, E)) + " |",

@@ -486,7 +486,7 @@ def test_each_moe_layer_is_guessed_once_a_step_depth_layers_ahead(moe, depth, ta
 
 def test_a_guess_made_at_a_dense_layer_starts_at_once():
     cache, reader = make_cache(2, layers=(1,))
-    layer = SimpleNamespace(route=lambda h, extra: (torch.tensor([[3, 4]]), None))
+    layer = SimpleNamespace(route=lambda h, extra, gate: (torch.tensor([[3, 4]]), None))
     Prefetcher(cache)([None, layer], 0, torch.zeros(1, 1, D))  # layer 0 is dense
     assert 3 in set(cache.maps[1].loading) | set(cache.maps[1].slot_of)
     cache.close()

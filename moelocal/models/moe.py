@@ -121,16 +121,18 @@ class MoE(nn.Module):
         if cfg.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def route(self, x: torch.Tensor, extra: int = 0):
+    def route(self, x: torch.Tensor, extra: int = 0, gate=None):
         """x (N, D) -> expert ids (N, K + extra) and weights; extra > 0 is a prefetcher's wider
-        guess (its weights are not the block's)."""
+        guess (its weights are not the block's), `gate` a stand-in for the router that makes it
+        (predictor.RoutePredictors)."""
         cfg = self.cfg
         if extra:
             if extra not in self.guess_cfgs:
                 k = min(cfg.num_experts, cfg.num_experts_per_tok + extra)
                 self.guess_cfgs[extra] = replace(cfg, num_experts_per_tok=k)
             cfg = self.guess_cfgs[extra]
-        return route(self.gate(x), cfg, getattr(self.gate, "e_score_correction_bias", None))
+        logits = (gate or self.gate)(x)
+        return route(logits, cfg, getattr(self.gate, "e_score_correction_bias", None))
 
     def forward(self, x):
         B, T, D = x.shape

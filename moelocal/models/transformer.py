@@ -30,12 +30,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
         self.layer = layer
 
-    def route(self, h: torch.Tensor, extra: int = 0):
+    def route(self, h: torch.Tensor, extra: int = 0, gate=None):
         """The experts this layer's MoE block would pick for hidden state h (B, T, D), with
-        `extra` more: (ids, weights), or None for a dense layer."""
+        `extra` more (its router or `gate` scoring them): (ids, weights), or None for a dense
+        layer."""
         if not isinstance(self.mlp, MoE):
             return None
-        return self.mlp.route(self.post_attention_layernorm(h).reshape(-1, h.shape[-1]), extra)
+        x = self.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+        return self.mlp.route(x, extra, gate)
 
     def forward(self, x, rope, kv: KVCache, masks, after_attention=None):
         if hasattr(self, "linear_attn"):
@@ -77,6 +79,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(rope_dim or cfg.head_dim, cfg.rope)
         self.prefetcher = prefetcher
+        self.route_predictors = None  # fitted guesses of later layers' routing (the loader's)
 
     def forward(self, tokens: torch.Tensor, kv: KVCache, last_only: bool = False):
         """tokens (B, T) at positions kv.length.. -> logits (B, T, V) in float32."""
