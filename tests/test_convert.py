@@ -10,6 +10,7 @@ from tiny import ARCHS, VOCAB
 from typer.testing import CliRunner
 
 import moelocal
+import moelocal.store
 from moelocal.cli import app
 from moelocal.convert import convert
 from moelocal.errors import MoelocalError
@@ -265,3 +266,18 @@ def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
     assert crc32(data) == zlib.crc32(data)
     assert crc32(data[100:], crc32(data[:100])) == zlib.crc32(data)
     assert crc32(b"") == 0
+
+
+def test_each_expert_is_checked_at_its_first_read_only(tiny, tmp_path, monkeypatch):
+    out = convert(str(tiny("mixtral")[0]), "int4", tmp_path / "packed")
+    checked = []
+    real_crc32 = moelocal.store.crc32
+    monkeypatch.setattr(moelocal.store, "crc32", lambda b: checked.append(len(b)) or real_crc32(b))
+    engine = moelocal.load(out, device="cpu", cache_experts=1, prefetch=False)
+    reads = len(checked)  # the slots' first fill
+    engine.generate(prompt(), max_new_tokens=8)
+    misses = engine.expert_cache.stats.total().misses
+    n_experts = engine.plan.n_experts * engine.plan.moe_layers
+    assert misses > n_experts  # experts were read again
+    assert len(checked) == len(engine.expert_cache.mover.reader.verified) <= n_experts
+    assert reads <= len(checked)
