@@ -127,7 +127,7 @@ class ExpertCache:
             self.guess_ranks.record(guess.uncached, set(needed))
             self.payoffs[layer].record(self._saved(guess, set(needed)))
         if layer in self.payoffs:
-            self.payoffs[layer].ran(guessed=guess is not None)
+            self.payoffs[layer].ran(guess is not None, guess is not None and bool(guess.loaded))
             stats.guesses_skipped += guess is None
         in_slot = [e for e in needed if e in m.slot_of]
         stats.prefetch_used += len(m.guessed.intersection(in_slot))

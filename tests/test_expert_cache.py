@@ -442,6 +442,32 @@ def test_a_guess_that_saved_time_keeps_its_layer_guessed_through_a_few_that_did_
         assert payoff.due
 
 
+def test_a_probe_that_loaded_nothing_is_made_again_next_run():
+    payoff = Payoff()
+    for _ in range(3):
+        assert payoff.due
+        payoff.record(-5e-5)  # routing only: every guessed expert was cached
+        payoff.ran(guessed=True, loaded=False)  # found nothing out
+    assert payoff.due
+    payoff.record(-1e-3)  # a load that did not pay
+    payoff.ran(guessed=True, loaded=True)
+    assert not payoff.due
+
+
+def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
+    payoff = Payoff()
+    payoff.record(-20e-3)  # a wrong guess: a whole read, and the expert it evicted
+    payoff.ran(guessed=True)
+    runs = 0
+    while not payoff.due:
+        payoff.ran(guessed=False)
+        runs += 1
+    assert runs == PROBE - 1  # guessed again at the probe, not before
+    payoff.record(2e-3)  # the probe hid part of a read
+    payoff.ran(guessed=True)
+    assert payoff.due
+
+
 def guessed_then_run(needed: list[int], delay: float):
     """A cache whose reads take `delay` s: layer 0 guessed [3], the guess landed, then the layer
     runs needing `needed`."""
