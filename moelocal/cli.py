@@ -629,7 +629,7 @@ def calibrate_cmd(
             help="Write the fits here (default: the data directory, where every "
             "later load of this model finds them)."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     gpu_mem: GpuMemOpt = None,
@@ -655,8 +655,8 @@ def calibrate_cmd(
         engine_mod, predictor = heavy_import("engine"), heavy_import("predictor")
         options = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, prefetch=False)
         with engine_mod.load(model, device=device, dtype=dtype, **options) as engine:
-            fits_of = heavy_import("calibrate").calibrate
-            predictors, fits = fits_of(engine, content, tokens, prefetch_depth)
+            fit = heavy_import("calibrate").calibrate
+            predictors, fits = fit(engine, content, tokens, prefetch_depth)
             fp = predictor.fingerprint(engine.model)
         path = out if out is not None else predictor.stored_path(fp)
         predictor.write(path, predictors, fp)
