@@ -14,7 +14,8 @@ compute plus the bytes Belady's eviction would read at the disk rate measured in
 bound any prefetcher is judged against); `routerD` replays the guesses the trace recorded D
 layers ahead (`moelocal bench --trace` records them for every depth up to 4) through the
 prefetcher's targets and the cache's switch, each guess costing --route-us. "speedup" is off's
-time over the row's, "of oracle's" the row's gain as a share of the oracle's. A sleep frees the
+time over the row's (paired by round, median), "of oracle's" the row's gain as a share of the
+oracle's. A sleep frees the
 cores, as a GPU's compute would; on the CPU real compute shares them with the I/O threads.
 """
 
@@ -142,10 +143,14 @@ def main():
     ap.add_argument("--route-us", type=float, default=50.0, help="what making one guess costs")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=None, help="replay the trace's first N tokens")
     ap.add_argument("--dir", type=Path, default=None, help="where the scratch experts go")
     args = ap.parse_args()
     trace = RoutingTrace.load(args.trace)
     layers, E = trace.header["moe_layers"], trace.header["experts"]
+    if args.tokens:  # shorter rounds, so that more of them fit
+        trace.steps = trace.steps[: args.tokens * len(layers)]
+        trace.guesses = trace.guesses[: args.tokens * len(layers)]
     layout = layout_like(args.like)
     by_layer = trace.by_layer()
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
@@ -172,11 +177,16 @@ def main():
             floor = len(layers) * args.layer_ms / 1000 + misses_per_token * layout.nbytes / disk
             meds = {p: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
                     for p, rows in runs.items()}  # fmt: skip
-            off = meds.get("off", {}).get("s_per_token")
-            oracle = meds.get("oracle", {}).get("s_per_token")
+            # speedups paired by round (off's time over the row's in the same round), median:
+            # the disk's speed swings between rounds more than prefetch changes a round
+            speedups = {p: statistics.median(o["s_per_token"] / r["s_per_token"]
+                                             for o, r in zip(runs["off"], rows, strict=True))
+                        for p, rows in runs.items()} if "off" in runs else {}  # fmt: skip
+            oracle = speedups.get("oracle")
             for p, med in meds.items():
-                speedup = off / med["s_per_token"] if off else None
-                of_oracle = (speedup - 1) / (off / oracle - 1) if off and oracle != off else None
+                speedup = speedups.get(p)
+                gained = speedup and oracle and oracle != 1
+                of_oracle = (speedup - 1) / (oracle - 1) if gained else None
                 print(f"| {slots} | {p} | {med['s_per_token']:.4f} | "
                       f"{med['s_per_token'] / floor:.2f}x | {cell(speedup, '{:.2f}x')} | "
                       f"{cell(of_oracle, '{:.0%}')} | {med['hit_rate']:.3f} | "
