@@ -36,12 +36,15 @@ def read_at(fd: int, view: memoryview, offset: int) -> int:
     return len(data)
 
 
-def read_fully(fd: int, direct: bool, view: memoryview, offset: int, need: int) -> bool:
+def read_fully(fd: int, direct: bool, view: memoryview, offset: int, need: int, pace=None) -> bool:
     """Fill view from a file offset; False when the file ends before `need` of its bytes (O_DIRECT
-    reads whole blocks past a piece's end). A read through the page cache drops its pages after."""
+    reads whole blocks past a piece's end). A read through the page cache drops its pages after.
+    pace: called before each read, the most bytes to read next (None: the rest; a multiple of
+    ALIGN), to read in chunks."""
     got = 0
     while got < need:
-        n = read_at(fd, view[got:], offset + got)
+        most = pace() if pace is not None else None
+        n = read_at(fd, view[got:] if most is None else view[got : got + most], offset + got)
         if n <= 0:
             return False
         got += n

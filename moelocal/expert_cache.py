@@ -4,8 +4,9 @@
 Slots are preallocated once, shaped like a stacked layer: (n_slots, bytes of one expert's blob).
 The MoE block (models/moe.py) asks for the experts a layer needs and gets each one's views as
 soon as it can be read: hits at once, misses as their loads land. A layer's own misses are
-queued before the loads of the guesses made during its attention, and read first; a guess still
-queued when its layer runs is dropped (or promoted, if the layer needs it). All bookkeeping
+queued before the loads of the guesses made during its attention, and read first (a guess reads
+only while no miss does: io_queue.py); a guess its layer turns out not to need is dropped, queued
+or halfway through its read, and one it needs is promoted to a miss's priority. All bookkeeping
 happens on the main thread; I/O threads only fill memory. The cache never decides the math, so
 tokens are the same for every budget, policy and prefetch setting.
 """
@@ -217,8 +218,8 @@ class ExpertCache:
         m.reap()
 
     def _settle_guesses(self, layer: int, needed: set[int]):
-        """The layer runs now: a guess not started yet is read first if needed, else dropped
-        (its slot freed for the layer's misses)."""
+        """The layer runs now: a guess still loading is read as a miss if needed, else dropped
+        (its slot freed for the layer's misses once nothing writes it)."""
         m = self.maps[layer]
         for e in [e for e in m.guessed if e in m.loading]:
             load = m.loading[e]

@@ -1,9 +1,13 @@
 """One queue of reads for the whole expert cache, served by a few threads, most urgent first.
 
-A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS), and no guess starts
+A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS), and no guess reads
 while a demand read runs: parallel reads share the disk, and a guess beside a miss would slow the
-miss down. A guess can be promoted when its layer turns out to need it, and a guess that has not
-started can be dropped once its layer has run. Equal priorities are served in the order they came.
+miss down. A guess reads in chunks (`pace()`, called by the reads between chunks): before each it
+runs the demand jobs waiting, on its own thread, and waits while others run, so that a guess
+started in a quiet moment never holds a miss back by more than a chunk. A guess can be promoted
+when its layer turns out to need it (it then reads at demand's pace), and dropped once its layer
+has run without needing it, queued or halfway (it stops at its next chunk). Equal priorities are
+served in the order they came.
 """
 
 import heapq
@@ -13,6 +17,22 @@ import time
 
 DEMAND, GUESS = 0, 1
 JOB_S_WINDOW = 16
+# a guess's bytes a read: ~1 ms of a fast disk, which a miss may wait behind (reads of 2 MiB reach
+# the rate of whole 19 MB ones here)
+GUESS_CHUNK = 2 << 20
+
+_running = threading.local()  # .job: the job this thread runs
+
+
+class Dropped(Exception):
+    """Raised inside a job dropped while it ran: its reads stop at the next chunk."""
+
+
+def pace() -> int | None:
+    """Called by a job's reads before each read: the most bytes to read next (None: the rest).
+    A guess's read waits here while demand reads run, and raises Dropped once it is dropped."""
+    job = getattr(_running, "job", None)
+    return None if job is None or job.queue is None else job.queue._pace(job)
 
 
 class Job:
@@ -20,10 +40,14 @@ class Job:
 
     def __init__(self, fn, *args):
         self.fn, self.args = fn, args
+        self.queue, self.priority = None, DEMAND  # set when queued
         self.state = "new"  # new, queued, running, done, dropped
+        self.drop_asked = False  # dropped while running: stop at the next chunk
         self.result = self.error = None
         self.started = None  # when it began to run (perf_counter)
         self.seconds = self.cpu_seconds = 0.0  # how long it ran on its I/O thread; its CPU time
+        # of those, a guess's pauses: waiting for demand reads, or running them on its thread
+        self.paused_s = self.paused_cpu_s = 0.0
         self.finished = threading.Event()
 
     def done(self) -> bool:
@@ -43,20 +67,21 @@ class Job:
         return self.result
 
     def ran_for(self, now: float) -> float:
-        """Seconds of it run by `now` (perf_counter): all of them once done."""
+        """Seconds of it run by `now` (perf_counter), pauses not counted: all once done."""
         if self.state == "done":
             return self.seconds
-        return now - self.started if self.state == "running" and self.started else 0.0
+        running = self.state == "running" and self.started
+        return now - self.started - self.paused_s if running else 0.0
 
     def run(self):
         start = self.started = time.perf_counter()
         cpu_start = time.thread_time()
         try:
             self.result = self.fn(*self.args)
-        except BaseException as e:  # handed to whoever waits
+        except BaseException as e:  # handed to whoever waits (a Dropped job: nobody)
             self.error = e
-        self.seconds = time.perf_counter() - start
-        self.cpu_seconds = time.thread_time() - cpu_start
+        self.seconds = time.perf_counter() - start - self.paused_s
+        self.cpu_seconds = time.thread_time() - cpu_start - self.paused_cpu_s
         self.state = "done"
         self.finished.set()
 
@@ -82,57 +107,113 @@ class IOQueue:
             if self.closed:
                 raise RuntimeError("the I/O queue is closed")
             heapq.heappush(self.heap, (priority, next(self.order), job))
+            job.queue, job.priority = self, priority
             job.state = "queued"  # last: a job interrupted before this is never run
             self.lock.notify()
         return job
 
-    def promote(self, job: Job, priority: int = DEMAND):
-        """Serve a job that has not started yet at `priority` (its old entry is skipped)."""
+    def promote(self, job: Job):
+        """Serve a guess at demand's priority: queued, it goes before the other guesses (its
+        old entry is skipped); running, it reads on without waiting for demand reads."""
         with self.lock:
+            if job.priority == DEMAND or job.state not in ("queued", "running"):
+                return
+            job.priority = DEMAND
             if job.state == "queued":
-                heapq.heappush(self.heap, (priority, next(self.order), job))
-                self.lock.notify()
+                heapq.heappush(self.heap, (DEMAND, next(self.order), job))
+            else:
+                self.demand_running += 1
+            self.lock.notify_all()
 
     def drop(self, job: Job) -> bool:
-        """Cancel a job that has not started; False when it has (it will finish)."""
+        """Cancel a job: one that has not started never runs, a guess running stops at its next
+        chunk (its memory then holds part of a read: done() says when nothing writes it any
+        more). False for a demand job that has started (it will finish)."""
         with self.lock:
+            if job.state == "running" and job.priority == GUESS:
+                job.drop_asked = True
+                self.lock.notify_all()
+                return True
             if job.state != "queued":
-                return job.state == "dropped"
+                return job.state == "dropped" or job.drop_asked
             job.state = "dropped"
         job.finished.set()
         return True
 
-    def _next(self) -> tuple[int, Job] | None:
-        """Under the lock: the next job to run and its priority, waiting until there is one;
-        None once closed."""
+    def _pace(self, job: Job) -> int | None:
+        """pace() for `job`, running on this thread."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        try:
+            while True:
+                with self.lock:
+                    while True:
+                        if job.drop_asked:
+                            raise Dropped
+                        if job.priority == DEMAND:
+                            return None
+                        waiting = self._next_queued()
+                        if waiting is not None and waiting[0] == DEMAND:
+                            demand = heapq.heappop(self.heap)[2]
+                            self._starting(demand, DEMAND)
+                            break
+                        if not self.demand_running:
+                            return GUESS_CHUNK
+                        self.lock.wait()
+                self._run(demand)  # a miss waiting for a thread: this one's, the guess paused
+        finally:
+            job.paused_s += time.perf_counter() - start
+            job.paused_cpu_s += time.thread_time() - cpu_start
+
+    def _next_queued(self) -> tuple[int, int, Job] | None:
+        """Under the lock: the heap's first entry still queued (dropped jobs and entries left
+        behind by promote are popped), or None."""
+        while self.heap and self.heap[0][2].state != "queued":
+            heapq.heappop(self.heap)
+        return self.heap[0] if self.heap else None
+
+    def _starting(self, job: Job, priority: int):
+        """Under the lock: `job`, popped, runs now."""
+        job.state = "running"
+        job.priority = priority
+        self.demand_running += priority == DEMAND
+
+    def _next(self) -> Job | None:
+        """Under the lock: the next job to run, waiting until there is one; None once closed."""
         while True:
-            while self.heap and self.heap[0][2].state != "queued":
-                heapq.heappop(self.heap)  # dropped, or an entry left behind by promote
+            first = self._next_queued()
             if self.closed:
                 return None
-            if self.heap and (self.heap[0][0] == DEMAND or not self.demand_running):
+            if first is not None and (first[0] == DEMAND or not self.demand_running):
                 priority, _, job = heapq.heappop(self.heap)
-                job.state = "running"
-                return priority, job
+                self._starting(job, priority)
+                return job
             self.lock.wait()
+
+    def _run(self, job: Job):
+        """Run a started job on this thread (which may be pausing another: restored after)."""
+        paused = getattr(_running, "job", None)
+        _running.job = job
+        try:
+            job.run()
+        finally:
+            _running.job = paused
+        # moving averages over ~JOB_S_WINDOW jobs (estimates: a race loses an update); a
+        # dropped guess's time is not a load's
+        if not isinstance(job.error, Dropped):
+            weight = 1 / JOB_S_WINDOW if self.job_s else 1.0
+            self.job_s += (job.seconds - self.job_s) * weight
+            self.job_cpu_s += (job.cpu_seconds - self.job_cpu_s) * weight
+        with self.lock:
+            self.demand_running -= job.priority == DEMAND
+            self.lock.notify_all()  # guesses held back may read, threads may pick a job
 
     def _serve(self):
         while True:
             with self.lock:
-                picked = self._next()
-                if picked is None:
+                job = self._next()
+                if job is None:
                     return
-                priority, job = picked
-                self.demand_running += priority == DEMAND
-            job.run()
-            # moving averages over ~JOB_S_WINDOW jobs (estimates: a race loses an update)
-            weight = 1 / JOB_S_WINDOW if self.job_s else 1.0
-            self.job_s += (job.seconds - self.job_s) * weight
-            self.job_cpu_s += (job.cpu_seconds - self.job_cpu_s) * weight
-            if priority == DEMAND:
-                with self.lock:
-                    self.demand_running -= 1
-                    self.lock.notify_all()  # guesses held back may start
+            self._run(job)
 
     def close(self):
         """Drop what has not started, let what runs finish, and stop the threads."""

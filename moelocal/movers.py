@@ -33,12 +33,14 @@ class Load:
             self.queue.promote(self.job)
 
     def drop(self) -> bool:
-        """Cancel a load that has not started; False once it has."""
+        """Cancel a load that has not started, or a guess's read halfway (its slot is then
+        written until done()); False for one that will land."""
         return self.job is not None and self.queue.drop(self.job)
 
     def settle(self):
-        """Drop it if it has not started, else wait until nothing of it runs; errors ignored."""
-        if not self.drop() and self.job is not None and not self.job.done():
+        """Drop it, and wait until nothing of it runs; errors ignored."""
+        self.drop()
+        if self.job is not None and not self.job.done():
             self.job.finished.wait()
         event = self._event()
         if event is not None:

@@ -24,6 +24,7 @@ from .crc import crc32
 from .direct_io import ALIGN, open_uncached, read_fully
 from .errors import MoelocalError
 from .experts import ExpertLayout
+from .io_queue import pace
 from .model_files import EXPERTS, model_file
 from .quant import dequantize_checkpoint, dequantize_mxfp4
 
@@ -241,7 +242,7 @@ class DiskReader:
 
     def _read_into(self, path: Path, view: memoryview, offset: int, need: int):
         """Fill view from a file offset; at least `need` of its bytes must exist."""
-        if not read_fully(self.fds[path], self.direct[path], view, offset, need):
+        if not read_fully(self.fds[path], self.direct[path], view, offset, need, pace):
             raise MoelocalError(f"{path}: file ends before offset {offset + need}")
 
     def _read_piece(self, p: Piece) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The expert cache: its slot map as data, its I/O queue's priorities, and the cache itself with
 a reader whose reads can be held back, fail or be interrupted."""
 
+import os
 import signal
 import threading
 import time
@@ -10,15 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelocal.direct_io import open_uncached, read_fully
 from moelocal.errors import MoelocalError
 from moelocal.expert_cache import ExpertCache
 from moelocal.experts import ExpertLayout
-from moelocal.io_queue import DEMAND, GUESS, IOQueue, Job
+from moelocal.io_queue import DEMAND, GUESS, GUESS_CHUNK, Dropped, IOQueue, Job, pace
 from moelocal.models.common import GLU
 from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
 from moelocal.prefetch import PROBE, Payoff, Prefetcher
 from moelocal.slot_map import SlotMap
+from moelocal.store import aligned_buffer, tensor_bytes
 
 D, I, E = 8, 4, 6
 LAYOUT = ExpertLayout(D, I, torch.float32)
@@ -111,7 +114,7 @@ def test_a_load_that_ended_in_an_error_is_unmapped_when_reaped():
 def test_demand_goes_before_guesses_and_a_queued_guess_can_be_dropped():
     queue = IOQueue(1)
     gate, order = threading.Event(), []
-    first = queue.put(Job(gate.wait), GUESS)  # holds the only thread
+    first = queue.put(Job(gate.wait), DEMAND)  # holds the only thread
     while first.state != "running":
         time.sleep(0.001)
     guesses = [queue.put(Job(order.append, f"guess{i}"), GUESS) for i in range(3)]
@@ -124,6 +127,92 @@ def test_demand_goes_before_guesses_and_a_queued_guess_can_be_dropped():
     guesses[0].wait()
     queue.close()
     assert order == ["demand", "guess2", "guess0"]
+
+
+def chunked_guess(chunks: list, n: int, between=None):
+    """A guess's read of n chunks: pace() before each, as the disk reader's reads do."""
+    for i in range(n):
+        pace()
+        chunks.append(i)
+        if between is not None:
+            between(i)
+
+
+def test_a_running_guess_pauses_for_demand_reads_and_stops_once_dropped():
+    queue = IOQueue(2)
+    chunks, order = [], []
+    demand_gate, reached = threading.Event(), threading.Event()
+
+    def slowly(i):
+        reached.set()
+        time.sleep(0.001)
+
+    guess = queue.put(Job(chunked_guess, chunks, 1000, slowly), GUESS)
+    assert reached.wait(5)
+    demand = queue.put(Job(demand_gate.wait), DEMAND)  # the other thread: the guess waits
+    while demand.state != "running":
+        time.sleep(0.001)
+    time.sleep(0.01)  # let a chunk in flight finish
+    paused_at = len(chunks)
+    time.sleep(0.05)
+    assert len(chunks) == paused_at  # no guess chunk beside a demand read
+    # a second demand read, no thread free: the paused guess's thread runs it
+    queued = queue.put(Job(order.append, "queued demand"), DEMAND)
+    queued.wait()
+    assert order == ["queued demand"] and len(chunks) == paused_at
+    demand_gate.set()
+    demand.wait()
+    while len(chunks) == paused_at:  # the guess reads on
+        time.sleep(0.001)
+    assert queue.drop(guess)  # halfway: it stops at its next chunk
+    assert guess.finished.wait(5) and isinstance(guess.error, Dropped)
+    assert len(chunks) < 1000
+    queue.close()
+
+
+def test_a_guess_promoted_while_it_runs_reads_beside_demand_reads():
+    queue = IOQueue(2)
+    chunks, demand_gate = [], threading.Event()
+    guess = queue.put(Job(chunked_guess, chunks, 200, lambda i: time.sleep(0.001)), GUESS)
+    while not chunks:
+        time.sleep(0.001)
+    demand = queue.put(Job(demand_gate.wait), DEMAND)
+    queue.promote(guess)
+    guess.wait()  # finished while the demand read still runs
+    assert chunks == list(range(200)) and not demand.done()
+    assert not queue.drop(guess)  # landed: nothing to stop
+    demand_gate.set()
+    queue.close()
+
+
+def test_a_guess_reads_a_file_in_chunks_a_demand_read_whole_and_a_dropped_guess_stops(tmp_path):
+    data = os.urandom(5 * GUESS_CHUNK + 4096)
+    (tmp_path / "experts.bin").write_bytes(data)
+    fd, direct = open_uncached(tmp_path / "experts.bin")
+    queue = IOQueue(1)
+
+    def read(calls: list, drop_after=None):
+        buf, start = aligned_buffer(len(data))
+        view = tensor_bytes(buf[start:], len(data))
+
+        def counted():
+            calls.append(1)
+            if len(calls) == drop_after:
+                queue.drop(job)
+            return pace()
+
+        assert read_fully(fd, direct, view, 0, len(data), counted)
+        return bytes(view)
+
+    for priority, reads in ((DEMAND, 1), (GUESS, 6)):
+        calls = []
+        job = queue.put(Job(read, calls), priority)
+        assert job.wait() == data and len(calls) == reads
+    calls = []
+    job = queue.put(Job(read, calls, 3), GUESS)
+    assert job.finished.wait(10) and isinstance(job.error, Dropped) and len(calls) == 3
+    queue.close()
+    os.close(fd)
 
 
 def test_a_job_error_reaches_the_waiter_and_close_drops_what_is_queued():
@@ -163,6 +252,7 @@ class FakeReader:
             self.waiting.setdefault((layer, e), threading.Event()).set()
             assert gate.wait(10)
         time.sleep(self.delay)
+        pace()  # as the disk reader's reads do: a guess dropped by now stops here
         self.reads.append((layer, e))
         if (layer, e) in self.errors:
             raise self.errors.pop((layer, e))
@@ -287,7 +377,7 @@ def test_prediction_recall_counts_guessed_experts():
     cache.close()
 
 
-def test_a_guess_not_started_is_dropped_when_its_layer_runs():
+def test_a_guess_not_needed_is_dropped_when_its_layer_runs_queued_or_halfway():
     cache, reader = make_cache(3, threads=1)
     reader.gates[0, 3] = gate = threading.Event()
     guess(cache, 0, [3, 4])  # 3 is read (held at its gate), 4 waits in the queue
@@ -295,11 +385,15 @@ def test_a_guess_not_started_is_dropped_when_its_layer_runs():
         time.sleep(0.001)
     out, x, _, weights = step(cache, [2])
     m = cache.maps[0]
-    assert 4 not in m.slot_of and 3 in m.loading  # dropped; 3's read runs on
+    assert 4 not in m.slot_of and 3 not in m.slot_of  # both dropped
+    assert len(m.draining) == 1  # 3's slot, until its read has stopped
     gate.set()
-    step(cache, [3])
-    assert reader.reads.count((0, 4)) == 0 and cache.stats.total().prefetch_used == 1
+    out3, x3, _, weights3 = step(cache, [3])  # read again, into a slot no read writes
+    assert reader.reads.count((0, 4)) == 0 and reader.reads.count((0, 3)) == 1
+    s = cache.stats.total()
+    assert (s.prefetch_used, s.misses) == (0, 1) and m.slot_of[3] not in m.draining
     assert torch.equal(out, expected(reader, x, [2], weights))
+    assert torch.equal(out3, expected(reader, x3, [3], weights3))
     cache.close()
 
 
@@ -318,8 +412,9 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     threading.Thread(target=release_once_the_miss_is_queued).start()
     step(cache, [5], layer=0)  # a miss, asked after the guesses
     cache.close()
-    after = reader.reads[reader.reads.index((1, 3)) :]
-    assert after in ([(1, 3), (0, 5), (1, 4)], [(1, 3), (0, 5)])  # 4: read next, or dropped
+    # the guess holding the only thread pauses at its next chunk and reads the miss there
+    after = reader.reads[reader.reads.index((0, 5)) :]
+    assert after in ([(0, 5), (1, 3), (1, 4)], [(0, 5), (1, 3)])  # 4: read next, or dropped
 
 
 def test_a_guess_made_during_a_layers_attention_is_read_after_that_layers_misses():
