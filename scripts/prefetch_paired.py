@@ -1,8 +1,12 @@
 """Prefetch on against off in one process: two engines of the same model and slots, decoding in
 alternating rounds; prints each side's median tok/s and the median of the rounds' on ÷ off (a
-shared disk changes speed between rounds, so rounds are compared pairwise).
+shared disk changes speed between rounds, so rounds are compared pairwise). The engines swap
+roles every round (the prefetcher is handed from one to the other), and each two rounds' ratios
+are averaged (geometrically): two engines of the same settings can differ by themselves (where
+their memory lies; prefetch off in both gave 0.95 on mixtral-large int4 without the swap).
+`--control` gives neither engine the prefetcher: the spread of its result is the method's noise.
 
-    python scripts/prefetch_paired.py MODEL --cache-experts 4 --rounds 9 -n 256
+    python scripts/prefetch_paired.py MODEL --cache-experts 4 --rounds 10 -n 256
 
 MODEL "default" is the embedded default model. scripts/prefetch_gain.py runs each side in its own
 process instead (and under a memory cap).
@@ -24,25 +28,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--cache-experts", type=int, required=True)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", "-p", type=int, default=16)
     ap.add_argument("--gen-tokens", "-n", type=int, default=256)
+    ap.add_argument("--control", action="store_true", help="prefetch off in both (noise)")
     args = ap.parse_args()
     model = None if args.model == "default" else args.model
-    engines = {on: moelocal.load(model, device="cpu", cache_experts=args.cache_experts,
-                                 prefetch=on) for on in (True, False)}  # fmt: skip
-    vocab = engines[True].config.vocab_size
+    engines = [moelocal.load(model, device="cpu", cache_experts=args.cache_experts, prefetch=True)
+               for _ in range(2)]  # fmt: skip
+    prefetchers = [None if args.control else engine.model.prefetcher for engine in engines]
+    vocab = engines[0].config.vocab_size
     ids = torch.randint(3, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     tok_s = {True: [], False: []}
     for r in range(args.rounds):
-        for on in (True, False) if r % 2 == 0 else (False, True):
+        with_prefetch = r % 2  # the engine that prefetches this round
+        for i, engine in enumerate(engines):
+            engine.model.prefetcher = prefetchers[i] if i == with_prefetch else None
+        for i in (0, 1) if r % 4 < 2 else (1, 0):
             stats = Stats()
-            for _ in generate(engines[on].model, [Request(ids.tolist(), args.gen_tokens)],
+            for _ in generate(engines[i].model, [Request(ids.tolist(), args.gen_tokens)],
                               stats=[stats]):  # fmt: skip
                 pass
-            tok_s[on].append(stats.decode_tokens_per_s)
+            tok_s[i == with_prefetch].append(stats.decode_tokens_per_s)
         print(f"round {r}: on {tok_s[True][-1]:.1f} tok/s, off {tok_s[False][-1]:.1f}", flush=True)
-    paired = statistics.median(a / b for a, b in zip(tok_s[True], tok_s[False], strict=True))
+    ratios = [a / b for a, b in zip(tok_s[True], tok_s[False], strict=True)]
+    paired = statistics.median(
+        (ratios[i] * ratios[i + 1]) ** 0.5 for i in range(0, len(ratios) - 1, 2)
+    ) if len(ratios) > 1 else ratios[0]  # fmt: skip
     print(
         f"{args.model}, {args.cache_experts} slots: on {statistics.median(tok_s[True]):.1f} "
         f"tok/s, off {statistics.median(tok_s[False]):.1f}, on / off (paired) {paired:.3f}"
