@@ -2,9 +2,12 @@
 
 A layer's own misses (DEMAND) go before the prefetcher's guesses (GUESS), and no guess reads
 while a demand read runs: parallel reads share the disk, and a guess beside a miss would slow the
-miss down. A guess reads in chunks (`pace()`, called by the reads between chunks): before each it
-runs the demand jobs waiting, on its own thread, and waits while others run, so that a guess
-started in a quiet moment never holds a miss back by more than a chunk. A guess can be promoted
+miss down. A guess reads in chunks (`pace()`, called by the reads before each chunk) and waits
+there while demand reads run, or wait for a thread that is not a guess's, so that a guess started
+in a quiet moment never holds a miss back by more than a chunk. A paused guess never runs a demand
+read on its own thread (the reads of a thread share its staging buffer); where guesses hold every
+thread they read on, and a demand read takes the first thread one frees (keeping half of the
+threads from guesses instead cost 10-15% at 2 slots of 8 in the replay). A guess can be promoted
 when its layer turns out to need it (it then reads at demand's pace), and dropped once its layer
 has run without needing it, queued or halfway (it stops at its next chunk). Equal priorities are
 served in the order they came.
@@ -92,7 +95,7 @@ class IOQueue:
         self.order = itertools.count()
         self.lock = threading.Condition()
         self.closed = False
-        self.demand_running = 0
+        self.demand_running = self.guesses_running = 0
         # a job's recent run time and CPU time, on average (0 until one has run)
         self.job_s = self.job_cpu_s = 0.0
         self.threads = [
@@ -109,7 +112,7 @@ class IOQueue:
             heapq.heappush(self.heap, (priority, next(self.order), job))
             job.queue, job.priority = self, priority
             job.state = "queued"  # last: a job interrupted before this is never run
-            self.lock.notify()
+            self.lock.notify_all()  # an idle thread, not only a paused guess, must see it
         return job
 
     def promote(self, job: Job):
@@ -123,6 +126,7 @@ class IOQueue:
                 heapq.heappush(self.heap, (DEMAND, next(self.order), job))
             else:
                 self.demand_running += 1
+                self.guesses_running -= 1
             self.lock.notify_all()
 
     def drop(self, job: Job) -> bool:
@@ -143,26 +147,23 @@ class IOQueue:
     def _pace(self, job: Job) -> int | None:
         """pace() for `job`, running on this thread."""
         start, cpu_start = time.perf_counter(), time.thread_time()
-        try:
-            while True:
-                with self.lock:
-                    while True:
-                        if job.drop_asked:
-                            raise Dropped
-                        if job.priority == DEMAND:
-                            return None
-                        waiting = self._next_queued()
-                        if waiting is not None and waiting[0] == DEMAND:
-                            demand = heapq.heappop(self.heap)[2]
-                            self._starting(demand, DEMAND)
-                            break
-                        if not self.demand_running:
-                            return GUESS_CHUNK
-                        self.lock.wait()
-                self._run(demand)  # a miss waiting for a thread: this one's, the guess paused
-        finally:
-            job.paused_s += time.perf_counter() - start
-            job.paused_cpu_s += time.thread_time() - cpu_start
+        with self.lock:
+            try:
+                while True:
+                    if job.drop_asked:
+                        raise Dropped
+                    if job.priority == DEMAND:
+                        return None
+                    waiting = self._next_queued()
+                    # a demand read waiting for a thread that is not a guess's
+                    demand_waits = waiting is not None and waiting[0] == DEMAND
+                    has_thread = self.guesses_running < len(self.threads)
+                    if not self.demand_running and not (demand_waits and has_thread):
+                        return GUESS_CHUNK
+                    self.lock.wait()
+            finally:
+                job.paused_s += time.perf_counter() - start
+                job.paused_cpu_s += time.thread_time() - cpu_start
 
     def _next_queued(self) -> tuple[int, int, Job] | None:
         """Under the lock: the heap's first entry still queued (dropped jobs and entries left
@@ -170,12 +171,6 @@ class IOQueue:
         while self.heap and self.heap[0][2].state != "queued":
             heapq.heappop(self.heap)
         return self.heap[0] if self.heap else None
-
-    def _starting(self, job: Job, priority: int):
-        """Under the lock: `job`, popped, runs now."""
-        job.state = "running"
-        job.priority = priority
-        self.demand_running += priority == DEMAND
 
     def _next(self) -> Job | None:
         """Under the lock: the next job to run, waiting until there is one; None once closed."""
@@ -185,18 +180,19 @@ class IOQueue:
                 return None
             if first is not None and (first[0] == DEMAND or not self.demand_running):
                 priority, _, job = heapq.heappop(self.heap)
-                self._starting(job, priority)
+                job.state, job.priority = "running", priority
+                self.demand_running += priority == DEMAND
+                self.guesses_running += priority == GUESS
                 return job
             self.lock.wait()
 
     def _run(self, job: Job):
-        """Run a started job on this thread (which may be pausing another: restored after)."""
-        paused = getattr(_running, "job", None)
+        """Run a started job on this thread."""
         _running.job = job
         try:
             job.run()
         finally:
-            _running.job = paused
+            _running.job = None
         # moving averages over ~JOB_S_WINDOW jobs (estimates: a race loses an update); a
         # dropped guess's time is not a load's
         if not isinstance(job.error, Dropped):
@@ -205,6 +201,7 @@ class IOQueue:
             self.job_cpu_s += (job.cpu_seconds - self.job_cpu_s) * weight
         with self.lock:
             self.demand_running -= job.priority == DEMAND
+            self.guesses_running -= job.priority == GUESS
             self.lock.notify_all()  # guesses held back may read, threads may pick a job
 
     def _serve(self):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelocal import store
 from moelocal.direct_io import open_uncached, read_fully
 from moelocal.errors import MoelocalError
 from moelocal.expert_cache import ExpertCache
@@ -21,7 +22,7 @@ from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
 from moelocal.prefetch import PROBE, Payoff, Prefetcher
 from moelocal.slot_map import SlotMap
-from moelocal.store import aligned_buffer, tensor_bytes
+from moelocal.store import DiskReader, Piece, aligned_buffer, tensor_bytes
 
 D, I, E = 8, 4, 6
 LAYOUT = ExpertLayout(D, I, torch.float32)
@@ -139,9 +140,9 @@ def chunked_guess(chunks: list, n: int, between=None):
 
 
 def test_a_running_guess_pauses_for_demand_reads_and_stops_once_dropped():
-    queue = IOQueue(2)
-    chunks, order = [], []
-    demand_gate, reached = threading.Event(), threading.Event()
+    queue = IOQueue(4)  # guesses take at most 2 threads
+    chunks, order, reached = [], [], threading.Event()
+    gates = [threading.Event() for _ in range(3)]
 
     def slowly(i):
         reached.set()
@@ -149,24 +150,41 @@ def test_a_running_guess_pauses_for_demand_reads_and_stops_once_dropped():
 
     guess = queue.put(Job(chunked_guess, chunks, 1000, slowly), GUESS)
     assert reached.wait(5)
-    demand = queue.put(Job(demand_gate.wait), DEMAND)  # the other thread: the guess waits
-    while demand.state != "running":
-        time.sleep(0.001)
+    # more demand reads than the threads the guess leaves: they wait, and the guess with them
+    demands = [queue.put(Job(lambda i=i: gates[i].wait() and order.append(i)), DEMAND)
+               for i in range(3)]  # fmt: skip
+    while sum(d.state == "running" for d in demands) < 3:
+        time.sleep(0.001)  # three threads: none runs a guess's read any more
     time.sleep(0.01)  # let a chunk in flight finish
     paused_at = len(chunks)
     time.sleep(0.05)
     assert len(chunks) == paused_at  # no guess chunk beside a demand read
-    # a second demand read, no thread free: the paused guess's thread runs it
-    queued = queue.put(Job(order.append, "queued demand"), DEMAND)
-    queued.wait()
-    assert order == ["queued demand"] and len(chunks) == paused_at
-    demand_gate.set()
-    demand.wait()
+    later = queue.put(Job(order.append, "later"), DEMAND)
+    for gate in gates[:2]:
+        gate.set()
+    later.wait()
+    assert len(chunks) == paused_at  # a demand read still runs
+    gates[2].set()
     while len(chunks) == paused_at:  # the guess reads on
         time.sleep(0.001)
     assert queue.drop(guess)  # halfway: it stops at its next chunk
     assert guess.finished.wait(5) and isinstance(guess.error, Dropped)
-    assert len(chunks) < 1000
+    assert len(chunks) < 1000 and guess.paused_s > 0.05
+    queue.close()
+
+
+def test_guesses_holding_every_thread_read_on_and_a_demand_read_takes_the_first_freed():
+    queue = IOQueue(2)
+    chunks = [[], []]
+    guesses = [queue.put(Job(chunked_guess, chunks[g], 100 * (g + 1), lambda i: time.sleep(0.001)),
+                         GUESS) for g in range(2)]  # fmt: skip
+    while not all(chunks):
+        time.sleep(0.001)
+    demand = queue.put(Job(lambda: [len(c) for c in chunks]), DEMAND)
+    seen = demand.wait()  # no deadlock: a guess finished, and its thread read the demand
+    assert seen[0] == 100 and seen[1] < 200  # the first to finish freed it
+    guesses[1].wait()
+    assert chunks[1] == list(range(200))
     queue.close()
 
 
@@ -213,6 +231,52 @@ def test_a_guess_reads_a_file_in_chunks_a_demand_read_whole_and_a_dropped_guess_
     assert job.finished.wait(10) and isinstance(job.error, Dropped) and len(calls) == 3
     queue.close()
     os.close(fd)
+
+
+def test_guesses_paused_by_demand_reads_land_intact(tmp_path, monkeypatch):
+    """Unconverted experts are read piece by piece through a thread's staging buffer: a guess
+    paused halfway through a piece while demand reads run must still land its own bytes."""
+    d, i, n = 512, 1024, 4  # 2 MiB a piece: a guess reads each in more than one chunk
+    layout = ExpertLayout(d, i, torch.float32)
+    weights = torch.randn(n, 3, i, d, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "experts.bin"
+    path.write_bytes(b"x" * 100 + weights.numpy().tobytes())  # offsets off the block size
+    pieces, offset = {}, 100
+    for e in range(n):
+        pieces[0, e] = []
+        for part, shape in (("gate", (i, d)), ("up", (i, d)), ("down", (d, i))):
+            nbytes = 4 * i * d
+            pieces[0, e].append(Piece(part, path, offset, nbytes, torch.float32, shape))
+            offset += nbytes
+    reader = DiskReader(pieces, layout)
+    queue = IOQueue(2)
+    mid_read, demands_queued = threading.Event(), threading.Event()
+    calls = {}
+
+    def held_pace():  # holds the guess halfway through its first piece until demands wait
+        calls[threading.get_ident()] = calls.get(threading.get_ident(), 0) + 1
+        if calls[threading.get_ident()] == 2 and not mid_read.is_set():
+            mid_read.set()
+            assert demands_queued.wait(10)
+        return real_pace()
+
+    real_pace = store.pace
+    monkeypatch.setattr(store, "pace", held_pace)
+    blobs = [torch.empty(layout.nbytes, dtype=torch.uint8) for _ in range(n)]
+    guess = queue.put(Job(reader.read, 0, 0, blobs[0]), GUESS)
+    assert mid_read.wait(10)
+    demands = [queue.put(Job(reader.read, 0, e, blobs[e]), DEMAND) for e in range(1, n)]
+    demands_queued.set()
+    for job in [guess, *demands]:
+        job.wait()
+    assert guess.paused_s > 0
+    for e in range(n):
+        views = layout.views(blobs[e])
+        gate, up, down = weights[e, 0], weights[e, 1], weights[e, 2].reshape(d, i)
+        assert torch.equal(views["gate_up"]["w"], torch.cat([gate, up]))
+        assert torch.equal(views["down"]["w"], down)
+    queue.close()
+    reader.close()
 
 
 def test_a_job_error_reaches_the_waiter_and_close_drops_what_is_queued():
@@ -412,9 +476,9 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     threading.Thread(target=release_once_the_miss_is_queued).start()
     step(cache, [5], layer=0)  # a miss, asked after the guesses
     cache.close()
-    # the guess holding the only thread pauses at its next chunk and reads the miss there
-    after = reader.reads[reader.reads.index((0, 5)) :]
-    assert after in ([(0, 5), (1, 3), (1, 4)], [(0, 5), (1, 3)])  # 4: read next, or dropped
+    # one thread: the guess holding it reads on (the miss has no thread to go to)
+    after = reader.reads[reader.reads.index((1, 3)) :]
+    assert after in ([(1, 3), (0, 5), (1, 4)], [(1, 3), (0, 5)])  # 4: read next, or dropped
 
 
 def test_a_guess_made_during_a_layers_attention_is_read_after_that_layers_misses():
