@@ -20,8 +20,8 @@ import time
 
 DEMAND, GUESS = 0, 1
 JOB_S_WINDOW = 16
-# a guess's bytes a read: ~1 ms of a fast disk, which a miss may wait behind (reads of 2 MiB reach
-# the rate of whole 19 MB ones here)
+# a guess's bytes a read: ~1 ms of a fast disk, which a miss may wait behind (one thread's O_DIRECT
+# reads of 2 MiB ran at 1.2-1.9 GB/s here, whole 19 MB experts at 1.2-1.5)
 GUESS_CHUNK = 2 << 20
 
 _running = threading.local()  # .job: the job this thread runs
@@ -49,8 +49,7 @@ class Job:
         self.result = self.error = None
         self.started = None  # when it began to run (perf_counter)
         self.seconds = self.cpu_seconds = 0.0  # how long it ran on its I/O thread; its CPU time
-        # of those, a guess's pauses: waiting for demand reads, or running them on its thread
-        self.paused_s = self.paused_cpu_s = 0.0
+        self.paused_s = 0.0  # of those seconds, a guess's waits for demand reads (not counted)
         self.finished = threading.Event()
 
     def done(self) -> bool:
@@ -84,7 +83,7 @@ class Job:
         except BaseException as e:  # handed to whoever waits (a Dropped job: nobody)
             self.error = e
         self.seconds = time.perf_counter() - start - self.paused_s
-        self.cpu_seconds = time.thread_time() - cpu_start - self.paused_cpu_s
+        self.cpu_seconds = time.thread_time() - cpu_start
         self.state = "done"
         self.finished.set()
 
@@ -146,7 +145,7 @@ class IOQueue:
 
     def _pace(self, job: Job) -> int | None:
         """pace() for `job`, running on this thread."""
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        start = time.perf_counter()
         with self.lock:
             try:
                 while True:
@@ -163,7 +162,6 @@ class IOQueue:
                     self.lock.wait()
             finally:
                 job.paused_s += time.perf_counter() - start
-                job.paused_cpu_s += time.thread_time() - cpu_start
 
     def _next_queued(self) -> tuple[int, int, Job] | None:
         """Under the lock: the heap's first entry still queued (dropped jobs and entries left

@@ -140,7 +140,7 @@ def chunked_guess(chunks: list, n: int, between=None):
 
 
 def test_a_running_guess_pauses_for_demand_reads_and_stops_once_dropped():
-    queue = IOQueue(4)  # guesses take at most 2 threads
+    queue = IOQueue(4)
     chunks, order, reached = [], [], threading.Event()
     gates = [threading.Event() for _ in range(3)]
 
@@ -150,11 +150,11 @@ def test_a_running_guess_pauses_for_demand_reads_and_stops_once_dropped():
 
     guess = queue.put(Job(chunked_guess, chunks, 1000, slowly), GUESS)
     assert reached.wait(5)
-    # more demand reads than the threads the guess leaves: they wait, and the guess with them
+    # demand reads on the other three threads, then one waiting for a thread: the guess waits
     demands = [queue.put(Job(lambda i=i: gates[i].wait() and order.append(i)), DEMAND)
                for i in range(3)]  # fmt: skip
     while sum(d.state == "running" for d in demands) < 3:
-        time.sleep(0.001)  # three threads: none runs a guess's read any more
+        time.sleep(0.001)
     time.sleep(0.01)  # let a chunk in flight finish
     paused_at = len(chunks)
     time.sleep(0.05)
