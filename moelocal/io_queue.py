@@ -35,7 +35,9 @@ def pace() -> int | None:
     """Called by a job's reads before each read: the most bytes to read next (None: the rest).
     A guess's read waits here while demand reads run, and raises Dropped once it is dropped."""
     job = getattr(_running, "job", None)
-    return None if job is None or job.queue is None else job.queue._pace(job)
+    if job is None or job.priority == DEMAND:  # every miss's read: no lock, no clock
+        return None
+    return job.queue._pace(job)
 
 
 class Job:
