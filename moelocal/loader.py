@@ -31,7 +31,7 @@ from .movers import CpuMover, CudaMover
 from .plan import ROUTER, OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import check_mode, dequantize_checkpoint, quantize_linears
-from .store import DiskReader, check_shapes, expert_pieces, packed_pieces
+from .store import DiskReader, check_shapes, expert_pieces, packed_pieces, staged_bytes
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -211,7 +211,8 @@ def plan_model(
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype, quant,
                           cfg.expert_bias)  # fmt: skip
     check_shapes(pieces, layout)
-    largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
+    # RAM slots are aligned; a CUDA mover's page-locked staging pieces need not be
+    largest = staged_bytes(pieces, aligned_dest=device.type == "cpu")
     # experts read from a Hugging Face checkpoint are converted as they are read
     quantize_on_read = ckpt.manifest is None and (
         quant != "none" or not all(p.plain for parts in pieces.values() for p in parts)

@@ -218,6 +218,19 @@ def aligned_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     return buf, (-buf.data_ptr()) % ALIGN
 
 
+def staged_bytes(pieces: dict, aligned_dest: bool) -> int:
+    """The most bytes one read puts through an I/O thread's staging buffer (its size): a
+    converted expert at an aligned offset goes straight into aligned memory (a RAM slot) but for
+    its last partial block; any other piece goes through whole."""
+
+    def staged(p: Piece) -> int:
+        if aligned_dest and p.part == "blob" and p.offset % ALIGN == 0:
+            return p.nbytes % ALIGN
+        return p.nbytes
+
+    return max((staged(p) for parts in pieces.values() for p in parts), default=0)
+
+
 class DiskReader:
     """Reads whole experts from the checkpoint into blobs, by offset."""
 
@@ -226,19 +239,23 @@ class DiskReader:
         self.fds, self.direct = {}, {}
         for path in {p.path for parts in pieces.values() for p in parts}:
             self.fds[path], self.direct[path] = open_uncached(path)
-        largest = max((p.nbytes for parts in pieces.values() for p in parts), default=0)
-        self.staging_bytes = largest + 2 * ALIGN
-        self.local = threading.local()  # one staging buffer per I/O thread
+        # one staging buffer per I/O thread, made at the size reads into aligned memory need (a
+        # buffer grown piece by piece leaves glibc's heaps holding every size it outgrew)
+        self.staging_bytes = staged_bytes(pieces, aligned_dest=True) + 2 * ALIGN
+        self.local = threading.local()
         # converted experts whose checksum has passed: checked at their first read only (a
         # check is 1.2-1.5 ms of a core per 19 MB expert, memory-bound, 10% of its read time,
         # taken from compute on every later miss and guess)
         self.verified: set[tuple[int, int]] = set()
         self.trim = False  # release_freed_memory() after each expert converted as read
 
-    def _staging(self) -> tuple[torch.Tensor, int]:
-        if not hasattr(self.local, "buf"):
-            self.local.buf = aligned_buffer(self.staging_bytes)
-        return self.local.buf
+    def _staging(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        """This thread's staging buffer, of at least nbytes: bigger than planned only where a
+        converted expert is read into unaligned memory (a CUDA mover's staging piece)."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf[0].numel() - ALIGN - buf[1] < nbytes:
+            self.local.buf = buf = aligned_buffer(max(nbytes, self.staging_bytes))
+        return buf
 
     def _read_into(self, path: Path, view: memoryview, offset: int, need: int):
         """Fill view from a file offset; at least `need` of its bytes must exist."""
@@ -246,11 +263,11 @@ class DiskReader:
             raise MoelocalError(f"{path}: file ends before offset {offset + need}")
 
     def _read_piece(self, p: Piece) -> torch.Tensor:
-        buf, base = self._staging()
         start = p.offset - p.offset % ALIGN if self.direct[p.path] else p.offset
         length = p.offset + p.nbytes - start
         if self.direct[p.path]:
             length += (-length) % ALIGN
+        buf, base = self._staging(length)
         self._read_into(
             p.path, tensor_bytes(buf[base:], length), start, p.offset + p.nbytes - start
         )

@@ -102,6 +102,28 @@ def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
     assert out.stats.extra["experts"]["bytes_from_disk"] > 0
 
 
+@pytest.mark.parametrize("intermediate", [None, 100])  # blobs of whole blocks; a partial last one
+def test_converted_experts_need_no_staging_room(tiny, tmp_path, intermediate):
+    """A converted expert is read straight into its slot (but for a last partial block), so the
+    plan keeps no staging buffer of an expert's size per I/O thread: that room holds slots."""
+    from moelocal.convert import convert
+    from moelocal.direct_io import IO_THREADS
+
+    overrides = {} if intermediate is None else {"intermediate_size": intermediate}
+    path = convert(str(tiny("mixtral", **overrides)[0]), "none", tmp_path / "converted")
+    resident, ids = moelocal.load(path, device="cpu"), prompt(20)
+    logits, tokens = resident.logits(ids), resident.generate(ids, max_new_tokens=12).token_ids
+    full = resident.plan
+    budget = (full.resident_bytes + full.kv_bytes + 2 * full.moe_layers * full.expert_bytes
+              + IO_THREADS * full.expert_bytes // 2)  # fmt: skip
+    engine = moelocal.load(path, device="cpu", cpu_mem=budget)
+    assert engine.plan.device_slots == 2
+    assert torch.equal(engine.logits(ids), logits)
+    assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+    assert engine.expert_cache.stats.total().misses > 0
+    engine.close()
+
+
 def test_sharded_checkpoint_streams_the_same(tmp_path, resident_runs):
     from tiny import save_tiny
 
@@ -221,11 +243,17 @@ def test_plan_takes_the_hit_rate_from_a_trace(tmp_path):
     assert wrong.exit_code == 1 and wrong.stderr.count("\n") == 1 and "64 experts" in wrong.stderr
 
 
-def test_peak_memory_stays_within_budget(tmp_path):
+@pytest.mark.parametrize("converted", [False, True])
+def test_peak_memory_stays_within_budget(tmp_path, converted):
     """Peak RSS over a warmed-up process stays within --cpu-mem plus the stated fixed overhead
-    (README: 64 MiB for kernels' scratch, allocator slack, threads and the tokenizer)."""
+    (README: 64 MiB for kernels' scratch, allocator slack, threads and the tokenizer). A
+    converted model plans no staging buffers for whole experts: they are read into their slots."""
+    from moelocal.convert import convert
+
     path = make_checkpoint(tmp_path / "m", hidden_size=512, intermediate_size=1536,
                            num_hidden_layers=4, vocab_size=2048)  # fmt: skip
+    if converted:
+        path = convert(str(path), "none", tmp_path / "converted")
     experts_bytes = 4 * 8 * 3 * 512 * 1536 * 2  # 144 MiB of experts on disk
     budget = 72 * 2**20
     script = """
