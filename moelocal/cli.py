@@ -431,8 +431,12 @@ def plan_cmd(
     cache_experts: CacheExpertsOpt = None,
     context: ContextOpt = None,
     hit_rate: Annotated[
-        float, typer.Option(help="Hit rate for the expected bytes moved per token.")
-    ] = 0.8,
+        float | None,
+        typer.Option(
+            help="Hit rate for the expected bytes moved per token [default: the share "
+            "of each layer's experts the plan caches, as evenly spread routing gives]"
+        ),
+    ] = None,
     trace_path: Annotated[
         Path | None,
         typer.Option(
@@ -454,13 +458,16 @@ def plan_cmd(
     from .plan import human
     from .trace import RoutingTrace
 
-    if not 0 <= hit_rate <= 1:  # NaN included
+    if hit_rate is not None and not 0 <= hit_rate <= 1:  # NaN included
         fail(f"--hit-rate {hit_rate}: a share from 0 to 1 (0.8 is 80%)")
 
     def go():
         p = plan(model, device=device, dtype=dtype, quant=quant, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
                  cache_experts=cache_experts, context=context)  # fmt: skip
-        rate, source = hit_rate, "an assumed"
+        if hit_rate is not None:
+            rate, source = hit_rate, "an assumed"
+        else:  # an LRU cache of s of E experts under routing spread evenly holds s / E of them
+            rate, source = p.device_slots / max(1, p.n_experts), "an even routing's"
         if trace_path is not None:
             trace = RoutingTrace.load(trace_path)
             if trace.header.get("experts") != p.n_experts:

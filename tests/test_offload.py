@@ -202,7 +202,14 @@ def test_plan_cli(tiny):
     assert plan["device_slots_per_layer"] == 3 and plan["moe_layers"] == 2
     assert plan["disk_experts"] == 2 * (8 - 3)
     assert plan["resident"]["dense_mlp"] > 0 and plan["resident"]["shared_experts"] > 0
-    assert plan["bytes_moved_per_token"] == pytest.approx(2 * 2 * 0.2 * plan["expert_bytes"])
+    # no --hit-rate: the share of a layer's experts cached (3 of 8), as even routing has it
+    assert plan["hit_rate"] == 3 / 8
+    assert plan["bytes_moved_per_token"] == pytest.approx(2 * 2 * 5 / 8 * plan["expert_bytes"])
+    given = CliRunner().invoke(app, ["plan", str(path), "--cache-experts", "3", "--hit-rate",
+                                     "0.8", "--json"])  # fmt: skip
+    assert json.loads(given.stdout)["bytes_moved_per_token"] == pytest.approx(
+        2 * 2 * 0.2 * plan["expert_bytes"]
+    )
     assert plan["memory_bytes_per_s"] > 0 and plan["disk_bytes_per_s"] > 0
     assert plan["bytes_read_per_token"] > plan["moe_layers"] * 2 * plan["expert_bytes"]
     assert plan["predicted_tok_s"] > 0
