@@ -17,6 +17,7 @@ import torch
 from . import cpu_kernels, reasoning, validate
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
+from .disk_embedding import DiskEmbedding
 from .errors import MoelocalError
 from .generate import PREFILL_CHUNK, Request, Stats, generate
 from .hub import resolve_model
@@ -329,6 +330,8 @@ class Engine:
         cannot generate afterwards; closing twice does nothing."""
         if self.expert_cache is not None:
             self.expert_cache.close()
+        if isinstance(self.model.model.embed_tokens, DiskEmbedding):
+            self.model.model.embed_tokens.close()
         self.closed = True
 
     def _require_open(self):

@@ -124,7 +124,7 @@ def generate(
     B = len(requests)
     stats = stats if stats is not None else [Stats() for _ in requests]
     finished = finished if finished is not None else [False] * B
-    device = model.model.embed_tokens.weight.device
+    device = model.model.norm.weight.device
     generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None
                   for r in requests]  # fmt: skip
     T = max(len(r.prompt) for r in requests)

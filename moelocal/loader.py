@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import predictor
+from . import disk_embedding, predictor
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
 from .direct_io import IO_THREADS
@@ -31,7 +31,16 @@ from .movers import CpuMover, CudaMover
 from .plan import ROUTER, OffloadOptions, Plan, make_plan, resident_components
 from .prefetch import Prefetcher
 from .quant import check_mode, dequantize_checkpoint, quantize_linears
-from .store import DiskReader, check_shapes, expert_pieces, packed_pieces, staged_bytes
+from .store import (
+    DiskReader,
+    check_shapes,
+    expert_pieces,
+    packed_pieces,
+    staged_bytes,
+    tensor_offsets,
+)
+
+EMBEDDINGS = "model.embed_tokens.weight"
 
 # per-expert matrices, as transformers saves them
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
@@ -217,9 +226,11 @@ def plan_model(
     quantize_on_read = ckpt.manifest is None and (
         quant != "none" or not all(p.plain for parts in pieces.values() for p in parts)
     )
-    plan = make_plan(
-        cfg, sizes, dtype, device, options, largest, layout.nbytes, quant, quantize_on_read
-    )
+    # a plain table of its own (not the head, not stored quantized) can be read row by row
+    readable = (device.type == "cpu" and disk_embedding.AVAILABLE and not cfg.tie_word_embeddings
+                and resident.get(EMBEDDINGS) not in (None, *quant_state))  # fmt: skip
+    plan = make_plan(cfg, sizes, dtype, device, options, largest, layout.nbytes, quant,
+                     quantize_on_read, readable)  # fmt: skip
     return Planned(family, cfg, dtype, model, resident, pieces, plan, layout, quant_state)
 
 
@@ -240,14 +251,19 @@ def compute_layout(model, cfg: ModelConfig, quant: str, dtype=None, empty: bool 
     quantize_linears(model, quant, lambda name: keep_dense(name, cfg), dtype, empty)
 
 
-def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device) -> dict:
+def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device,
+                   skip: tuple = ()) -> dict:  # fmt: skip
     """The resident weights by module name, on device, in their dtypes (routers in
-    router_dtype); a tied head is the embeddings."""
+    router_dtype); a tied head is the embeddings. The names in skip are not read: each is an
+    empty tensor of its stored shape on the meta device (its module reads it another way)."""
     cfg, dtype = planned.cfg, planned.dtype
     stored = computed_resident(ckpt)
     want = {name: t.shape for name, t in planned.model.state_dict().items()}
     state = {}
     for name, key in planned.resident.items():
+        if name in skip:
+            state[name] = torch.empty(stored_at(ckpt, key)[4], device="meta")
+            continue
         t = read_weight(ckpt, key, planned.quant_state)
         shape = want.get(name)
         if shape is not None and t.shape != shape and t.squeeze(0).shape == shape:
@@ -259,6 +275,23 @@ def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device) -> 
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
+
+
+def stored_at(ckpt: Checkpoint, key: str) -> tuple:
+    """(file, offset, bytes, dtype, shape) of a tensor in its safetensors file."""
+    path = ckpt.dir / ckpt.weight_map[key]
+    return path, *tensor_offsets(path)[key]
+
+
+def embedding_from_disk(ckpt: Checkpoint, planned: Planned) -> disk_embedding.DiskEmbedding:
+    """The embedding table read from its file row by row, in the dtype resident_state would
+    give it."""
+    path, offset, _, stored, shape = stored_at(ckpt, planned.resident[EMBEDDINGS])
+    dtype = stored if computed_resident(ckpt) else planned.dtype
+    if not stored.is_floating_point or len(shape) != 2:
+        raise MoelocalError(f"{path}: the embedding table is {stored} of shape {shape}, not a "
+                            "float matrix")  # fmt: skip
+    return disk_embedding.DiskEmbedding(path, offset, stored, shape, dtype)
 
 
 def keep_dense(linear_name: str, cfg: ModelConfig) -> bool:
@@ -287,7 +320,8 @@ def load_model(
         device.type == "cpu" and preread.keep(pieces, layout.nbytes, plan.device_slots)
     ):
         preread = None
-    state = resident_state(ckpt, planned, device)
+    on_disk = "embeddings" in plan.on_disk
+    state = resident_state(ckpt, planned, device, skip=(EMBEDDINGS,) if on_disk else ())
     want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, t in state.items():
         if name in want and tuple(t.shape) != want[name]:
@@ -299,13 +333,19 @@ def load_model(
         raise MoelocalError(
             f"{ckpt.dir}: weights do not match config.json ({e})".split("\n")[0]
         ) from None
+    embedding = embedding_from_disk(ckpt, planned) if on_disk else None
     ckpt.close()  # experts are read by offset from here on; drop the memory maps
     moe_layers = sorted({layer for layer, _ in pieces})
-    cache = (
-        open_expert_cache(pieces, layout, plan, moe_layers, device, options, preread)
-        if moe_layers
-        else None
-    )
+    try:
+        cache = (
+            open_expert_cache(pieces, layout, plan, moe_layers, device, options, preread)
+            if moe_layers
+            else None
+        )
+    except BaseException:
+        if embedding is not None:
+            embedding.close()
+        raise
     try:
         prefetcher = None
         if cache is not None and options.prefetch and cache.streaming:
@@ -319,6 +359,8 @@ def load_model(
         model.rotary = Rotary(family.rope_dim(cfg), cfg.rope).to(device)
         if not stored:
             compute_layout(model, cfg, plan.quant)
+        if embedding is not None:
+            model.model.embed_tokens = embedding
         if cache is not None:
             model.route_predictors = route_predictors(model, device)
             if prefetcher is not None:
@@ -326,6 +368,8 @@ def load_model(
     except BaseException:
         if cache is not None:
             cache.close()
+        if embedding is not None:
+            embedding.close()
         raise
     return LoadedModel(cfg, model.eval(), plan, cache)
 

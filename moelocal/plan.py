@@ -154,6 +154,7 @@ class Plan:
     gpu_budget: int | None = None
     cpu_budget: int | None = None
     notes: list[str] = field(default_factory=list)
+    on_disk: dict[str, int] = field(default_factory=dict)  # parts read from disk as needed
 
     @property
     def resident_bytes(self) -> int:
@@ -198,6 +199,8 @@ class Plan:
         for part, n in self.resident.items():
             if n:
                 table.add_row(part.replace("_", " "), human(n), f"{device_name} (resident)")
+        for part, n in self.on_disk.items():
+            table.add_row(part.replace("_", " "), human(n), "disk (a row a token)")
         table.add_row(f"KV cache, {self.context} tokens", human(self.kv_bytes),
                       f"{device_name} (resident)")  # fmt: skip
         table.add_row(
@@ -219,6 +222,7 @@ class Plan:
             "quant": self.quant,
             "resident_bytes": self.resident_bytes,
             "resident": self.resident,
+            "on_disk": self.on_disk,
             "context": self.context,
             "kv_cache_bytes": self.kv_bytes,
             "expert_bytes": self.expert_bytes,
@@ -247,10 +251,13 @@ def make_plan(
     expert_bytes: int,
     quant: str = "none",
     quantize_on_read: bool = False,
+    embeddings_readable: bool = False,
 ) -> Plan:
     """Fit the model into the budgets, or fail with one line naming the minimum.
     resident: bytes by component (resident_components); largest_read: bytes of the largest
-    matrix read from disk (one staging buffer); expert_bytes: one expert's blob."""
+    matrix read from disk (one staging buffer); expert_bytes: one expert's blob;
+    embeddings_readable: the embedding table can be read from disk a row at a time
+    (disk_embedding.py)."""
     gpu_mem, cpu_mem, cache_experts = options.gpu_mem, options.cpu_mem, options.cache_experts
     context = options.context
     cuda = device.type == "cuda"
@@ -280,6 +287,17 @@ def make_plan(
             context, kv = kv_for(budget)
             notes.append(f"{human(room)} of memory is free to this process (RAM, or its cgroup's "
                          "limit): planned within it; --cpu-mem sets the budget")  # fmt: skip
+    on_disk = {}
+    everything = sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging
+    if (
+        embeddings_readable
+        and not cuda
+        and cache_experts is None
+        and budget is not None
+        and (everything > budget)
+    ):  # the experts stream: a token's row of the table is read with them, not held
+        on_disk["embeddings"] = resident["embeddings"]
+        resident = {part: n for part, n in resident.items() if part != "embeddings"}
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
     if moe_layers == 0:
@@ -314,7 +332,7 @@ def make_plan(
         top_k=cfg.num_experts_per_tok, layers=cfg.num_hidden_layers, device_slots=int(slots),
         host_experts=int(host), staging_bytes=staging,
         cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
-        gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes,
+        gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes, on_disk=on_disk,
     )  # fmt: skip
 
 

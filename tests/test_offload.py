@@ -89,9 +89,16 @@ def test_guessing_every_layer_every_step_gives_identical_results(
 def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
     path = tiny(arch)[0]
     full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB")
-    assert full.device_slots == full.n_experts
-    # room for the resident part, the KV cache and two slots per layer
-    fixed = full.resident_bytes + full.kv_bytes + full.staging_bytes
+    assert full.device_slots == full.n_experts and not full.on_disk
+    # a budget short of holding every expert: the embedding table (unless it is also the head)
+    # is read from disk a row a token, and the rest of the resident part stays
+    everything = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes
+    short = moelocal.engine.plan(path, device="cpu", cpu_mem=everything - 1)
+    tied = "embeddings" not in full.resident or full.resident["lm_head"] == 0
+    assert short.on_disk == ({} if tied else {"embeddings": full.resident["embeddings"]})
+    assert short.resident_bytes == full.resident_bytes - sum(short.on_disk.values())
+    # room for that resident part, the KV cache and two slots per layer
+    fixed = short.resident_bytes + short.kv_bytes + short.staging_bytes
     budget = fixed + 2 * full.moe_layers * full.expert_bytes + 100
     engine = moelocal.load(path, device="cpu", cpu_mem=budget)
     assert engine.plan.device_slots == 2 and engine.plan.disk_experts > 0
@@ -350,3 +357,47 @@ def test_streaming_without_linux_only_calls(tiny, resident_runs, tmp_path, monke
     assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
     assert engine.expert_cache.stats.total().misses > 0
     engine.close()
+
+
+def test_embedding_rows_read_from_disk_are_the_table_s(tmp_path):
+    """DiskEmbedding gives nn.Embedding's rows for any token shape, repeats included, cast to
+    the compute dtype as the resident table would be; a file too short is one line, at once."""
+    from safetensors.torch import save_file
+
+    from moelocal.disk_embedding import DiskEmbedding
+    from moelocal.store import tensor_offsets
+
+    table = torch.randn(50, 24, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "w.safetensors"
+    save_file({"other": torch.ones(7), "model.embed_tokens.weight": table}, str(path))
+    offset, _, stored, shape = tensor_offsets(path)["model.embed_tokens.weight"]
+    rows = DiskEmbedding(path, offset, stored, shape, torch.bfloat16)
+    tokens = torch.tensor([[3, 49, 3, 0], [7, 7, 7, 12]])
+    want = torch.nn.functional.embedding(tokens, table.to(torch.bfloat16))
+    assert torch.equal(rows(tokens), want) and torch.equal(rows(tokens[:1, 1:2]), want[:1, 1:2])
+    rows.close()
+    rows.close()  # twice: nothing
+    with open(path, "r+b") as f:
+        f.truncate(offset + 49 * 24 * 4)
+    with pytest.raises(MoelocalError, match="truncated"):
+        DiskEmbedding(path, offset, stored, shape, torch.bfloat16)
+
+
+def test_generation_is_the_same_with_the_embedding_table_on_disk(tiny, resident_runs, tmp_path):
+    """Under a budget that streams the experts, a converted model and a checkpoint both read
+    their embedding table from disk, give the resident tokens, and close the file with the
+    engine."""
+    from moelocal.convert import convert
+
+    ids, logits, tokens = resident_runs("mixtral")
+    source = tiny("mixtral")[0]
+    for path in (source, convert(str(source), "none", tmp_path / "converted")):
+        full = moelocal.engine.plan(path, device="cpu")
+        budget = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes // 2
+        engine = moelocal.load(path, device="cpu", cpu_mem=budget)
+        embedding = engine.model.model.embed_tokens
+        assert engine.plan.on_disk == {"embeddings": full.resident["embeddings"]}
+        assert torch.equal(engine.logits(ids), logits)
+        assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+        engine.close()
+        assert embedding.fd == -1
