@@ -126,6 +126,7 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
         "gpu_mem": config.get("gpu_mem"),
         "cpu_mem": config.get("cpu_mem"),
         "cache_experts": engine.plan.device_slots,
+        "cache_slots": engine.plan.cache_slots,  # in all: some layers may have one more
         "cache_policy": config.get("cache_policy", "lru"),
         "prefetch": config.get("prefetch", True),
         "prefetch_depth": config.get("prefetch_depth", 1),

@@ -467,14 +467,15 @@ def plan_cmd(
         if hit_rate is not None:
             rate, source = hit_rate, "an assumed"
         else:  # an LRU cache of s of E experts under routing spread evenly holds s / E of them
-            rate, source = p.device_slots / max(1, p.n_experts), "an even routing's"
+            rate = p.cache_slots / max(1, p.n_experts * p.moe_layers)
+            source = "an even routing's"
         if trace_path is not None:
             trace = RoutingTrace.load(trace_path)
             if trace.header.get("experts") != p.n_experts:
                 raise MoelocalError(f"--trace {trace_path}: routing over "
                                     f"{trace.header.get('experts')} experts a layer, the model "
                                     f"has {p.n_experts}")  # fmt: skip
-            rate, source = trace.lru_hit_rate(p.device_slots), "the trace's"
+            rate, source = trace.lru_hit_rate(p.layer_slots()), "the trace's"
         if p.device_slots >= p.n_experts:
             rate, source = 1.0, "a"
         moved = p.bytes_moved_per_token(rate)

@@ -1,7 +1,8 @@
 """The expert cache: per MoE layer a fixed tensor of slots on the compute device, its slot map
 (slot_map.py), and a mover that fills slots (movers.py).
 
-Slots are preallocated once, shaped like a stacked layer: (n_slots, bytes of one expert's blob).
+Slots are preallocated once, shaped like a stacked layer: (its slots, bytes of one expert's blob);
+a layer may have one slot more than another (what a budget holds beyond a slot for every layer).
 The MoE block (models/moe.py) asks for the experts a layer needs and gets each one's views as
 soon as it can be read: hits at once, misses as their loads land. A layer's own misses are
 queued before the loads of the guesses made during its attention, and read first (a guess reads
@@ -40,19 +41,22 @@ class ExpertCache:
     """Routed experts of every MoE layer, streamed through fixed slots."""
 
     def __init__(
-        self, layout: ExpertLayout, mover, moe_layers: list[int], n_experts: int, n_slots: int,
-        policy: str = "lru", preread=None,
+        self, layout: ExpertLayout, mover, moe_layers: list[int], n_experts: int,
+        n_slots: int | list[int], policy: str = "lru", preread=None,
     ):  # fmt: skip
-        """preread: an ExpertPreread the loader kept (preread.py), whose memory becomes the
-        slots and whose rows are taken as they land."""
+        """n_slots: every layer's, or each one's (in moe_layers' order); preread: an
+        ExpertPreread the loader kept (preread.py), whose memory becomes the slots and whose
+        rows are taken as they land."""
         self.layout, self.mover, self.device = layout, mover, mover.device
-        self.n_experts, self.n_slots = n_experts, n_slots
+        self.n_experts = n_experts
+        counts = n_slots if isinstance(n_slots, list) else [n_slots] * len(moe_layers)
+        self.n_slots = dict(zip(moe_layers, counts, strict=True))  # layer -> its slots
         self.expert_bytes = layout.nbytes
         memory = preread.memory if preread is not None else {}
-        self.slots = {i: slot_rows(n_slots, layout.nbytes, self.device, memory.get(i))
-                      for i in moe_layers}  # fmt: skip
+        self.slots = {i: slot_rows(n, layout.nbytes, self.device, memory.get(i))
+                      for i, n in self.n_slots.items()}  # fmt: skip
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
-        self.maps = {i: SlotMap(n_slots, policy) for i in moe_layers}
+        self.maps = {i: SlotMap(n, policy) for i, n in self.n_slots.items()}
         self.guesses: dict[int, Guess] = {}  # layer -> the prefetcher's last guess
         self.unstarted: list[int] = []  # layers guessed whose loads have not been started
         self.guess_ranks = GuessRanks()
@@ -66,7 +70,7 @@ class ExpertCache:
     @property
     def streaming(self) -> bool:
         """True when some experts live below the device cache."""
-        return self.n_slots < self.n_experts
+        return any(n < self.n_experts for n in self.n_slots.values())
 
     @property
     def host_bytes(self) -> int:
@@ -85,11 +89,14 @@ class ExpertCache:
             loads.append((layer, slot, load))
 
         try:
-            for slot in range(early, self.n_slots):
+            for slot in range(early, max(self.n_slots.values(), default=0)):
                 for layer in self.slots:
-                    by_mover(layer, slot)
-            for slot in range(min(early, self.n_slots)):
+                    if slot < self.n_slots[layer]:
+                        by_mover(layer, slot)
+            for slot in range(early):
                 for layer in self.slots:
+                    if slot >= self.n_slots[layer]:
+                        continue
                     if preread.landed(layer, slot):
                         self.maps[layer].place(slot, slot)
                         self.stats.preload_bytes += self.expert_bytes
@@ -251,7 +258,7 @@ class ExpertCache:
         loads start with start_guesses(), which the running layer calls once it has asked for
         its own misses: a guess read already running would share the disk with them."""
         m = self.maps[layer]
-        uncached = [(r, e) for r, e in enumerate(ranked[: self.n_slots]) if e not in m.slot_of]
+        uncached = [(r, e) for r, e in enumerate(ranked[: m.n_slots]) if e not in m.slot_of]
         self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
         self.payoffs.setdefault(layer, Payoff())
         self.unstarted.append(layer)
@@ -265,7 +272,7 @@ class ExpertCache:
             guess, m = self.guesses.get(layer), self.maps[layer]
             if guess is None:
                 continue
-            protect = set(guess.ranked[: self.n_slots])  # no guess evicts another
+            protect = set(guess.ranked[: m.n_slots])  # no guess evicts another
             most = 1 if self.payoffs[layer].probing else len(guess.uncached)
             m.reap()
             for rank, e in guess.uncached:

@@ -316,8 +316,9 @@ def load_model(
     family, cfg, dtype, model, resident, pieces, plan, layout, quant_state = planned
     for note in plan.notes:
         print(f"moelocal: {note}", file=sys.stderr)
+    most_slots = max(plan.layer_slots(), default=0)  # rows of a layer the preread must hold
     if preread is not None and not (
-        device.type == "cpu" and preread.keep(pieces, layout.nbytes, plan.device_slots)
+        device.type == "cpu" and preread.keep(pieces, layout.nbytes, most_slots)
     ):
         preread = None
     on_disk = "embeddings" in plan.on_disk
@@ -400,7 +401,7 @@ def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers
         reader.close()
         raise
     try:
-        cache = ExpertCache(layout, mover, moe_layers, plan.n_experts, plan.device_slots,
+        cache = ExpertCache(layout, mover, moe_layers, plan.n_experts, plan.layer_slots(),
                             options.cache_policy, preread)  # fmt: skip
     except BaseException:
         mover.close()

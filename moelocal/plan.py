@@ -16,6 +16,7 @@ from . import memory_room
 from .config import ModelConfig
 from .direct_io import ALIGN, IO_THREADS
 from .errors import MoelocalError
+from .generate import PREFILL_CHUNK
 from .quant import MatrixFormat
 from .slot_map import POLICIES
 
@@ -93,6 +94,16 @@ def resident_components(
     return parts
 
 
+def prefill_bytes_for(cfg: ModelConfig, context: int) -> int:
+    """Activations of one prefill pass over min(context, PREFILL_CHUNK) tokens, about: float32
+    rows of an MLP's gate and up outputs and some eight of the hidden state's. Measured peaks
+    over a warmed-up process: mixtral-large (2048, 5632) 118 KB a token from 256 to 4000 tokens
+    (this says 110), mixtral-medium (1024, 3584) 63 KB (this says 61)."""
+    widest = max(cfg.intermediate_size or 0, cfg.moe_intermediate_size,
+                 cfg.shared_expert_intermediate_size)  # fmt: skip
+    return min(context, PREFILL_CHUNK) * 4 * (2 * widest + 8 * cfg.hidden_size)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Linear attention layers hold a fixed state instead (a few MB a sequence), not counted."""
     if cfg.kv_lora_rank:  # latent attention caches the latent and the shared rotary key
@@ -146,7 +157,7 @@ class Plan:
     moe_layers: int
     top_k: int
     layers: int  # decoder layers, MoE or not
-    device_slots: int  # expert slots per MoE layer in the device cache
+    device_slots: int  # expert slots per MoE layer in the device cache (extra_slots have one more)
     host_experts: int  # experts kept in page-locked host RAM (CUDA); 0 on a CPU-only machine
     staging_bytes: int
     # CUDA: a miss held in host RAM routed to at most this many tokens runs on the CPU
@@ -155,6 +166,15 @@ class Plan:
     cpu_budget: int | None = None
     notes: list[str] = field(default_factory=list)
     on_disk: dict[str, int] = field(default_factory=dict)  # parts read from disk as needed
+    # MoE layers given one slot more than device_slots: the budget's room short of a slot for
+    # every layer (up to a layer's worth of experts, 2.7 GB for Mixtral-8x7B int4's 32 layers)
+    extra_slots: int = 0
+    prefill_bytes: int = 0  # a prefill pass's activations: room extra slots leave free
+
+    def layer_slots(self) -> list[int]:
+        """Slots of each MoE layer, in order: the extra slots spread evenly over the layers."""
+        n, extra = self.moe_layers, self.extra_slots
+        return [self.device_slots + (j + 1) * extra // n - j * extra // n for j in range(n)]
 
     @property
     def resident_bytes(self) -> int:
@@ -165,14 +185,16 @@ class Plan:
         return self.n_experts * self.moe_layers
 
     @property
+    def cache_slots(self) -> int:
+        return self.device_slots * self.moe_layers + self.extra_slots
+
+    @property
     def cache_bytes(self) -> int:
-        return self.device_slots * self.moe_layers * self.expert_bytes
+        return self.cache_slots * self.expert_bytes
 
     @property
     def disk_experts(self) -> int:
-        in_memory = (
-            self.host_experts if self.device == "cuda" else self.device_slots * self.moe_layers
-        )
+        in_memory = self.host_experts if self.device == "cuda" else self.cache_slots
         return max(0, self.total_experts - in_memory)
 
     def bytes_read_per_token(self) -> int:
@@ -203,9 +225,10 @@ class Plan:
             table.add_row(part.replace("_", " "), human(n), "disk (a row a token)")
         table.add_row(f"KV cache, {self.context} tokens", human(self.kv_bytes),
                       f"{device_name} (resident)")  # fmt: skip
+        slots = f"{self.device_slots}" + (f"-{self.device_slots + 1}" if self.extra_slots else "")
         table.add_row(
-            f"expert cache: {self.device_slots} of {self.n_experts} slots × {self.moe_layers} "
-            "layers", human(self.cache_bytes), device_name,
+            f"expert cache: {slots} of {self.n_experts} slots × {self.moe_layers} layers",
+            human(self.cache_bytes), device_name,
         )  # fmt: skip
         if self.device == "cuda":
             table.add_row(f"host store: {self.host_experts} experts",
@@ -230,10 +253,12 @@ class Plan:
             "moe_layers": self.moe_layers,
             "layers": self.layers,
             "device_slots_per_layer": self.device_slots,
+            "device_slots": self.layer_slots(),
             "device_cache_bytes": self.cache_bytes,
             "host_experts": self.host_experts,
             "disk_experts": self.disk_experts,
             "staging_bytes": self.staging_bytes,
+            "prefill_bytes": self.prefill_bytes,
             "cpu_miss_tokens": self.cpu_miss_tokens,
             "gpu_budget": self.gpu_budget,
             "cpu_budget": self.cpu_budget,
@@ -289,17 +314,14 @@ def make_plan(
                          "limit): planned within it; --cpu-mem sets the budget")  # fmt: skip
     on_disk = {}
     everything = sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging
-    if (
-        embeddings_readable
-        and not cuda
-        and cache_experts is None
-        and budget is not None
-        and (everything > budget)
-    ):  # the experts stream: a token's row of the table is read with them, not held
+    streams = cache_experts is None and budget is not None and everything > budget
+    if embeddings_readable and not cuda and streams:
+        # the experts stream: a token's row of the table is read with them, not held
         on_disk["embeddings"] = resident["embeddings"]
         resident = {part: n for part, n in resident.items() if part != "embeddings"}
     fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
+    extra = 0
     if moe_layers == 0:
         slots = 0
     elif cache_experts is not None:
@@ -320,6 +342,11 @@ def make_plan(
             )
         free = budget - fixed - (0 if cuda else staging)
         slots = min(E, free // (moe_layers * expert_bytes))
+        # what is left after a slot for every layer: one more slot in some layers, past the
+        # activations of a prefill pass (a long prompt's, unplanned, are what that room held)
+        left = free - slots * moe_layers * expert_bytes - prefill_bytes_for(cfg, context)
+        if slots < E and left > 0:
+            extra = min(moe_layers - 1, left // expert_bytes)
     host = 0
     if cuda:  # the host store: whole layers' shares of what --cpu-mem (or free RAM) holds
         host_budget = cpu_mem if cpu_mem is not None else default_host_budget()
@@ -333,6 +360,7 @@ def make_plan(
         host_experts=int(host), staging_bytes=staging,
         cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
         gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes, on_disk=on_disk,
+        extra_slots=int(extra), prefill_bytes=prefill_bytes_for(cfg, context),
     )  # fmt: skip
 
 

@@ -38,10 +38,14 @@ class RoutingTrace:
             out.setdefault(layer, []).append(set(experts))
         return out
 
-    def lru_hit_rate(self, slots: int) -> float:
-        """The share of needed experts an LRU cache of `slots` per layer would have held."""
+    def lru_hit_rate(self, slots: int | list[int]) -> float:
+        """The share of needed experts an LRU cache of `slots` per layer (or each MoE layer's,
+        in order) would have held."""
         hits = uses = 0
-        for steps in self.by_layer().values():
+        layers = self.by_layer()
+        counts = slots if isinstance(slots, list) else [slots] * len(layers)
+        for layer, slots in zip(sorted(layers), counts, strict=False):
+            steps = layers[layer]
             recent: list[int] = []  # least recently used first
             for needed in steps:
                 hits += sum(e in recent for e in needed)

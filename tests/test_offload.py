@@ -40,7 +40,7 @@ def resident_runs(tiny):
     def get(arch):
         if arch not in runs:
             engine = moelocal.load(tiny(arch)[0], device="cpu")
-            assert engine.expert_cache.n_slots == engine.config.num_experts
+            assert set(engine.expert_cache.n_slots.values()) == {engine.config.num_experts}
             ids = prompt(20)
             runs[arch] = (
                 ids,
@@ -107,6 +107,36 @@ def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
     out = engine.generate(ids, max_new_tokens=12)
     assert out.token_ids == tokens
     assert out.stats.extra["experts"]["bytes_from_disk"] > 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
+def test_room_short_of_a_slot_a_layer_gives_some_layers_one_more(tiny, arch):
+    """A budget's room beyond n slots a layer, past a prefill pass's activations, holds one
+    more slot in as many layers as it can (spread over them), and the tokens stay the same."""
+    path = tiny(arch, num_hidden_layers=16)[0]
+    resident, ids = moelocal.load(path, device="cpu"), prompt(20)
+    logits, tokens = resident.logits(ids), resident.generate(ids, max_new_tokens=12).token_ids
+    full = moelocal.engine.plan(path, device="cpu", context=40)
+    L, size = full.moe_layers, full.expert_bytes
+    everything = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes
+    probe = moelocal.engine.plan(path, device="cpu", cpu_mem=everything - 1, context=40)
+    fixed = probe.resident_bytes + probe.kv_bytes + probe.staging_bytes
+    for extra in (0, 1, 3):
+        # a prefill pass's activations are left free: the extra slots come from beyond them
+        budget = fixed + (2 * L + extra) * size + probe.prefill_bytes + size // 2
+        assert budget - fixed < 3 * L * size  # short of 3 slots a layer
+        short = moelocal.engine.plan(path, device="cpu", cpu_mem=budget - size, context=40)
+        assert short.extra_slots == max(0, extra - 1) and probe.prefill_bytes > 0
+        engine = moelocal.load(path, device="cpu", cpu_mem=budget, context=40)
+        counts = list(engine.expert_cache.n_slots.values())
+        assert engine.plan.device_slots == 2 and engine.plan.extra_slots == extra
+        want = [2] * (L - extra) + [3] * extra
+        assert sorted(counts) == sorted(engine.plan.layer_slots()) == want
+        assert [len(s) for s in engine.expert_cache.slots.values()] == counts
+        assert engine.plan.cache_bytes == (2 * L + extra) * size
+        assert torch.equal(engine.logits(ids), logits)
+        assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+        engine.close()
 
 
 @pytest.mark.parametrize("intermediate", [None, 100])  # blobs of whole blocks; a partial last one

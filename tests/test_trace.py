@@ -100,10 +100,15 @@ def test_the_traces_own_lru_agrees_with_cache_sim(seed):
     for _ in range(200):
         for layer in (0, 1):
             trace.record(layer, [rng.randrange(8)], 1)  # top 1: no ties for the victim
-    by_layer = trace.by_layer().values()
+    by_layer = trace.by_layer()
     for slots in range(1, 9):
-        simulated = sum(hit_rate(t, slots, POLICIES["LRU"]) for t in by_layer) / 2
+        simulated = sum(hit_rate(t, slots, POLICIES["LRU"]) for t in by_layer.values()) / 2
         assert trace.lru_hit_rate(slots) == pytest.approx(simulated)
+        # each layer's own count (a plan gives some layers one slot more)
+        other = 1 + slots % 8
+        simulated = (hit_rate(by_layer[0], slots, POLICIES["LRU"])
+                     + hit_rate(by_layer[1], other, POLICIES["LRU"])) / 2  # fmt: skip
+        assert trace.lru_hit_rate([slots, other]) == pytest.approx(simulated)
 
 
 def test_cache_sim_reads_a_trace(tmp_path):
