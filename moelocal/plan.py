@@ -167,7 +167,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     on_disk: dict[str, int] = field(default_factory=dict)  # parts read from disk as needed
     # MoE layers given one slot more than device_slots: the budget's room short of a slot for
-    # every layer (up to a layer's worth of experts, 2.7 GB for Mixtral-8x7B int4's 32 layers)
+    # every layer (up to a layer's worth of experts: 3 GB for Mixtral-8x7B int4's 32 layers)
     extra_slots: int = 0
     prefill_bytes: int = 0  # a prefill pass's activations: room extra slots leave free
 

@@ -253,7 +253,7 @@ class DiskReader:
         """This thread's staging buffer, of at least nbytes: bigger than planned only where a
         converted expert is read into unaligned memory (a CUDA mover's staging piece)."""
         buf = getattr(self.local, "buf", None)
-        if buf is None or buf[0].numel() - ALIGN - buf[1] < nbytes:
+        if buf is None or buf[0].numel() - buf[1] < nbytes:  # room past its aligned start
             self.local.buf = buf = aligned_buffer(max(nbytes, self.staging_bytes))
         return buf
 
