@@ -226,6 +226,9 @@ def generate_cmd(
     load = heavy_import("engine").load
 
     def go():
+        if options["context"] is None:
+            options["context"] = generation_context(model, prompt, not no_chat_template,
+                                                    max_new_tokens)  # fmt: skip
         with load(model, device=device, dtype=dtype, quant=quant, threads=threads,
                   preread=preread, **options) as engine:  # fmt: skip
             ids = engine.prompt_ids(prompt, chat_template=not no_chat_template)
@@ -248,6 +251,20 @@ def generate_cmd(
             )
 
     run(go)
+
+
+def generation_context(model, prompt: str, chat_template: bool, max_new_tokens: int) -> int | None:
+    """The context one prompt's generation needs: its tokens and max_new_tokens (a budget's
+    default, 4096 tokens, would keep room for a KV cache and a prefill it never uses from the
+    expert slots); None where the model has no tokenizer (the load says what is wrong)."""
+    from .hub import resolve_model
+    from .model_files import model_file
+    from .tokenizer import Tokenizer
+
+    model_dir = resolve_model(model)
+    if model_file(model_dir, "tokenizer.json") is None:
+        return None
+    return len(Tokenizer(model_dir).encode_prompt(prompt, chat_template)) + max_new_tokens
 
 
 def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):

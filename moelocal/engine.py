@@ -389,12 +389,8 @@ class Engine:
         return self.encode(self._require_tokenizer().encode_chat(messages))
 
     def prompt_ids(self, prompt: str, chat_template: bool = True) -> list[int]:
-        """A user prompt as token ids: wrapped in the chat template when the tokenizer has one
-        and chat_template is set (as mlx-lm does), else tokenized as is."""
-        tok = self._require_tokenizer()
-        if chat_template and tok.chat_template:
-            return self.chat_prompt([{"role": "user", "content": prompt}])
-        return self.encode(prompt)
+        """A user prompt as token ids (Tokenizer.encode_prompt), checked."""
+        return self.encode(self._require_tokenizer().encode_prompt(prompt, chat_template))
 
     def check_context(self, n_prompt: int, max_new_tokens: int):
         validate.whole("max_new_tokens", max_new_tokens)
@@ -498,7 +494,8 @@ class Engine:
             raise
         if prompt_cache is not None:  # the last token was sampled, never fed back
             prompt_cache.ids = (requests[0].prompt + tokens[0])[: kv.length]
-        extra = {"memory": self.memory(), "kernel": self.kernel, "threads": self.threads}
+        extra = {"memory": self.memory(), "kernel": self.kernel, "threads": self.threads,
+                 "context": self.context_length}  # fmt: skip
         if ec is not None:  # a batch shares its experts: the figures are the batch's
             extra["experts"] = ec.stats.since(before).as_dict(ec.expert_bytes)
         out = []

@@ -94,3 +94,10 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # the template writes the special tokens itself (as transformers does)
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    def encode_prompt(self, prompt: str, chat_template: bool = True) -> list[int]:
+        """A user prompt's ids: wrapped in the chat template where there is one and
+        chat_template is set (as mlx-lm does), else tokenized as is."""
+        if chat_template and self.chat_template:
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.encode(prompt)

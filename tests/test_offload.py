@@ -231,6 +231,21 @@ def test_generate_cli_reports_offload_stats():
     assert stats["memory"]["peak_rss_bytes"] > 0
 
 
+def test_generate_plans_the_context_its_prompt_needs():
+    """One prompt's generate plans a context of its prompt and max_new_tokens (not a budget's
+    default of 4096 tokens, whose KV cache and prefill room would come out of the expert
+    slots); --context still sets it."""
+    for extra, want in (([], None), (["--context", "300"], 300)):
+        result = CliRunner().invoke(
+            app, ["generate", "-p", "Tell me about experts", "-n", "7", "--cpu-mem", "40MiB",
+                  "--json", *extra],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        stats = json.loads(result.stdout)["stats"]
+        assert stats["context"] == (want or stats["prompt_tokens"] + 7)
+        assert stats["prompt_tokens"] > 5  # the chat template's tokens counted too
+
+
 def test_plan_cli(tiny):
     path = tiny("deepseek_v2")[0]
     result = CliRunner().invoke(app, ["plan", str(path), "--cache-experts", "3", "--json"])
