@@ -169,7 +169,7 @@ class Plan:
     # MoE layers given one slot more than device_slots: the budget's room short of a slot for
     # every layer (up to a layer's worth of experts: 3 GB for Mixtral-8x7B int4's 32 layers)
     extra_slots: int = 0
-    prefill_bytes: int = 0  # a prefill pass's activations: room extra slots leave free
+    prefill_bytes: int = 0  # a prefill pass's activations, held in a CPU budget
 
     def layer_slots(self) -> list[int]:
         """Slots of each MoE layer, in order: the extra slots spread evenly over the layers."""
@@ -179,6 +179,11 @@ class Plan:
     @property
     def resident_bytes(self) -> int:
         return sum(self.resident.values())
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What a CPU budget holds besides the expert slots."""
+        return self.resident_bytes + self.kv_bytes + self.staging_bytes + self.prefill_bytes
 
     @property
     def total_experts(self) -> int:
@@ -301,25 +306,30 @@ def make_plan(
         n = min(n, cfg.max_position_embeddings)
         return n, kv_bytes_per_token(cfg, dtype) * n
 
+    def everything(resident, context) -> int:  # in RAM: all of it, and a prefill pass (CPU)
+        prefill = 0 if cuda else prefill_bytes_for(cfg, context)
+        kv_all = kv_bytes_per_token(cfg, dtype) * context
+        return sum(resident.values()) + kv_all + moe_layers * E * expert_bytes + staging + prefill
+
     context, kv = kv_for(budget)
     notes = []
     if budget is None and not cuda and cache_experts is None and moe_layers:
         # no --cpu-mem: every expert in RAM if the process may take that much, else within
         # what it may take (a container's limit is a hard one: past it the process is killed)
         room = max(0, memory_room.available() - ROOM_MARGIN)
-        if sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging > room:
+        if everything(resident, context) > room:
             budget = room
             context, kv = kv_for(budget)
             notes.append(f"{human(room)} of memory is free to this process (RAM, or its cgroup's "
                          "limit): planned within it; --cpu-mem sets the budget")  # fmt: skip
     on_disk = {}
-    everything = sum(resident.values()) + kv + moe_layers * E * expert_bytes + staging
-    streams = cache_experts is None and budget is not None and everything > budget
+    streams = (
+        cache_experts is None and budget is not None and everything(resident, context) > budget
+    )
     if embeddings_readable and not cuda and streams:
         # the experts stream: a token's row of the table is read with them, not held
         on_disk["embeddings"] = resident["embeddings"]
         resident = {part: n for part, n in resident.items() if part != "embeddings"}
-    fixed = sum(resident.values()) + kv
     name = "--gpu-mem" if cuda else "--cpu-mem"
     extra = 0
     if moe_layers == 0:
@@ -331,21 +341,35 @@ def make_plan(
     elif budget is None:
         slots = E
     else:
-        minimum = fixed + moe_layers * expert_bytes + (0 if cuda else staging)
+        # on the CPU the budget also holds a prefill pass's activations (a 4000-token prompt's,
+        # 400 MiB for mixtral-large, got a process planned without them killed under its cap)
+        def needs(n: int) -> int:  # the resident part, a context of n tokens, a slot a layer
+            kv_n = kv_bytes_per_token(cfg, dtype) * n
+            prefill = 0 if cuda else prefill_bytes_for(cfg, n) + staging
+            return sum(resident.values()) + kv_n + prefill + moe_layers * expert_bytes
+
+        if options.context is None:  # a budget's default: halved while it does not fit
+            halved = [context >> i for i in range(6) if context >> i >= min(256, context)]
+            fits = [n for n in halved if needs(n) <= budget]
+            if fits and fits[0] < context:
+                context, kv = fits[0], kv_bytes_per_token(cfg, dtype) * fits[0]
+                notes.append(f"planned a context of {context} tokens: the budget holds no more "
+                             "beside a slot a layer; --context sets it")  # fmt: skip
+        minimum = needs(context)
         if budget < minimum:
             given = (f"only {human(budget)} is free to this process" if notes
                      else f"{name} {human(budget)} is too small")  # fmt: skip
             raise MoelocalError(
                 f"model needs at least {human(minimum)} in {'GPU' if cuda else 'RAM'} (resident "
-                f"{human(sum(resident.values()))}, KV cache for {context} tokens {human(kv)}, one "
-                f"expert slot per layer); {given}"
+                f"{human(sum(resident.values()))}, KV cache for {context} tokens {human(kv)}, "
+                f"{'' if cuda else 'a prefill pass, '}one expert slot per layer); {given}; a "
+                "smaller --context needs less"
             )
-        free = budget - fixed - (0 if cuda else staging)
+        free = budget - (minimum - moe_layers * expert_bytes)
         slots = min(E, free // (moe_layers * expert_bytes))
-        # what is left after a slot for every layer: one more slot in some layers, past the
-        # activations of a prefill pass (a long prompt's, unplanned, are what that room held)
-        left = free - slots * moe_layers * expert_bytes - prefill_bytes_for(cfg, context)
-        if slots < E and left > 0:
+        # what is left after that many slots in every layer: one more in as many as it holds
+        left = free - slots * moe_layers * expert_bytes
+        if slots < E:
             extra = min(moe_layers - 1, left // expert_bytes)
     host = 0
     if cuda:  # the host store: whole layers' shares of what --cpu-mem (or free RAM) holds
@@ -360,7 +384,7 @@ def make_plan(
         host_experts=int(host), staging_bytes=staging,
         cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
         gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes, on_disk=on_disk,
-        extra_slots=int(extra), prefill_bytes=prefill_bytes_for(cfg, context),
+        extra_slots=int(extra), prefill_bytes=0 if cuda else prefill_bytes_for(cfg, context),
     )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 the plan keeps within when no --cpu-mem is given."""
 
 import pytest
+from tiny import streaming_plan
 from typer.testing import CliRunner
 
 import moelocal
@@ -50,9 +51,7 @@ def test_without_cpu_mem_the_plan_keeps_within_the_memory_free(tiny, monkeypatch
     path = tiny("mixtral")[0]
     everything = moelocal.engine.plan(path, device="cpu")
     assert everything.device_slots == everything.n_experts and not everything.notes
-    kv = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB").kv_bytes  # a budget's context
-    room = (everything.resident_bytes + kv + everything.staging_bytes
-            + 2 * everything.moe_layers * everything.expert_bytes)  # fmt: skip
+    room = streaming_plan(path).fixed_bytes + 2 * everything.moe_layers * everything.expert_bytes
     monkeypatch.setattr("moelocal.memory_room.available", lambda: room + ROOM_MARGIN)
     fitted = moelocal.engine.plan(path, device="cpu")
     assert fitted.device_slots == 2 and "free to this process" in fitted.notes[0]

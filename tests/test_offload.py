@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from tiny import ARCHS, VOCAB
+from tiny import ARCHS, VOCAB, streaming_plan
 from typer.testing import CliRunner
 
 import moelocal
@@ -89,17 +89,14 @@ def test_guessing_every_layer_every_step_gives_identical_results(
 def test_cpu_budget_forces_the_disk_tier(tiny, resident_runs, arch):
     path = tiny(arch)[0]
     full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB")
-    assert full.device_slots == full.n_experts and not full.on_disk
     # a budget short of holding every expert: the embedding table (unless it is also the head)
     # is read from disk a row a token, and the rest of the resident part stays
-    everything = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes
-    short = moelocal.engine.plan(path, device="cpu", cpu_mem=everything - 1)
+    short = streaming_plan(path)
     tied = "embeddings" not in full.resident or full.resident["lm_head"] == 0
     assert short.on_disk == ({} if tied else {"embeddings": full.resident["embeddings"]})
     assert short.resident_bytes == full.resident_bytes - sum(short.on_disk.values())
-    # room for that resident part, the KV cache and two slots per layer
-    fixed = short.resident_bytes + short.kv_bytes + short.staging_bytes
-    budget = fixed + 2 * full.moe_layers * full.expert_bytes + 100
+    # room for that resident part, the KV cache, a prefill pass and two slots per layer
+    budget = short.fixed_bytes + 2 * full.moe_layers * full.expert_bytes + 100
     engine = moelocal.load(path, device="cpu", cpu_mem=budget)
     assert engine.plan.device_slots == 2 and engine.plan.disk_experts > 0
     ids, logits, tokens = resident_runs(arch)
@@ -116,17 +113,15 @@ def test_room_short_of_a_slot_a_layer_gives_some_layers_one_more(tiny, arch):
     path = tiny(arch, num_hidden_layers=16)[0]
     resident, ids = moelocal.load(path, device="cpu"), prompt(20)
     logits, tokens = resident.logits(ids), resident.generate(ids, max_new_tokens=12).token_ids
-    full = moelocal.engine.plan(path, device="cpu", context=40)
-    L, size = full.moe_layers, full.expert_bytes
-    everything = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes
-    probe = moelocal.engine.plan(path, device="cpu", cpu_mem=everything - 1, context=40)
-    fixed = probe.resident_bytes + probe.kv_bytes + probe.staging_bytes
+    probe = streaming_plan(path, context=40)
+    L, size = probe.moe_layers, probe.expert_bytes
     for extra in (0, 1, 3):
-        # a prefill pass's activations are left free: the extra slots come from beyond them
-        budget = fixed + (2 * L + extra) * size + probe.prefill_bytes + size // 2
-        assert budget - fixed < 3 * L * size  # short of 3 slots a layer
+        # beside the fixed part (a prefill pass's activations included)
+        budget = probe.fixed_bytes + (2 * L + extra) * size + size // 2
+        assert (2 * L + extra) * size + size // 2 < 3 * L * size  # short of 3 slots a layer
         short = moelocal.engine.plan(path, device="cpu", cpu_mem=budget - size, context=40)
-        assert short.extra_slots == max(0, extra - 1) and probe.prefill_bytes > 0
+        want = (2, extra - 1) if extra else (1, L - 1)  # a slot less: 2 or 1 a layer and more
+        assert (short.device_slots, short.extra_slots) == want
         engine = moelocal.load(path, device="cpu", cpu_mem=budget, context=40)
         counts = list(engine.expert_cache.n_slots.values())
         assert engine.plan.device_slots == 2 and engine.plan.extra_slots == extra
@@ -137,6 +132,26 @@ def test_room_short_of_a_slot_a_layer_gives_some_layers_one_more(tiny, arch):
         assert torch.equal(engine.logits(ids), logits)
         assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
         engine.close()
+
+
+def test_a_budget_holds_a_prefill_pass_and_its_default_context_shrinks_to_fit(tiny):
+    """A CPU budget holds the activations of a prefill pass over its context (a long prompt got
+    a process planned without them killed under its cap); a budget's default context is halved
+    until it fits beside a slot a layer, said in a note; a given one that does not fit is one
+    line."""
+    path = tiny("mixtral", max_position_embeddings=4096)[0]
+    default = streaming_plan(path)
+    assert default.context == 4096 and default.prefill_bytes > 0
+    L, size = default.moe_layers, default.expert_bytes
+    budget = streaming_plan(path, context=1024).fixed_bytes + L * size + 1
+    plan = moelocal.engine.plan(path, device="cpu", cpu_mem=budget)
+    assert plan.context == 1024 and "planned a context of 1024 tokens" in plan.notes[-1]
+    assert plan.device_slots == 1 and plan.fixed_bytes + plan.cache_bytes <= budget
+    with pytest.raises(MoelocalError, match="smaller --context"):
+        moelocal.engine.plan(path, device="cpu", cpu_mem=budget, context=2048)
+    result = CliRunner().invoke(app, ["plan", str(path), "--cpu-mem", str(budget), "--context",
+                                      "2048"])  # fmt: skip
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("intermediate", [None, 100])  # blobs of whole blocks; a partial last one
@@ -150,8 +165,8 @@ def test_converted_experts_need_no_staging_room(tiny, tmp_path, intermediate):
     path = convert(str(tiny("mixtral", **overrides)[0]), "none", tmp_path / "converted")
     resident, ids = moelocal.load(path, device="cpu"), prompt(20)
     logits, tokens = resident.logits(ids), resident.generate(ids, max_new_tokens=12).token_ids
-    full = resident.plan
-    budget = (full.resident_bytes + full.kv_bytes + 2 * full.moe_layers * full.expert_bytes
+    full = streaming_plan(path)
+    budget = (full.fixed_bytes - full.staging_bytes + 2 * full.moe_layers * full.expert_bytes
               + IO_THREADS * full.expert_bytes // 2)  # fmt: skip
     engine = moelocal.load(path, device="cpu", cpu_mem=budget)
     assert engine.plan.device_slots == 2
@@ -438,7 +453,7 @@ def test_generation_is_the_same_with_the_embedding_table_on_disk(tiny, resident_
     source = tiny("mixtral")[0]
     for path in (source, convert(str(source), "none", tmp_path / "converted")):
         full = moelocal.engine.plan(path, device="cpu")
-        budget = full.resident_bytes + full.kv_bytes + full.staging_bytes + full.cache_bytes // 2
+        budget = streaming_plan(path).fixed_bytes + full.cache_bytes // 2
         engine = moelocal.load(path, device="cpu", cpu_mem=budget)
         embedding = engine.model.model.embed_tokens
         assert engine.plan.on_disk == {"embeddings": full.resident["embeddings"]}

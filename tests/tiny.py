@@ -251,3 +251,15 @@ def save_fp8(path: Path, stands_for: Path, arch: str = "deepseek_v3", block=(16,
 def reference(path: Path):
     # transformers' default attention (sdpa), as a user of transformers would run it
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def streaming_plan(path: Path, **options):
+    """The plan of a CPU budget a little short of holding every expert (at a budget's default
+    context, or options' context): its fixed_bytes are what any streaming budget holds besides
+    the slots (the embedding table on disk, a prefill pass's room)."""
+    import moelocal
+
+    full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB", **options)
+    assert full.device_slots == full.n_experts and not full.on_disk
+    budget = full.fixed_bytes + full.cache_bytes - 1
+    return moelocal.engine.plan(path, device="cpu", cpu_mem=budget, **options)
