@@ -171,10 +171,13 @@ class Checkpoint:
             state["block"] = tuple(block)
         return state
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its header (nothing read)."""
+        return tuple(self._shards[self.weight_map[name]].get_slice(name).get_shape())
+
     def numel(self, name: str) -> int:
         """Elements of a tensor, from its header (nothing read)."""
-        shape = self._shards[self.weight_map[name]].get_slice(name).get_shape()
-        return math.prod(shape)
+        return math.prod(self.shape(name))
 
     def close(self):
         """Drop the memory maps: what is still needed is read by offset (store.py)."""

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .direct_io import read_at
 from .errors import MoelocalError, reason
+from .store import tensor_bytes
 
 AVAILABLE = hasattr(os, "pread")
 
@@ -37,11 +39,11 @@ class DiskEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(tokens.reshape(-1), return_inverse=True)
         rows = torch.empty(len(unique), self.dim, dtype=self.stored)
+        view, size = tensor_bytes(rows, len(unique) * self.row_bytes), self.row_bytes
         for i, token in enumerate(unique.tolist()):
-            data = os.pread(self.fd, self.row_bytes, self.offset + token * self.row_bytes)
-            if len(data) != self.row_bytes:  # the file shrank under us
+            got = read_at(self.fd, view[i * size : (i + 1) * size], self.offset + token * size)
+            if got != size:  # the file shrank under us
                 raise MoelocalError(f"{self.path}: ends inside the embedding table's row {token}")
-            rows[i] = torch.frombuffer(bytearray(data), dtype=self.stored)
         return rows.to(self.dtype)[inverse].view(*tokens.shape, self.dim)
 
     def close(self):

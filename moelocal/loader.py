@@ -262,7 +262,7 @@ def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device,
     state = {}
     for name, key in planned.resident.items():
         if name in skip:
-            state[name] = torch.empty(stored_at(ckpt, key)[4], device="meta")
+            state[name] = torch.empty(ckpt.shape(key), device="meta")
             continue
         t = read_weight(ckpt, key, planned.quant_state)
         shape = want.get(name)
