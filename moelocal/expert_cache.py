@@ -50,13 +50,14 @@ class ExpertCache:
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts = n_experts
         counts = n_slots if isinstance(n_slots, list) else [n_slots] * len(moe_layers)
-        self.n_slots = dict(zip(moe_layers, counts, strict=True))  # layer -> its slots
+        self.maps = {i: SlotMap(n, policy) for i, n in zip(moe_layers, counts, strict=True)}
         self.expert_bytes = layout.nbytes
         memory = preread.memory if preread is not None else {}
-        self.slots = {i: slot_rows(n, layout.nbytes, self.device, memory.get(i))
-                      for i, n in self.n_slots.items()}  # fmt: skip
+        self.slots = {i: slot_rows(m.n_slots, layout.nbytes, self.device, memory.get(i))
+                      for i, m in self.maps.items()}  # fmt: skip
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
-        self.maps = {i: SlotMap(n, policy) for i, n in self.n_slots.items()}
+        # some experts live below the device cache (checked on every layer call: kept)
+        self.streaming = any(m.n_slots < n_experts for m in self.maps.values())
         self.guesses: dict[int, Guess] = {}  # layer -> the prefetcher's last guess
         self.unstarted: list[int] = []  # layers guessed whose loads have not been started
         self.guess_ranks = GuessRanks()
@@ -68,9 +69,9 @@ class ExpertCache:
         release_freed_memory()  # the preload's temporaries, if experts were converted as read
 
     @property
-    def streaming(self) -> bool:
-        """True when some experts live below the device cache."""
-        return any(n < self.n_experts for n in self.n_slots.values())
+    def n_slots(self) -> dict[int, int]:
+        """Each MoE layer's slots."""
+        return {i: m.n_slots for i, m in self.maps.items()}
 
     @property
     def host_bytes(self) -> int:
@@ -89,13 +90,13 @@ class ExpertCache:
             loads.append((layer, slot, load))
 
         try:
-            for slot in range(early, max(self.n_slots.values(), default=0)):
-                for layer in self.slots:
-                    if slot < self.n_slots[layer]:
+            for slot in range(early, max(map(len, self.slots.values()), default=0)):
+                for layer, rows in self.slots.items():
+                    if slot < len(rows):
                         by_mover(layer, slot)
             for slot in range(early):
-                for layer in self.slots:
-                    if slot >= self.n_slots[layer]:
+                for layer, rows in self.slots.items():
+                    if slot >= len(rows):
                         continue
                     if preread.landed(layer, slot):
                         self.maps[layer].place(slot, slot)

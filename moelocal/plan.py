@@ -306,10 +306,15 @@ def make_plan(
         n = min(n, cfg.max_position_embeddings)
         return n, kv_bytes_per_token(cfg, dtype) * n
 
-    def everything(resident, context) -> int:  # in RAM: all of it, and a prefill pass (CPU)
-        prefill = 0 if cuda else prefill_bytes_for(cfg, context)
-        kv_all = kv_bytes_per_token(cfg, dtype) * context
-        return sum(resident.values()) + kv_all + moe_layers * E * expert_bytes + staging + prefill
+    def fixed_for(resident: dict, n: int) -> int:
+        """What the budget holds besides the expert slots at a context of n tokens: on the CPU
+        also the I/O threads' staging and a prefill pass's activations (a 4000-token prompt's,
+        400 MiB for mixtral-large, got a process planned without them killed under its cap)."""
+        held = 0 if cuda else staging + prefill_bytes_for(cfg, n)
+        return sum(resident.values()) + kv_bytes_per_token(cfg, dtype) * n + held
+
+    def everything(resident: dict, n: int) -> int:  # every expert its slot (a CPU budget)
+        return fixed_for(resident, n) + moe_layers * E * expert_bytes
 
     context, kv = kv_for(budget)
     notes = []
@@ -341,12 +346,9 @@ def make_plan(
     elif budget is None:
         slots = E
     else:
-        # on the CPU the budget also holds a prefill pass's activations (a 4000-token prompt's,
-        # 400 MiB for mixtral-large, got a process planned without them killed under its cap)
-        def needs(n: int) -> int:  # the resident part, a context of n tokens, a slot a layer
-            kv_n = kv_bytes_per_token(cfg, dtype) * n
-            prefill = 0 if cuda else prefill_bytes_for(cfg, n) + staging
-            return sum(resident.values()) + kv_n + prefill + moe_layers * expert_bytes
+
+        def needs(n: int) -> int:  # a slot a layer beside the rest
+            return fixed_for(resident, n) + moe_layers * expert_bytes
 
         if options.context is None:  # a budget's default: halved while it does not fit
             halved = [context >> i for i in range(6) if context >> i >= min(256, context)]
@@ -365,7 +367,7 @@ def make_plan(
                 f"{'' if cuda else 'a prefill pass, '}one expert slot per layer); {given}; a "
                 "smaller --context needs less"
             )
-        free = budget - (minimum - moe_layers * expert_bytes)
+        free = budget - fixed_for(resident, context)
         slots = min(E, free // (moe_layers * expert_bytes))
         # what is left after that many slots in every layer: one more in as many as it holds
         left = free - slots * moe_layers * expert_bytes

@@ -44,14 +44,14 @@ class RoutingTrace:
         hits = uses = 0
         layers = self.by_layer()
         counts = slots if isinstance(slots, list) else [slots] * len(layers)
-        for layer, slots in zip(sorted(layers), counts, strict=False):
+        for layer, n in zip(sorted(layers), counts, strict=False):
             steps = layers[layer]
             recent: list[int] = []  # least recently used first
             for needed in steps:
                 hits += sum(e in recent for e in needed)
                 uses += len(needed)
                 recent = [e for e in recent if e not in needed] + sorted(needed)
-                recent = recent[max(0, len(recent) - slots) :]
+                recent = recent[max(0, len(recent) - n) :]
         return hits / uses if uses else 0.0
 
     def save(self, path: Path):
