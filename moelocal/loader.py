@@ -269,12 +269,23 @@ def resident_state(ckpt: Checkpoint, planned: Planned, device: torch.device,
         if shape is not None and t.shape != shape and t.squeeze(0).shape == shape:
             t = t.squeeze(0)  # ERNIE stores its (E,) correction bias as (1, E)
         # a stored quantized segment keeps its dtype; float weights take the compute dtype
-        state[name] = t.to(device) if stored else t.to(device=device, dtype=dtype)
+        t = t.to(device) if stored else t.to(device=device, dtype=dtype)
+        state[name] = aligned(t)
     for name in [name for name in state if ROUTER in name]:  # their values stay in dtype
         state[name] = state[name].to(router_dtype(dtype, device))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, copied if it is a float tensor in RAM not on a 64-byte boundary. On some CPUs MKL's
+    float sums depend on where a matrix lies (AMD EPYC: a vector times a matrix 8 bytes off
+    differs in the last bits), and a safetensors file puts a tensor wherever the ones before it
+    end: so a model and its converted copy, or one sharded another way, gave other logits."""
+    if t.device.type == "cpu" and t.is_floating_point() and t.data_ptr() % 64:
+        return t.clone()
+    return t
 
 
 def stored_at(ckpt: Checkpoint, key: str) -> tuple:

@@ -172,6 +172,19 @@ def test_configs_as_released_name_the_rotary_share_their_own_way():
     assert (rotary_dim(minimax), rotary_dim(glm)) == (64, 32)
 
 
+def test_resident_float_weights_lie_on_64_byte_boundaries_wherever_the_file_put_them(tiny):
+    """On some CPUs MKL's float sums change with where a matrix lies (AMD EPYC: 8 bytes off), so
+    the same weights at other file offsets (sharded, converted) gave other logits."""
+    from moelocal.store import tensor_offsets
+
+    path = tiny("mixtral")[0]
+    offsets = [at[0] for at in tensor_offsets(path / "model.safetensors").values()]
+    assert any(offset % 64 for offset in offsets)  # the file puts some tensors off a boundary
+    engine = moelocal.load(path, device="cpu")
+    weights = [t for t in engine.model.state_dict().values() if t.is_floating_point()]
+    assert weights and all(t.data_ptr() % 64 == 0 for t in weights)
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny):
     from tiny import save_tiny
 
