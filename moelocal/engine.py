@@ -350,7 +350,7 @@ class Engine:
         if self.device.type == "cuda":
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.expert_cache is not None:
-            out["expert_cache_bytes"] = self.plan.cache_bytes
+            out["expert_cache_bytes"] = self.plan.cache_bytes + self.plan.guess_bytes
             out["host_store_bytes"] = self.expert_cache.host_bytes
         return out
 

@@ -6,10 +6,12 @@ a layer may have one slot more than another (what a budget holds beyond a slot f
 The MoE block (models/moe.py) asks for the experts a layer needs and gets each one's views as
 soon as it can be read: hits at once, misses as their loads land. A layer's own misses are
 queued before the loads of the guesses made during its attention, and read first (a guess reads
-only while no miss does: io_queue.py); a guess its layer turns out not to need is dropped, queued
-or halfway through its read, and one it needs is promoted to a miss's priority. All bookkeeping
-happens on the main thread; I/O threads only fill memory. The cache never decides the math, so
-tokens are the same for every budget, policy and prefetch setting.
+only while no miss does: io_queue.py). A guess is read into a spare row outside every layer's
+slots, so that a wrong one evicts nothing: when its layer runs, one it turns out not to need is
+dropped, queued or halfway through its read, and one it needs is promoted to a miss's priority
+and its row swapped with the slot a miss would have taken (the slot's row becomes the spare).
+All bookkeeping happens on the main thread; I/O threads only fill memory. The cache never decides
+the math, so tokens are the same for every budget, policy and prefetch setting.
 """
 
 import time
@@ -42,22 +44,29 @@ class ExpertCache:
 
     def __init__(
         self, layout: ExpertLayout, mover, moe_layers: list[int], n_experts: int,
-        n_slots: int | list[int], policy: str = "lru", preread=None,
+        n_slots: int | list[int], policy: str = "lru", preread=None, guess_rows: int = 0,
     ):  # fmt: skip
         """n_slots: every layer's, or each one's (in moe_layers' order); preread: an
         ExpertPreread the loader kept (preread.py), whose memory becomes the slots and whose
-        rows are taken as they land."""
+        rows are taken as they land; guess_rows: spare rows the prefetcher's guesses are read
+        into (none: nothing is prefetched)."""
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts = n_experts
         counts = n_slots if isinstance(n_slots, list) else [n_slots] * len(moe_layers)
         self.maps = {i: SlotMap(n, policy) for i, n in zip(moe_layers, counts, strict=True)}
         self.expert_bytes = layout.nbytes
         memory = preread.memory if preread is not None else {}
-        self.slots = {i: slot_rows(m.n_slots, layout.nbytes, self.device, memory.get(i))
+        # each layer's slot rows; a guess's row trades places with a slot's
+        self.slots = {i: list(slot_rows(m.n_slots, layout.nbytes, self.device, memory.get(i)))
                       for i, m in self.maps.items()}  # fmt: skip
         self.views = {i: [layout.views(slot) for slot in slots] for i, slots in self.slots.items()}
         # some experts live below the device cache (checked on every layer call: kept)
         self.streaming = any(m.n_slots < n_experts for m in self.maps.values())
+        rows = slot_rows(guess_rows, layout.nbytes, self.device) if guess_rows else []
+        self.spares = SpareRows(list(rows))
+        # layer -> expert -> (spare row, load): guesses read ahead of their layer
+        self.guess_reads: dict[int, dict[int, tuple[torch.Tensor, Load]]] = {}
+        self.adopting: dict[int, tuple[torch.Tensor, Load]] = {}  # the running layer's
         self.guesses: dict[int, Guess] = {}  # layer -> the prefetcher's last guess
         self.unstarted: list[int] = []  # layers guessed whose loads have not been started
         self.guess_ranks = GuessRanks()
@@ -127,7 +136,7 @@ class ExpertCache:
             for e in needed:
                 yield e, self.views[layer][m.slot_of[e]], self.device
             return
-        self._settle_guesses(layer, set(needed))
+        guessed = self._settle_guesses(layer, set(needed))
         m.reap()
         guess = self.guesses.pop(layer, None)
         if guess is not None:
@@ -139,15 +148,16 @@ class ExpertCache:
             self.payoffs[layer].ran(guess is not None, guess is not None and bool(guess.loaded))
             stats.guesses_skipped += guess is None
         in_slot = [e for e in needed if e in m.slot_of]
-        stats.prefetch_used += len(m.guessed.intersection(in_slot))
-        stats.hits += len(in_slot) - len(m.guessed.intersection(in_slot))
-        misses = [e for e in needed if e not in m.slot_of]
+        stats.hits += len(in_slot)
+        stats.prefetch_used += len(guessed)
+        misses = [e for e in needed if e not in m.slot_of and e not in guessed]
         stats.misses += len(misses)
         on_host = [e for e in misses if self.mover.on_host(layer, e, tokens[e])]
         stats.cpu_computed += len(on_host)
-        loaded = [e for e in misses if e not in on_host]
-        queue = list(loaded)  # the misses still waiting for a slot, in order
+        loaded = list(guessed) + [e for e in misses if e not in on_host]
+        queue = list(loaded)  # those still waiting for a slot, in order (guesses read furthest)
         m.in_use.update(needed)
+        self.adopting = guessed
         try:
             self._start_misses(layer, queue)
             self.start_guesses()  # the later layers', behind these misses
@@ -168,6 +178,10 @@ class ExpertCache:
                 self._used(layer, e, queue)
         finally:
             m.in_use.clear()  # an interrupted step (Ctrl-C) leaves nothing in use
+            for row, load in self.adopting.values():  # its guesses never given a slot
+                load.drop()
+                self.spares.give(row, load)
+            self.adopting = {}
 
     def _used(self, layer: int, e: int, queue: list[int]):
         """e has been computed: its slot may go to a miss still waiting for one."""
@@ -176,9 +190,9 @@ class ExpertCache:
         m.use(e)
         self._start_misses(layer, queue)
 
-    def _start(self, layer: int, e: int, slot: int, priority: int) -> Load:
-        load: Load = self.mover.load(layer, e, self.slots[layer][slot])
-        self.maps[layer].start(e, slot, load, guess=priority == GUESS)
+    def _read(self, layer: int, e: int, row: torch.Tensor, priority: int) -> Load:
+        """Start loading expert e of layer into row."""
+        load: Load = self.mover.load(layer, e, row)
         load.start(priority)
         stats = self.stats.layer(layer)
         if load.source == "host":
@@ -188,13 +202,21 @@ class ExpertCache:
         return load
 
     def _start_misses(self, layer: int, queue: list[int]):
-        """Start loading the queued misses, in order, while slots are free."""
+        """Give the queued experts slots, in order, while slots are free: a needed guess's row
+        (its read promoted already) trades places with its slot's, a miss starts its load."""
         m = self.maps[layer]
         while queue:
             slot = m.free_slot()
             if slot is None:
                 return
-            self._start(layer, queue.pop(0), slot, DEMAND)
+            e = queue.pop(0)
+            if e in self.adopting:
+                row, load = self.adopting.pop(e)
+                self.spares.give(self.slots[layer][slot])  # nothing reads or writes it now
+                self.slots[layer][slot], self.views[layer][slot] = row, self.layout.views(row)
+            else:
+                load = self._read(layer, e, self.slots[layer][slot], DEMAND)
+            m.start(e, slot, load)
 
     def _wait_landed(self, layer: int, e: int):
         """Block until e's load has landed. A failed or interrupted wait unmaps e: its slot is
@@ -225,28 +247,31 @@ class ExpertCache:
         self.stats.layer(layer).stall_s += time.perf_counter() - t0
         m.reap()
 
-    def _settle_guesses(self, layer: int, needed: set[int]):
-        """The layer runs now: a guess still loading is read as a miss if needed, else dropped
-        (its slot freed for the layer's misses once nothing writes it)."""
-        m = self.maps[layer]
-        for e in [e for e in m.guessed if e in m.loading]:
-            load = m.loading[e]
-            if e in needed:
+    def _settle_guesses(self, layer: int, needed: set[int]) -> dict[int, tuple]:
+        """The layer runs now: its guesses' reads that it needs (expert -> (row, load)), each
+        promoted to a miss's priority; the others dropped, their rows spare again once nothing
+        writes them (a failed read too: its expert is read again as a miss)."""
+        kept = {}
+        for e, (row, load) in self.guess_reads.pop(layer, {}).items():
+            if e in needed and not (load.done() and not load.ok()):
                 load.promote()
-            elif load.drop():
-                m.fail(e)
+                kept[e] = row, load
+            else:
+                load.drop()
+                self.spares.give(row, load)
+        return kept
 
     # ---- prefetch ----------------------------------------------------------------------------
 
     def _saved(self, guess: Guess, needed: set[int]) -> float:
         """Seconds a guess saved, its layer running now: each needed guess spared the part of
-        its load done by now; each load took its CPU time from compute (none on CUDA); each
-        wrong guess evicted an expert that will cost a load (as MIN_PRECISION assumes); making
-        the guess took its time."""
+        its load done by now; each load took its CPU time from compute (none on CUDA: a miss's
+        is taken while compute waits for it anyway); making the guess took its time. A wrong
+        guess evicted nothing: it was read into a spare row."""
         now, (wall, cpu) = time.perf_counter(), self.mover.load_seconds()
         saved = -guess.cost_s
         for e, load in guess.loaded:
-            saved += (load.head_start(now, wall) if e in needed else -wall) - cpu
+            saved += (load.head_start(now, wall) if e in needed else 0.0) - cpu
         return saved
 
     def due(self, layer: int) -> bool:
@@ -259,32 +284,32 @@ class ExpertCache:
         loads start with start_guesses(), which the running layer calls once it has asked for
         its own misses: a guess read already running would share the disk with them."""
         m = self.maps[layer]
-        uncached = [(r, e) for r, e in enumerate(ranked[: m.n_slots]) if e not in m.slot_of]
+        uncached = [(r, e) for r, e in enumerate(ranked) if e not in m.slot_of]
         self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
         self.payoffs.setdefault(layer, Payoff())
         self.unstarted.append(layer)
 
     def start_guesses(self):
-        """Start loading what the guesses noted since the last call name and is not cached,
-        while slots allow, behind every miss, and only the ranks whose guesses have been needed
-        often enough; one only while the layer's guesses have not paid yet. A guess whose layer
-        has run already is gone."""
+        """Start reading what the guesses noted since the last call name and is not cached into
+        spare rows, while rows are spare, behind every miss, and only the ranks whose guesses
+        have been needed often enough; one only while the layer's guesses have not paid yet. A
+        guess whose layer has run already is gone."""
         for layer in self.unstarted:
             guess, m = self.guesses.get(layer), self.maps[layer]
             if guess is None:
                 continue
-            protect = set(guess.ranked[: m.n_slots])  # no guess evicts another
+            reads = self.guess_reads.setdefault(layer, {})
             most = 1 if self.payoffs[layer].probing else len(guess.uncached)
-            m.reap()
             for rank, e in guess.uncached:
                 if len(guess.loaded) == most:
                     break
-                if e in m.slot_of or not self.guess_ranks.worth_loading(rank):
+                if e in m.slot_of or e in reads or not self.guess_ranks.worth_loading(rank):
                     continue
-                slot = m.free_slot(protect)
-                if slot is None:
+                row = self.spares.take()
+                if row is None:
                     break
-                guess.loaded.append((e, self._start(layer, e, slot, GUESS)))
+                reads[e] = row, self._read(layer, e, row, GUESS)
+                guess.loaded.append((e, reads[e][1]))
                 self.stats.layer(layer).prefetch_issued += 1
         self.unstarted.clear()
 
@@ -296,6 +321,24 @@ class ExpertCache:
         """Stop the I/O threads (after the reads in flight) and release files and page-locked
         memory. The cache is unusable afterwards."""
         self.mover.close()
+
+
+class SpareRows:
+    """Rows outside every layer's slots, for guesses to be read into. A row given back with
+    the load that was writing it is taken again only once that load has stopped."""
+
+    def __init__(self, rows: list[torch.Tensor]):
+        self.rows: list[tuple[torch.Tensor, Load | None]] = [(row, None) for row in rows]
+
+    def take(self) -> torch.Tensor | None:
+        for i, (row, load) in enumerate(self.rows):
+            if load is None or load.done():
+                del self.rows[i]
+                return row
+        return None
+
+    def give(self, row: torch.Tensor, load: Load | None = None):
+        self.rows.append((row, load))
 
 
 def slot_rows(n_slots: int, nbytes: int, device: torch.device, memory=None) -> torch.Tensor:

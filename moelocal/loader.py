@@ -413,7 +413,7 @@ def open_expert_cache(pieces: dict, layout: ExpertLayout, plan: Plan, moe_layers
         raise
     try:
         cache = ExpertCache(layout, mover, moe_layers, plan.n_experts, plan.layer_slots(),
-                            options.cache_policy, preread)  # fmt: skip
+                            options.cache_policy, preread, plan.guess_rows)  # fmt: skip
     except BaseException:
         mover.close()
         raise

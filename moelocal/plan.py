@@ -170,6 +170,9 @@ class Plan:
     # every layer (up to a layer's worth of experts: 3 GB for Mixtral-8x7B int4's 32 layers)
     extra_slots: int = 0
     prefill_bytes: int = 0  # a prefill pass's activations, held in a CPU budget
+    # spare rows the prefetcher's guesses are read into, beside the slots: a wrong guess evicts
+    # nothing (expert_cache.py); only where experts stream and prefetch is on
+    guess_rows: int = 0
 
     def layer_slots(self) -> list[int]:
         """Slots of each MoE layer, in order: the extra slots spread evenly over the layers."""
@@ -183,7 +186,8 @@ class Plan:
     @property
     def fixed_bytes(self) -> int:
         """What a CPU budget holds besides the expert slots."""
-        return self.resident_bytes + self.kv_bytes + self.staging_bytes + self.prefill_bytes
+        held = self.kv_bytes + self.staging_bytes + self.prefill_bytes + self.guess_bytes
+        return self.resident_bytes + held
 
     @property
     def total_experts(self) -> int:
@@ -196,6 +200,10 @@ class Plan:
     @property
     def cache_bytes(self) -> int:
         return self.cache_slots * self.expert_bytes
+
+    @property
+    def guess_bytes(self) -> int:
+        return self.guess_rows * self.expert_bytes
 
     @property
     def disk_experts(self) -> int:
@@ -235,6 +243,9 @@ class Plan:
             f"expert cache: {slots} of {self.n_experts} slots × {self.moe_layers} layers",
             human(self.cache_bytes), device_name,
         )  # fmt: skip
+        if self.guess_rows:
+            table.add_row(f"prefetch: {self.guess_rows} experts' rows", human(self.guess_bytes),
+                          f"{device_name} (guesses read ahead)")  # fmt: skip
         if self.device == "cuda":
             table.add_row(f"host store: {self.host_experts} experts",
                           human(self.host_experts * self.expert_bytes),
@@ -259,6 +270,7 @@ class Plan:
             "layers": self.layers,
             "device_slots_per_layer": self.device_slots,
             "device_slots": self.layer_slots(),
+            "guess_rows": self.guess_rows,
             "device_cache_bytes": self.cache_bytes,
             "host_experts": self.host_experts,
             "disk_experts": self.disk_experts,
@@ -336,13 +348,16 @@ def make_plan(
         on_disk["embeddings"] = resident["embeddings"]
         resident = {part: n for part, n in resident.items() if part != "embeddings"}
     name = "--gpu-mem" if cuda else "--cpu-mem"
-    extra = 0
+    extra = guess_rows = 0
+    # rows a step's guesses are read into, where experts stream: a guess of each layer in flight
+    wanted_rows = cfg.num_experts_per_tok * options.prefetch_depth if options.prefetch else 0
     if moe_layers == 0:
         slots = 0
     elif cache_experts is not None:
         if not 1 <= cache_experts <= E:
             raise MoelocalError(f"--cache-experts {cache_experts}: must be between 1 and {E}")
         slots = cache_experts
+        guess_rows = wanted_rows if slots < E else 0
     elif budget is None:
         slots = E
     else:
@@ -368,6 +383,9 @@ def make_plan(
                 "smaller --context needs less"
             )
         free = budget - fixed_for(resident, context)
+        if free < moe_layers * E * expert_bytes:  # streams: guesses' rows, beyond a slot a layer
+            guess_rows = min(wanted_rows, free // expert_bytes - moe_layers)
+            free -= guess_rows * expert_bytes
         slots = min(E, free // (moe_layers * expert_bytes))
         # what is left after that many slots in every layer: one more in as many as it holds
         left = free - slots * moe_layers * expert_bytes
@@ -387,6 +405,7 @@ def make_plan(
         cpu_miss_tokens=cpu_miss_tokens if cuda else 0,
         gpu_budget=gpu_mem, cpu_budget=cpu_mem, notes=notes, on_disk=on_disk,
         extra_slots=int(extra), prefill_bytes=0 if cuda else prefill_bytes_for(cfg, context),
+        guess_rows=int(guess_rows),
     )  # fmt: skip
 
 

@@ -11,11 +11,11 @@ from collections import Counter
 
 import torch
 
-# a guess rank is loaded only while at least this share of its guesses turned out needed. A right
-# guess hides one read; a wrong one costs two: its own, and the miss for the expert it evicted. So
-# a guess pays when p > 2 (1 - p). (mixtral-large int4 under a 1536 MiB cap: prefetch on/off
-# 0.98x with 1/2, 1.05x with 0.7.)
-MIN_PRECISION = 2 / 3
+# a guess rank is loaded only while at least this share of its guesses turned out needed. A wrong
+# guess evicts nothing (it is read into a spare row), but until its layer runs its read shares the
+# disk with the right guesses' reads: a guess pays when p > 1 - p. (The default model's routing:
+# the top-k ranks are needed 0.7-0.94 of the time, the margin's about 1 in 5.)
+MIN_PRECISION = 1 / 2
 PROBE = 128  # a layer whose guesses do not pay is still guessed every PROBE-th time it runs
 DECAY = 0.9  # the weight of a layer's earlier guesses in its payoff, per run
 TRACE_DEPTH = 4  # a routing trace holds the guesses of each layer from up to this many before
@@ -49,10 +49,10 @@ class GuessRanks:
 class Payoff:
     """Whether guessing one layer's experts pays, from what its recent guesses saved (the
     expert cache reckons it when the layer runs: the waits its needed guesses spared, less the
-    CPU time its loads took from compute, a later load for each expert a wrong guess evicted, and
-    the time making the guess took; routing ahead is not free, ~50 us a layer on the CPU). Where
-    guessing does not pay (the layer's experts are cached already, loads are quicker than
-    routing, take the CPU or wait behind the layers' own misses, or the guesses are wrong) the
+    CPU time its wrong guesses' loads took from compute and the time making the guess took;
+    routing ahead is not free, ~50 us a layer on the CPU). Where guessing does not pay (the
+    layer's experts are cached already, loads are quicker than routing, take the CPU or wait
+    behind the layers' own misses, or the guesses are wrong) the
     layer is guessed only every PROBE-th time it runs, to notice when it would. Decided as the
     layer runs, so that asking costs one attribute: this is asked of every layer, every step."""
 

@@ -62,7 +62,6 @@ class SlotMap:
         self.expert_in: list[int | None] = [None] * n_slots  # slot -> expert (ready or loading)
         self.slot_of: dict[int, int] = {}  # expert -> slot
         self.loading: dict[int, object] = {}  # expert -> its load's ticket
-        self.guessed: set[int] = set()  # brought by a prefetch, not used since
         self.draining: dict[int, object] = {}  # slot -> a failed or abandoned load still running
         self.in_use: set[int] = set()  # read by the layer running now
         self.policy = POLICIES[policy]()
@@ -96,14 +95,12 @@ class SlotMap:
         self._unmap(victim)
         return slot
 
-    def start(self, e: int, slot: int, ticket, guess: bool = False):
+    def start(self, e: int, slot: int, ticket):
         """e's load into slot has begun (ticket: its load)."""
         assert self.expert_in[slot] is None and slot not in self.draining and e not in self.slot_of
         self.expert_in[slot], self.slot_of[e] = e, slot
         self.loading[e] = ticket
         self.policy.insert(e)
-        if guess:
-            self.guessed.add(e)
 
     def place(self, e: int, slot: int):
         """e is in slot, ready (a preload)."""
@@ -119,14 +116,12 @@ class SlotMap:
             self.draining[slot] = ticket
 
     def use(self, e: int):
-        """e was read by a layer: it is no longer a guess and counts for the policy."""
-        self.guessed.discard(e)
+        """e was read by a layer: it counts for the policy."""
         self.policy.touch(e)
 
     def _unmap(self, e: int):
         slot = self.slot_of.pop(e)
         self.expert_in[slot] = None
         self.loading.pop(e, None)
-        self.guessed.discard(e)
         self.in_use.discard(e)
         self.policy.remove(e)

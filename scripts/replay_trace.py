@@ -78,17 +78,28 @@ def write_experts(path: Path, layers: list[int], n_experts: int, nbytes: int) ->
     return pieces
 
 
+class SleepingComputeMover(CpuMover):
+    """A sleep stands in for compute and frees the cores, as a GPU's compute would: a read's CPU
+    time takes nothing from it (the prefetcher's switch reckons so)."""
+
+    def load_seconds(self) -> tuple[float, float]:
+        return super().load_seconds()[0], 0.0
+
+
 def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float,
-           route_us: float) -> dict:  # fmt: skip
+           route_us: float, guess_rows: int | None) -> dict:  # fmt: skip
     """Decode the trace through a fresh cache; seconds per token and the cache's figures.
     prefetch: off, oracle, or routerD: the guesses the trace recorded D layers ahead, through
-    the prefetcher's own choice of targets and the cache's switch (each costs route_us)."""
+    the prefetcher's own choice of targets and the cache's switch (each costs route_us).
+    guess_rows: the spare rows guesses are read into (None: as many as a plan gives them)."""
     layers = trace.header["moe_layers"]
     position = {layer: n for n, layer in enumerate(layers)}
     reader = DiskReader(pieces, layout)
-    cache = ExpertCache(layout, CpuMover(reader, IOQueue(IO_THREADS)), layers,
-                        trace.header["experts"], slots, policy)  # fmt: skip
     depth = int(prefetch.removeprefix("router")) if prefetch.startswith("router") else 0
+    if guess_rows is None:  # as make_plan: top-k a layer guessed ahead
+        guess_rows = trace.header["top_k"] * max(depth, prefetch == "oracle")
+    cache = ExpertCache(layout, SleepingComputeMover(reader, IOQueue(IO_THREADS)), layers,
+                        trace.header["experts"], slots, policy, guess_rows=guess_rows)  # fmt: skip
     targets = Prefetcher(cache, depth=depth).targets if depth else {}
     try:
         disk_rate = cache.bandwidth("disk")
@@ -142,6 +153,9 @@ def main():
     )
     ap.add_argument("--route-us", type=float, default=50.0, help="what making one guess costs")
     ap.add_argument("--policy", default="lru")
+    ap.add_argument("--guess-rows", type=int, default=None,
+                    help="spare rows guesses are read into, beside the slots (default: as a plan "
+                         "gives them, top-k for each layer guessed ahead)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=None, help="replay the trace's first N tokens")
     ap.add_argument("--dir", type=Path, default=None, help="where the scratch experts go")
@@ -167,8 +181,9 @@ def main():
             runs = {p: [] for p in args.prefetch.split(",")}
             for _ in range(args.rounds):  # alternating
                 for p in runs:
-                    runs[p].append(replay(trace, pieces, layout, slots, p, args.policy,
-                                          args.layer_ms, args.route_us))  # fmt: skip
+                    row = replay(trace, pieces, layout, slots, p, args.policy, args.layer_ms,
+                                 args.route_us, args.guess_rows)  # fmt: skip
+                    runs[p].append(row)
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)
             # the floor at the disk rate of all this setting's runs (it swings from run to run)

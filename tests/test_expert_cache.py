@@ -104,9 +104,9 @@ def test_a_failed_load_unmaps_and_its_slot_drains_until_the_read_ends():
 def test_a_load_that_ended_in_an_error_is_unmapped_when_reaped():
     m = filled(1)
     slot = m.free_slot()
-    m.start(3, slot, Ticket(done=True, ok=False), guess=True)
+    m.start(3, slot, Ticket(done=True, ok=False))
     m.reap()
-    assert 3 not in m.slot_of and not m.guessed and m.free_slot() == slot
+    assert 3 not in m.slot_of and m.free_slot() == slot
 
 
 # ---- the I/O queue ---------------------------------------------------------------------------
@@ -326,10 +326,11 @@ class FakeReader:
         pass
 
 
-def make_cache(n_slots, policy="lru", layout=LAYOUT, threads=2, layers=(0,)):
+def make_cache(n_slots, policy="lru", layout=LAYOUT, threads=2, layers=(0,), guess_rows=3):
     reader = FakeReader(layout, layers)
     mover = CpuMover(reader, IOQueue(threads))
-    return ExpertCache(layout, mover, list(layers), E, n_slots, policy), reader
+    cache = ExpertCache(layout, mover, list(layers), E, n_slots, policy, guess_rows=guess_rows)
+    return cache, reader
 
 
 def step(cache, experts, n_tokens=1, layer=0):
@@ -415,20 +416,58 @@ def test_one_token_sums_like_the_general_path(dtype):
     cache.close()
 
 
-def test_in_flight_prefetch_is_never_evicted():
-    cache, reader = make_cache(2)  # holds 0, 1
+def guess_load(cache, layer, e):
+    """The load of a guess of expert e of layer, reading into its spare row."""
+    return cache.guess_reads[layer][e][1]
+
+
+def all_rows(cache) -> list[int]:
+    """Where every slot's, spare and guess's row starts."""
+    rows = [r for slots in cache.slots.values() for r in slots] + [r for r, _ in cache.spares.rows]
+    rows += [r for reads in cache.guess_reads.values() for r, _ in reads.values()]
+    return sorted(r.data_ptr() for r in rows)
+
+
+def test_a_guess_is_read_into_a_spare_row_and_a_wrong_one_evicts_nothing():
+    cache, reader = make_cache(2, guess_rows=2)  # holds 0, 1
     reader.gates[0, 4] = reader.gates[0, 5] = gate = threading.Event()
-    guess(cache, 0, [4])  # evicts the least recent (0); 4 is in flight
-    m = cache.maps[0]
-    assert 4 in m.loading and 4 in m.slot_of
-    guess(cache, 0, [5])  # the only other slot holds 1: evictable, so 5 replaces 1
-    assert set(m.slot_of) == {4, 5}
-    guess(cache, 0, [2])  # both slots in flight: nothing to evict, no load
-    assert 2 not in m.slot_of and cache.stats.total().prefetch_issued == 2
+    guess(cache, 0, [4, 5, 6])  # two spare rows: 4 and 5 are read, 6 is not
+    assert set(cache.guess_reads[0]) == {4, 5} and cached(cache) == {0, 1}
+    assert cache.stats.total().prefetch_issued == 2
     gate.set()
-    step(cache, [4])
+    out, x, _, weights = step(cache, [0, 1])  # neither guess needed: both dropped
+    assert cached(cache) == {0, 1} and not cache.guess_reads
     s = cache.stats.total()
-    assert (s.hits, s.misses, s.prefetch_used) == (0, 0, 1)
+    assert (s.hits, s.misses, s.prefetch_used) == (2, 0, 0)
+    assert torch.equal(out, expected(reader, x, [0, 1], weights))
+    cache.close()
+
+
+def test_without_spare_rows_nothing_is_guessed_into_memory():
+    cache, reader = make_cache(2, guess_rows=0)
+    guess(cache, 0, [4])
+    assert not cache.guess_reads.get(0) and cache.stats.total().prefetch_issued == 0
+    step(cache, [4])
+    assert reader.reads.count((0, 4)) == 1 and cache.stats.total().misses == 1
+    cache.close()
+
+
+def test_a_needed_guess_trades_its_row_for_the_slot_a_miss_would_take():
+    cache, reader = make_cache(2, guess_rows=1)
+    rows = all_rows(cache)
+    step(cache, [1])  # 0 is now least recent
+    guess(cache, 0, [4])
+    guess_load(cache, 0, 4).job.finished.wait(10)
+    spare = cache.guess_reads[0][4][0].data_ptr()
+    out, x, _, weights = step(cache, [4, 1])
+    m = cache.maps[0]
+    assert cached(cache) == {1, 4} and cache.slots[0][m.slot_of[4]].data_ptr() == spare
+    assert all_rows(cache) == rows  # 0's row is the spare now
+    s = cache.stats.total()
+    assert (s.hits, s.misses, s.prefetch_used) == (2, 0, 1) and reader.reads.count((0, 4)) == 1
+    assert torch.equal(out, expected(reader, x, [4, 1], weights))
+    out, x, _, weights = step(cache, [4, 0])  # 4 from its new slot; 0 read into the spare's
+    assert torch.equal(out, expected(reader, x, [4, 0], weights))
     cache.close()
 
 
@@ -441,21 +480,23 @@ def test_prediction_recall_counts_guessed_experts():
     cache.close()
 
 
-def test_a_guess_not_needed_is_dropped_when_its_layer_runs_queued_or_halfway():
-    cache, reader = make_cache(3, threads=1)
+def test_a_guess_not_needed_is_dropped_and_its_row_waits_for_its_read_to_stop():
+    cache, reader = make_cache(3, threads=1, guess_rows=2)
     reader.gates[0, 3] = gate = threading.Event()
     guess(cache, 0, [3, 4])  # 3 is read (held at its gate), 4 waits in the queue
-    while cache.maps[0].loading[3].job.state != "running":
+    while guess_load(cache, 0, 3).job.state != "running":
         time.sleep(0.001)
+    row3 = cache.guess_reads[0][3][0].data_ptr()
     out, x, _, weights = step(cache, [2])
-    m = cache.maps[0]
-    assert 4 not in m.slot_of and 3 not in m.slot_of  # both dropped
-    assert len(m.draining) == 1  # 3's slot, until its read has stopped
+    assert not cache.guess_reads and cached(cache) == {0, 1, 2}  # both dropped, nothing evicted
+    busy = [r.data_ptr() for r, load in cache.spares.rows if not (load is None or load.done())]
+    assert busy == [row3]  # not taken again while 3's read may still write it
+    assert cache.spares.take().data_ptr() != row3
     gate.set()
-    out3, x3, _, weights3 = step(cache, [3])  # read again, into a slot no read writes
+    out3, x3, _, weights3 = step(cache, [3])  # a miss: read into a slot
     assert reader.reads.count((0, 4)) == 0 and reader.reads.count((0, 3)) == 1
     s = cache.stats.total()
-    assert (s.prefetch_used, s.misses) == (0, 1) and m.slot_of[3] not in m.draining
+    assert (s.prefetch_used, s.misses) == (0, 1)
     assert torch.equal(out, expected(reader, x, [2], weights))
     assert torch.equal(out3, expected(reader, x3, [3], weights3))
     cache.close()
@@ -465,7 +506,7 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
     cache, reader = make_cache(2, threads=1, layers=(0, 1))
     reader.gates[1, 3] = gate = threading.Event()
     guess(cache, 1, [3, 4])  # 3 holds the only I/O thread, 4 waits
-    while cache.maps[1].loading[3].job.state != "running":
+    while guess_load(cache, 1, 3).job.state != "running":
         time.sleep(0.001)
 
     def release_once_the_miss_is_queued():
@@ -484,25 +525,26 @@ def test_a_layers_misses_are_read_before_the_next_layers_guesses():
 def test_a_guess_made_during_a_layers_attention_is_read_after_that_layers_misses():
     cache, reader = make_cache(2, threads=1, layers=(0, 1))
     cache.prefetch(1, [3])  # layer 0's attention guessed layer 1
-    assert 3 not in cache.maps[1].slot_of  # nothing started yet
+    assert not cache.guess_reads.get(1)  # nothing started yet
     step(cache, [5], layer=0)  # layer 0 asks for its miss, then the guess starts
-    cache.maps[1].loading[3].job.finished.wait(10)
+    guess_load(cache, 1, 3).job.finished.wait(10)
     assert reader.reads[-2:] == [(0, 5), (1, 3)]
     step(cache, [3], layer=1)
     assert cache.stats.layer(1).prefetch_used == 1
     cache.close()
 
 
-def test_waiting_for_a_slot_held_by_a_guess_counts_as_stall():
+def test_waiting_for_a_needed_guess_still_reading_counts_as_stall():
     cache, reader = make_cache(1, threads=2)
     reader.gates[0, 3] = gate = threading.Event()
-    guess(cache, 0, [3])  # the only slot: 3's read, held
-    while cache.maps[0].loading[3].job.state != "running":
+    guess(cache, 0, [3])
+    while guess_load(cache, 0, 3).job.state != "running":
         time.sleep(0.001)
     threading.Timer(0.3, gate.set).start()
-    out, x, _, weights = step(cache, [5])
-    assert cache.stats.total().stall_s >= 0.1
-    assert torch.equal(out, expected(reader, x, [5], weights))
+    out, x, _, weights = step(cache, [3])
+    s = cache.stats.total()
+    assert s.stall_s >= 0.1 and s.prefetch_used == 1 and reader.reads.count((0, 3)) == 1
+    assert torch.equal(out, expected(reader, x, [3], weights))
     cache.close()
 
 
@@ -558,13 +600,16 @@ def test_ctrl_c_while_waiting_leaves_no_half_read_expert_behind():
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_stats_are_consistent(policy):
-    cache, _ = make_cache(2, policy=policy)
+    cache, reader = make_cache(2, policy=policy)
+    rows = all_rows(cache)
     gen = torch.Generator().manual_seed(0)
     for _ in range(30):
         experts = torch.randperm(E, generator=gen)[:2].tolist()
         if torch.rand(1, generator=gen) < 0.5:
-            guess(cache, 0, torch.randperm(E, generator=gen)[:2].tolist())
-        step(cache, experts)
+            guess(cache, 0, torch.randperm(E, generator=gen)[:3].tolist())
+        out, x, _, weights = step(cache, experts)
+        assert torch.equal(out, expected(reader, x, experts, weights))
+        assert all_rows(cache) == rows  # rows trade places, none is lost or shared
     s = cache.stats.total()
     d = cache.stats.as_dict(cache.expert_bytes)
     assert s.hits + s.prefetch_used + s.misses == s.uses == 60
@@ -615,7 +660,7 @@ def test_a_probe_that_loaded_nothing_is_made_again_next_run():
 
 def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
     payoff = Payoff()
-    payoff.record(-20e-3)  # a wrong guess: a whole read, and the expert it evicted
+    payoff.record(-20e-3)  # wrong guesses whose reads took the CPU
     payoff.ran(guessed=True)
     runs = 0
     while not payoff.due:
@@ -633,7 +678,7 @@ def guessed_then_run(needed: list[int], delay: float):
     cache, reader = make_cache(2)
     reader.delay = delay
     guess(cache, 0, [3], cost_s=1e-3)  # routing, here slow
-    cache.maps[0].loading[3].job.finished.wait(10)
+    guess_load(cache, 0, 3).job.finished.wait(10)
     step(cache, needed)
     return cache
 
@@ -642,7 +687,7 @@ def test_a_guess_its_layer_needed_pays_for_itself_and_a_wrong_one_does_not():
     cache = guessed_then_run([3], delay=0.02)
     assert cache.payoffs[0].gain > 0.01 and cache.due(0)
     cache.close()
-    cache = guessed_then_run([4], delay=0.02)  # 3 evicted 0, which will cost a read
+    cache = guessed_then_run([4], delay=0.02)  # its routing's cost, nothing saved
     assert cache.payoffs[0].gain < 0 and not cache.due(0)
     step(cache, [0])  # a run without a guess is counted as skipped
     assert cache.stats.total().guesses_skipped == 1
@@ -673,7 +718,7 @@ def test_a_guess_made_at_a_dense_layer_starts_at_once():
     cache, reader = make_cache(2, layers=(1,))
     layer = SimpleNamespace(route=lambda h, extra, gate: (torch.tensor([[3, 4]]), None))
     Prefetcher(cache)([None, layer], 0, torch.zeros(1, 1, D))  # layer 0 is dense
-    assert 3 in set(cache.maps[1].loading) | set(cache.maps[1].slot_of)
+    assert 3 in cache.guess_reads[1]
     cache.close()
 
 
@@ -683,7 +728,7 @@ def test_a_layer_not_known_to_pay_loads_only_its_best_guess():
     cache.prefetch(0, [3, 4, 5])
     cache.start_guesses()  # never guessed before: a probe
     assert [e for e, _ in cache.guesses[0].loaded] == [3]
-    cache.maps[0].loading[3].job.finished.wait(10)
+    guess_load(cache, 0, 3).job.finished.wait(10)
     step(cache, [3, 4])  # it paid: 3's read was done
     assert not cache.payoffs[0].probing
     cache.prefetch(0, [5, 6, 7])

@@ -134,6 +134,30 @@ def test_room_short_of_a_slot_a_layer_gives_some_layers_one_more(tiny, arch):
         engine.close()
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_streaming_budget_gives_the_prefetcher_rows_beside_the_slots(tiny, depth):
+    """Guesses are read into rows of their own (a wrong one evicts nothing): top-k for each layer
+    guessed ahead, out of a budget's room for slots but never taking a layer's only slot; none
+    without prefetch or where every expert has its slot."""
+    path = tiny("mixtral", num_hidden_layers=4)[0]
+    probe = streaming_plan(path, context=40, prefetch_depth=depth)
+    L, size, k = probe.moe_layers, probe.expert_bytes, probe.top_k
+    assert probe.guess_rows == k * depth and probe.fixed_bytes >= probe.guess_bytes > 0
+    room = probe.fixed_bytes - probe.guess_bytes  # what a budget holds besides slots and rows
+    for rows in range(k * depth + 1):  # a slot a layer, and room for `rows` more experts
+        plan = moelocal.engine.plan(path, device="cpu", cpu_mem=room + (L + rows) * size,
+                                    context=40, prefetch_depth=depth)  # fmt: skip
+        assert (plan.device_slots, plan.extra_slots, plan.guess_rows) == (1, 0, rows)
+    off = moelocal.engine.plan(path, device="cpu", cpu_mem=room + (L + 1) * size, context=40,
+                               prefetch=False)  # fmt: skip
+    assert (off.device_slots, off.extra_slots, off.guess_rows) == (1, 1, 0)
+    assert moelocal.engine.plan(path, device="cpu", context=40).guess_rows == 0  # all resident
+    assert moelocal.engine.plan(path, device="cpu", cache_experts=2).guess_rows == k
+    engine = moelocal.load(path, device="cpu", cpu_mem=room + (L + k) * size, context=40)
+    assert len(engine.expert_cache.spares.rows) == engine.plan.guess_rows == k
+    engine.close()
+
+
 def test_a_budget_holds_a_prefill_pass_and_its_default_context_shrinks_to_fit(tiny):
     """A CPU budget holds the activations of a prefill pass over its context (a long prompt got
     a process planned without them killed under its cap); a budget's default context is halved

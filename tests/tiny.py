@@ -254,12 +254,14 @@ def reference(path: Path):
 
 
 def streaming_plan(path: Path, **options):
-    """The plan of a CPU budget a little short of holding every expert (at a budget's default
-    context, or options' context): its fixed_bytes are what any streaming budget holds besides
-    the slots (the embedding table on disk, a prefill pass's room)."""
+    """The plan of a CPU budget that holds half the experts (at a budget's default context, or
+    options' context): its fixed_bytes are what any streaming budget holds besides the slots
+    (the embedding table on disk, a prefill pass's room, the prefetcher's rows)."""
     import moelocal
 
     full = moelocal.engine.plan(path, device="cpu", cpu_mem="1GiB", **options)
     assert full.device_slots == full.n_experts and not full.on_disk
-    budget = full.fixed_bytes + full.cache_bytes - 1
-    return moelocal.engine.plan(path, device="cpu", cpu_mem=budget, **options)
+    budget = full.fixed_bytes + full.cache_bytes // 2
+    plan = moelocal.engine.plan(path, device="cpu", cpu_mem=budget, **options)
+    assert plan.device_slots < plan.n_experts
+    return plan
