@@ -317,6 +317,8 @@ class Engine:
         self.baseline_rss_bytes = baseline_rss_bytes
         self.stop_ids = stop_token_ids(model_dir, self.config, tokenizer)
         self.threads = torch.get_num_threads()
+        if device.type == "cpu":  # a first run builds the kernels here (~30 s), not in its prompt
+            cpu_kernels.isa()
         # what multiplies the quantized matrices: a CPU kernel path (cpu_kernels.path) or torch
         int_cpu = self.plan.quant in ("int8", "int4") and device.type == "cpu"
         self.kernel = cpu_kernels.path() if int_cpu else "torch"

@@ -91,6 +91,17 @@ def test_text_stream_matches_decoding_the_whole(default_engine, seed):
     assert text.finish(ids[:fed]) == whole[: whole.find(stop)] == "".join(pieces)
 
 
+def test_the_cpu_kernels_are_built_at_load_not_in_the_first_prompts_time(tiny):
+    """A first run compiles the kernels (~30 s): at load, or the first prompt's prefill rate
+    said 0.5 tok/s."""
+    from moelocal import cpu_kernels
+
+    cpu_kernels.isa.cache_clear()
+    engine = moelocal.load(tiny("mixtral")[0], device="cpu")
+    assert engine.plan.quant == "none" and cpu_kernels.isa.cache_info().currsize == 1
+    engine.close()
+
+
 def test_long_prompts_prefill_in_chunks(tiny, monkeypatch):
     """Prompts longer than PREFILL_CHUNK go through in several passes over the KV cache: the
     same logits within float32 rounding, the same greedy tokens, batches (each prompt prefilled
