@@ -1,8 +1,9 @@
-"""The expert cache: per MoE layer a fixed tensor of slots on the compute device, its slot map
+"""The expert cache: per MoE layer a fixed number of slots on the compute device, its slot map
 (slot_map.py), and a mover that fills slots (movers.py).
 
-Slots are preallocated once, shaped like a stacked layer: (its slots, bytes of one expert's blob);
-a layer may have one slot more than another (what a budget holds beyond a slot for every layer).
+Slots are preallocated once, a row of one expert's blob bytes each (a layer's rows stacked like
+its experts); a layer may have one slot more than another (what a budget holds beyond a slot for
+every layer).
 The MoE block (models/moe.py) asks for the experts a layer needs and gets each one's views as
 soon as it can be read: hits at once, misses as their loads land. A layer's own misses are
 queued before the loads of the guesses made during its attention, and read first (a guess reads

@@ -49,12 +49,12 @@ class GuessRanks:
 class Payoff:
     """Whether guessing one layer's experts pays, from what its recent guesses saved (the
     expert cache reckons it when the layer runs: the waits its needed guesses spared, less the
-    CPU time its wrong guesses' loads took from compute and the time making the guess took;
-    routing ahead is not free, ~50 us a layer on the CPU). Where guessing does not pay (the
-    layer's experts are cached already, loads are quicker than routing, take the CPU or wait
-    behind the layers' own misses, or the guesses are wrong) the
-    layer is guessed only every PROBE-th time it runs, to notice when it would. Decided as the
-    layer runs, so that asking costs one attribute: this is asked of every layer, every step."""
+    CPU time its loads took from compute and the time making the guess took; routing ahead is
+    not free, ~50 us a layer on the CPU). Where guessing does not pay (the layer's experts are
+    cached already, loads are quicker than routing, take the CPU or wait behind the layers' own
+    misses, or the guesses are wrong) the layer is guessed only every PROBE-th time it runs, to
+    notice when it would. Decided as the layer runs, so that asking costs one attribute: this is
+    asked of every layer, every step."""
 
     def __init__(self):
         self.gain = 0.0  # seconds saved by recent guesses, older ones weighing less

@@ -81,13 +81,13 @@ class SlotMap:
                 else:
                     self._unmap(e)
 
-    def free_slot(self, protect: frozenset | set = frozenset()) -> int | None:
+    def free_slot(self) -> int | None:
         """A slot to load into: an empty one, else the policy's victim among the experts neither
-        in use, loading nor protected (unmapped here); None when every slot is held."""
+        in use nor loading (unmapped here); None when every slot is held."""
         for slot, e in enumerate(self.expert_in):
             if e is None and slot not in self.draining:
                 return slot
-        candidates = set(self.slot_of) - self.in_use - set(self.loading) - set(protect)
+        candidates = set(self.slot_of) - self.in_use - set(self.loading)
         if not candidates:
             return None
         victim = self.policy.victim(candidates)

@@ -75,12 +75,13 @@ def test_lfu_keeps_the_frequent_expert_and_forgets_an_evicted_one():
     assert m.policy.uses.get(1, 0) == 0
 
 
-def test_in_use_loading_and_protected_experts_are_never_evicted():
+def test_in_use_and_loading_experts_are_never_evicted():
     m = filled(3)
     m.in_use.add(0)
     slot = m.free_slot()
     m.start(7, slot, Ticket())  # in flight
-    assert m.free_slot(protect={2}) is None
+    m.in_use.add(2)
+    assert m.free_slot() is None
     assert set(m.slot_of) == {0, 7, 2} and m.loading.keys() == {7}
 
 
