@@ -6,8 +6,10 @@ from its host store (experts kept in page-locked RAM) on a copy stream, or reads
 a page-locked staging piece and copies that. Neither decides what to load (expert_cache.py).
 """
 
+import mmap
 import threading
 import time
+import weakref
 
 import torch
 
@@ -120,26 +122,34 @@ class CpuMover:
 
 
 class PinnedArena:
-    """Host RAM page-locked once and carved into equal pieces. An ordinary allocation registered
-    with cudaHostRegister: PyTorch's pinned allocator would round every block up to a power of
-    two (a 336 MiB expert takes 512 MiB)."""
+    """Host RAM page-locked once and carved into equal pieces: an anonymous memory map
+    registered with cudaHostRegister. PyTorch's pinned allocator would round every block up to a
+    power of two (a 336 MiB expert takes 512 MiB); an ordinary allocation may share a page with
+    another arena's, and registration, by whole pages, then fails. Unregistered on close() or
+    when the arena is collected."""
 
     def __init__(self, n_pieces: int, piece_bytes: int):
-        self.buf = torch.empty(n_pieces * piece_bytes, dtype=torch.uint8)
+        size = n_pieces * piece_bytes
+        memory = mmap.mmap(-1, max(size, 1))  # page-aligned, its pages its own
+        self.buf = torch.frombuffer(memory, dtype=torch.uint8)[:size]
         self.pieces = list(self.buf.split(piece_bytes)) if n_pieces else []
         self.registered = False
         if n_pieces:
-            err = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self.buf.data_ptr(), size, 0)
             if int(err) != 0:
                 raise MoelocalError(
-                    f"could not page-lock {self.buf.numel()} bytes of host RAM for the expert "
-                    f"cache (CUDA error {int(err)}); lower --cpu-mem"
+                    f"could not page-lock {size} bytes of host RAM for the expert cache "
+                    f"(CUDA error {int(err)}); lower --cpu-mem"
                 )
             self.registered = True
+            self._unregister = weakref.finalize(self, cudart.cudaHostUnregister,
+                                                self.buf.data_ptr())  # fmt: skip
+            self._unregister.atexit = False  # the process's memory goes anyway
 
     def close(self):
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self._unregister()
             self.registered = False
 
 
