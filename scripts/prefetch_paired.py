@@ -32,10 +32,11 @@ def main():
     ap.add_argument("--prompt-tokens", "-p", type=int, default=16)
     ap.add_argument("--gen-tokens", "-n", type=int, default=256)
     ap.add_argument("--control", action="store_true", help="prefetch off in both (noise)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU slots, host store behind)")
     args = ap.parse_args()
     model = None if args.model == "default" else args.model
-    engines = [moelocal.load(model, device="cpu", cache_experts=args.cache_experts, prefetch=True)
-               for _ in range(2)]  # fmt: skip
+    engines = [moelocal.load(model, device=args.device, cache_experts=args.cache_experts,
+                             prefetch=True) for _ in range(2)]  # fmt: skip
     prefetchers = [None if args.control else engine.model.prefetcher for engine in engines]
     vocab = engines[0].config.vocab_size
     ids = torch.randint(3, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,10 @@ prefetcher's targets and the cache's switch, each guess costing --route-us. "spe
 time over the row's (paired by round, median), "of oracle's" the row's gain as a share of the
 oracle's. A sleep frees the
 cores, as a GPU's compute would; on the CPU real compute shares them with the I/O threads.
+
+`--device cuda` replays into GPU slots through the CUDA mover: experts copied from the host store
+(page-locked RAM, `--source host`) or read from disk and copied (`--source disk`); each expert's
+stand-in compute waits for its copy, as a kernel on the compute stream would.
 """
 
 import argparse
@@ -41,7 +45,7 @@ from moelocal.direct_io import ALIGN, IO_THREADS  # noqa: E402
 from moelocal.expert_cache import ExpertCache  # noqa: E402
 from moelocal.experts import ExpertLayout  # noqa: E402
 from moelocal.io_queue import IOQueue  # noqa: E402
-from moelocal.movers import CpuMover  # noqa: E402
+from moelocal.movers import CpuMover, CudaMover  # noqa: E402
 from moelocal.prefetch import Prefetcher  # noqa: E402
 from moelocal.store import DiskReader, Piece  # noqa: E402
 from moelocal.trace import RoutingTrace  # noqa: E402
@@ -86,8 +90,16 @@ class SleepingComputeMover(CpuMover):
         return super().load_seconds()[0], 0.0
 
 
+def make_mover(reader: DiskReader, device: str, layers: list[int], source: str):
+    if device == "cpu":
+        return SleepingComputeMover(reader, IOQueue(IO_THREADS))
+    host = len(reader.pieces) if source == "host" else 0
+    return CudaMover(reader, IOQueue(IO_THREADS), torch.device(device), layers, host, 0)
+
+
 def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float,
-           route_us: float, guess_rows: int | None) -> dict:  # fmt: skip
+           route_us: float, guess_rows: int | None, device: str = "cpu",
+           source: str = "disk") -> dict:  # fmt: skip
     """Decode the trace through a fresh cache; seconds per token and the cache's figures.
     prefetch: off, oracle, or routerD: the guesses the trace recorded D layers ahead, through
     the prefetcher's own choice of targets and the cache's switch (each costs route_us).
@@ -98,11 +110,12 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     depth = int(prefetch.removeprefix("router")) if prefetch.startswith("router") else 0
     if guess_rows is None:  # as make_plan: top-k a layer guessed ahead
         guess_rows = trace.header["top_k"] * max(depth, prefetch == "oracle")
-    cache = ExpertCache(layout, SleepingComputeMover(reader, IOQueue(IO_THREADS)), layers,
-                        trace.header["experts"], slots, policy, guess_rows=guess_rows)  # fmt: skip
+    mover = make_mover(reader, device, layers, source)
+    cache = ExpertCache(layout, mover, layers, trace.header["experts"], slots, policy,
+                        guess_rows=guess_rows)  # fmt: skip
     targets = Prefetcher(cache, depth=depth).targets if depth else {}
     try:
-        disk_rate = cache.bandwidth("disk")
+        disk_rate = cache.bandwidth(source)
         before = cache.stats.copy()
         steps, k = trace.steps, trace.header["top_k"]
         compute = layer_ms / 1000 / (k + 1)  # attention, then each of k experts
@@ -118,6 +131,8 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
                     time.sleep(route_us / 1e6)
                     cache.prefetch(target, ranked, route_us / 1e6)
             for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1)):
+                if device != "cpu":  # the expert's kernels would wait for its copy
+                    torch.cuda.current_stream().synchronize()
                 time.sleep(compute)
         seconds = time.perf_counter() - start
         stats = cache.stats.since(before).as_dict(cache.expert_bytes)
@@ -156,6 +171,13 @@ def main():
     ap.add_argument("--guess-rows", type=int, default=None,
                     help="spare rows guesses are read into, beside the slots (default: as a plan "
                          "gives them, top-k for each layer guessed ahead)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: GPU slots")
+    ap.add_argument(
+        "--source",
+        default="disk",
+        choices=["disk", "host"],
+        help="where a GPU's misses come from: disk, or the host store (all in RAM)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=None, help="replay the trace's first N tokens")
     ap.add_argument("--dir", type=Path, default=None, help="where the scratch experts go")
@@ -173,7 +195,7 @@ def main():
         size = f"{layout.nbytes / 2**20:.1f} MiB ({args.like.name}'s)"
         print(f"{trace.header.get('model')} routing, {len(trace.steps) // len(layers)} tokens, "
               f"{len(layers)} layers x {E} experts of {size}, {args.layer_ms} ms a layer, "
-              f"policy {args.policy}")  # fmt: skip
+              f"policy {args.policy}, {args.device} slots from {args.source}")  # fmt: skip
         print("| slots | prefetch | s/token | vs floor | speedup | of oracle's | hit rate | "
               "Belady's | MiB/token | precision | recall | not guessed |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -182,7 +204,8 @@ def main():
             for _ in range(args.rounds):  # alternating
                 for p in runs:
                     row = replay(trace, pieces, layout, slots, p, args.policy, args.layer_ms,
-                                 args.route_us, args.guess_rows)  # fmt: skip
+                                 args.route_us, args.guess_rows, args.device,
+                                 args.source)  # fmt: skip
                     runs[p].append(row)
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)
