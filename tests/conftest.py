@@ -1,10 +1,16 @@
 import os
+import signal
 import warnings
 
 import pytest
 from tiny import save_tiny
 
 warnings.filterwarnings("ignore", category=UserWarning)
+
+# the Ctrl-C tests send SIGINT, to this process and to commands they start: also where pytest runs
+# as a shell's background job, which ignores SIGINT (an ignored signal stays ignored in a child;
+# a handled one is reset to the default when the child starts)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
