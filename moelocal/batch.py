@@ -145,6 +145,15 @@ def scan(lines: list[str]) -> list[Entry]:
 
 def make_job(engine: Engine, entry: Entry, defaults: dict, chat: bool) -> Job:
     """One parsed line -> a Job, or MoelocalError saying what is wrong with it."""
+    job = parse_job(entry, defaults, chat, engine.prompt_ids, engine.chat_prompt)
+    engine.check_context(len(job.prompt_ids), job.max_new_tokens)
+    return job
+
+
+def parse_job(entry: Entry, defaults: dict, chat: bool, prompt_ids: Callable,
+              chat_prompt: Callable) -> Job:  # fmt: skip
+    """A line's Job, its prompt tokenized by prompt_ids(prompt, chat) or chat_prompt(messages)
+    (an Engine's, or a Tokenizer's before the model is loaded); MoelocalError for a bad line."""
     item = entry.item
     max_new = item.get("max_new_tokens", defaults["max_new_tokens"])
     temperature = item.get("temperature", defaults["temperature"])
@@ -160,13 +169,33 @@ def make_job(engine: Engine, entry: Entry, defaults: dict, chat: bool) -> Job:
             for m in messages
         ):
             raise MoelocalError("'messages' must be a list of {role, content} objects")
-        ids = engine.chat_prompt(messages)
+        ids = chat_prompt(messages)
     elif isinstance(item.get("prompt"), str):
-        ids = engine.prompt_ids(item["prompt"], chat)
+        ids = prompt_ids(item["prompt"], chat)
     else:
         raise MoelocalError("needs a 'prompt' string or a 'messages' list")
-    engine.check_context(len(ids), max_new)
     return Job(entry.line, item["id"], ids, max_new, float(temperature), seed)
+
+
+def kv_tokens(tokenizer, entries: list[Entry], done: set[str], defaults: dict, chat: bool,
+              batch_size: int) -> int | None:  # fmt: skip
+    """The KV cache the lines still to run need at most, in tokens, for the model's plan (a
+    budget's default context, 4096 tokens, would hold too much for short lines and too little
+    for a batch): batch_size rows, each of the longest prompt and the most new tokens (as a
+    batch is decoded); None where no line is good. tokenizer: the model's (tokenizer.py)."""
+    jobs = []
+    for entry in entries:
+        if entry.key in done or entry.error:
+            continue
+        try:
+            jobs.append(parse_job(entry, defaults, chat, tokenizer.encode_prompt,
+                                  tokenizer.encode_chat))  # fmt: skip
+        except MoelocalError:  # the line fails with its reason once the model is loaded
+            continue
+    if not jobs:
+        return None
+    longest = max(len(j.prompt_ids) for j in jobs)
+    return min(batch_size, len(jobs)) * (longest + max(j.max_new_tokens for j in jobs))
 
 
 def read_jobs(engine, entries, done: set[str], defaults: dict, chat: bool) -> Iterator[Job | dict]:

@@ -257,20 +257,26 @@ def generation_context(model, prompt: str, chat_template: bool, max_new_tokens: 
     """The context one prompt's generation needs: its tokens and max_new_tokens (a budget's
     default, 4096 tokens, would keep room for a KV cache and a prefill it never uses from the
     expert slots); None where the model has no tokenizer (the load says what is wrong)."""
+    tokenizer = model_tokenizer(model)
+    if tokenizer is None:
+        return None
+    return len(tokenizer.encode_prompt(prompt, chat_template)) + max_new_tokens
+
+
+def model_tokenizer(model):
+    """The model's tokenizer, read before the model is; None where it has none."""
     from .hub import resolve_model
     from .model_files import model_file
     from .tokenizer import Tokenizer
 
     model_dir = resolve_model(model)
-    if model_file(model_dir, "tokenizer.json") is None:
-        return None
-    return len(Tokenizer(model_dir).encode_prompt(prompt, chat_template)) + max_new_tokens
+    return Tokenizer(model_dir) if model_file(model_dir, "tokenizer.json") is not None else None
 
 
 def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):
     """--input mode of generate: returns the exit code (1 if any line failed)."""
     load = heavy_import("engine").load
-    from .batch import JsonlWriter, read_lines, resume_output, run_batch, scan
+    from .batch import JsonlWriter, kv_tokens, read_lines, resume_output, run_batch, scan
 
     from_stdin = str(input_path) == "-"
     if not from_stdin and not input_path.exists():
@@ -287,6 +293,15 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
     entries = scan(read_lines(sys.stdin.buffer.read() if from_stdin else input_path.read_bytes()))
     done = resume_output(output_path) if output_path else set()
     with JsonlWriter(output_path) as writer:  # opened before the load: a bad --output fails now
+        if load_kwargs["context"] is None and (tokenizer := model_tokenizer(model)) is not None:
+            load_kwargs["context"] = kv_tokens(
+                tokenizer,
+                entries,
+                done,
+                batch_kwargs["defaults"],
+                batch_kwargs["chat"],
+                batch_kwargs["batch_size"],
+            )
         engine = load(model, **load_kwargs)
         total = len(entries)
         progress_bar = None

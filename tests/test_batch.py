@@ -257,3 +257,44 @@ def test_input_from_a_pipe_and_an_output_that_is_not_a_file(tmp_path):
     write_jsonl(inp, [{"id": 1, "prompt": "Hi"}])
     refused = runner.invoke(app, ["generate", "-i", str(inp), "-o", str(out_fifo)])
     assert refused.exit_code == 1 and "not a regular file" in refused.stderr
+
+
+def test_the_plan_holds_the_kv_cache_the_lines_need(tmp_path, random_model, monkeypatch):
+    """Without --context the model is planned for what the lines to run need: batch-size rows
+    of the longest prompt and the most new tokens (a budget's default context would hold too
+    much for short lines and too little for a batch); bad lines and lines already done count
+    for nothing, and every line then fits."""
+    from moelocal import engine as engine_module
+    from moelocal.tokenizer import Tokenizer
+
+    contexts = []
+    real_load = engine_module.load
+
+    def load(*args, **kwargs):
+        contexts.append(kwargs["context"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load", load)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    long_prompt = "a b c d e f g h i j k l m n o p"
+    items = [
+        {"id": 1, "prompt": "Hi", "max_new_tokens": 9},
+        {"id": 2, "messages": [{"role": "user", "content": long_prompt}], "max_new_tokens": 2},
+        {"id": 3, "prompt": "x" * 400, "max_new_tokens": "many"},  # bad: counts for nothing
+    ]
+    write_jsonl(inp, items)
+    tok = Tokenizer(random_model)
+    longest = len(tok.encode_chat(items[1]["messages"]))
+    assert longest > len(tok.encode_prompt("Hi"))
+    args = ["generate", str(random_model), "-i", str(inp), "-o", str(out), "--batch-size", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1  # the bad line
+    assert contexts == [2 * (longest + 9)]  # two good lines: two rows
+    assert sorted(r["id"] for r in read_jsonl(out) if "error" not in r) == [1, 2]
+    # a rerun runs the failed line again (still bad): nothing left to plan for, the default
+    result = runner.invoke(app, args)
+    assert contexts[1] is None
+    # with --context given, that is the plan's
+    write_jsonl(inp, items[:2] + [{"id": 4, "prompt": "Hi", "max_new_tokens": 3}])
+    runner.invoke(app, args + ["--context", "512"])
+    assert contexts[2] == 512
