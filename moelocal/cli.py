@@ -273,10 +273,31 @@ def model_tokenizer(model):
     return Tokenizer(model_dir) if model_file(model_dir, "tokenizer.json") is not None else None
 
 
+def batch_context(model, entries, done: set[str], load_kwargs: dict, batch_kwargs: dict):
+    """The KV cache to plan --input's lines for (batch.kv_tokens), where it fits the budget;
+    else None, a budget's default, and the lines that need more fail one by one."""
+    from .batch import kv_tokens
+    from .engine import plan
+
+    tokenizer = model_tokenizer(model)
+    if tokenizer is None:
+        return None
+    need = kv_tokens(tokenizer, entries, done, batch_kwargs["defaults"], batch_kwargs["chat"],
+                     batch_kwargs["batch_size"])  # fmt: skip
+    if need is None:
+        return None
+    options = {name: v for name, v in load_kwargs.items() if name != "threads"}
+    try:
+        plan(model, **{**options, "context": need})
+    except MoelocalError:
+        return None
+    return need
+
+
 def batch_generate(model, input_path: Path, output_path: Path | None, load_kwargs, batch_kwargs):
     """--input mode of generate: returns the exit code (1 if any line failed)."""
     load = heavy_import("engine").load
-    from .batch import JsonlWriter, kv_tokens, read_lines, resume_output, run_batch, scan
+    from .batch import JsonlWriter, read_lines, resume_output, run_batch, scan
 
     from_stdin = str(input_path) == "-"
     if not from_stdin and not input_path.exists():
@@ -293,15 +314,8 @@ def batch_generate(model, input_path: Path, output_path: Path | None, load_kwarg
     entries = scan(read_lines(sys.stdin.buffer.read() if from_stdin else input_path.read_bytes()))
     done = resume_output(output_path) if output_path else set()
     with JsonlWriter(output_path) as writer:  # opened before the load: a bad --output fails now
-        if load_kwargs["context"] is None and (tokenizer := model_tokenizer(model)) is not None:
-            load_kwargs["context"] = kv_tokens(
-                tokenizer,
-                entries,
-                done,
-                batch_kwargs["defaults"],
-                batch_kwargs["chat"],
-                batch_kwargs["batch_size"],
-            )
+        if load_kwargs["context"] is None:
+            load_kwargs["context"] = batch_context(model, entries, done, load_kwargs, batch_kwargs)
         engine = load(model, **load_kwargs)
         total = len(entries)
         progress_bar = None

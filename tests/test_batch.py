@@ -298,3 +298,30 @@ def test_the_plan_holds_the_kv_cache_the_lines_need(tmp_path, random_model, monk
     write_jsonl(inp, items[:2] + [{"id": 4, "prompt": "Hi", "max_new_tokens": 3}])
     runner.invoke(app, args + ["--context", "512"])
     assert contexts[2] == 512
+
+
+def test_a_line_the_budget_cannot_hold_fails_alone(tmp_path, random_model, monkeypatch):
+    """Where the lines' KV cache does not fit the budget, the plan is a budget's default and
+    only the line that needs more fails (not the whole run)."""
+    from moelocal import engine as engine_module
+
+    contexts = []
+    real_load = engine_module.load
+
+    def load(*args, **kwargs):
+        contexts.append(kwargs["context"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load", load)
+    small = moelocal.engine.plan(random_model, device="cpu", context=256, cpu_mem=10**10)
+    budget = small.fixed_bytes + 2 * small.moe_layers * small.expert_bytes
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": "short", "prompt": "Hi", "max_new_tokens": 4},
+                      {"id": "long", "prompt": "Hi", "max_new_tokens": 4000}])  # fmt: skip
+    args = ["generate", str(random_model), "-i", str(inp), "-o", str(out), "--device", "cpu",
+            "--cpu-mem", str(budget)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert contexts == [None]
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert "error" not in records["short"] and "exceeds" in records["long"]["error"]
