@@ -259,22 +259,29 @@ def test_input_from_a_pipe_and_an_output_that_is_not_a_file(tmp_path):
     assert refused.exit_code == 1 and "not a regular file" in refused.stderr
 
 
-def test_the_plan_holds_the_kv_cache_the_lines_need(tmp_path, random_model, monkeypatch):
+@pytest.fixture
+def contexts(monkeypatch):
+    """The context each load in the test was asked to plan for, in order."""
+    from moelocal import engine as engine_module
+
+    asked = []
+    real_load = engine_module.load
+
+    def load(*args, **kwargs):
+        asked.append(kwargs["context"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load", load)
+    return asked
+
+
+def test_the_plan_holds_the_kv_cache_the_lines_need(tmp_path, random_model, contexts):
     """Without --context the model is planned for what the lines to run need: batch-size rows
     of the longest prompt and the most new tokens (a budget's default context would hold too
     much for short lines and too little for a batch); bad lines and lines already done count
     for nothing, and every line then fits."""
-    from moelocal import engine as engine_module
     from moelocal.tokenizer import Tokenizer
 
-    contexts = []
-    real_load = engine_module.load
-
-    def load(*args, **kwargs):
-        contexts.append(kwargs["context"])
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "load", load)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     long_prompt = "a b c d e f g h i j k l m n o p"
     items = [
@@ -300,19 +307,9 @@ def test_the_plan_holds_the_kv_cache_the_lines_need(tmp_path, random_model, monk
     assert contexts[2] == 512
 
 
-def test_a_line_the_budget_cannot_hold_fails_alone(tmp_path, random_model, monkeypatch):
+def test_a_line_the_budget_cannot_hold_fails_alone(tmp_path, random_model, contexts):
     """Where the lines' KV cache does not fit the budget, the plan is a budget's default and
     only the line that needs more fails (not the whole run)."""
-    from moelocal import engine as engine_module
-
-    contexts = []
-    real_load = engine_module.load
-
-    def load(*args, **kwargs):
-        contexts.append(kwargs["context"])
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "load", load)
     small = moelocal.engine.plan(random_model, device="cpu", context=256, cpu_mem=10**10)
     budget = small.fixed_bytes + 2 * small.moe_layers * small.expert_bytes
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
