@@ -9,7 +9,8 @@ sleep as long as the model it stands for computes: how real routing meets real b
 The experts are written once to a scratch file (the trace's layers x experts blobs of the --like
 model's int4 size, --dir) and read back with O_DIRECT as a converted model's are. Per setting:
 seconds per decoded token, hit rate, expert bytes read per token, and the floor: all-resident
-compute plus the bytes Belady's eviction would read at the disk rate measured in the same run.
+compute plus the bytes Belady's eviction would read at the rate measured in the same run (the
+disk's, or on a GPU the source's).
 `oracle` prefetches, while a layer computes, exactly the experts the next layer will need (the
 bound any prefetcher is judged against); `routerD` replays the guesses the trace recorded D
 layers ahead (`moelocal bench --trace` records them for every depth up to 4) through the
@@ -115,7 +116,7 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
                         guess_rows=guess_rows)  # fmt: skip
     targets = Prefetcher(cache, depth=depth).targets if depth else {}
     try:
-        disk_rate = cache.bandwidth(source)
+        rate = cache.bandwidth(source)
         before = cache.stats.copy()
         steps, k = trace.steps, trace.header["top_k"]
         compute = layer_ms / 1000 / (k + 1)  # attention, then each of k experts
@@ -141,7 +142,7 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     tokens = len(steps) / len(layers)
     return {
         "s_per_token": seconds / tokens,
-        "disk_bytes_per_s": disk_rate,
+        "bytes_per_s": rate,
         "hit_rate": stats["hit_rate"],
         "bytes_per_token": stats["bytes_moved"] / tokens,
         "precision": stats["prefetch_precision"],
@@ -209,10 +210,10 @@ def main():
                     runs[p].append(row)
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)
-            # the floor at the disk rate of all this setting's runs (it swings from run to run)
-            disk = statistics.median(r["disk_bytes_per_s"] for rows in runs.values() for r in rows)
+            # the floor at the source's rate over this setting's runs (it swings from run to run)
+            rate = statistics.median(r["bytes_per_s"] for rows in runs.values() for r in rows)
             misses_per_token = (1 - belady) * trace.header["top_k"] * len(layers)
-            floor = len(layers) * args.layer_ms / 1000 + misses_per_token * layout.nbytes / disk
+            floor = len(layers) * args.layer_ms / 1000 + misses_per_token * layout.nbytes / rate
             meds = {p: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
                     for p, rows in runs.items()}  # fmt: skip
             # speedups paired by round (off's time over the row's in the same round), median:
