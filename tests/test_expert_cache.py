@@ -673,12 +673,12 @@ def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
     assert payoff.due
 
 
-def guessed_then_run(needed: list[int], delay: float):
-    """A cache whose reads take `delay` s: layer 0 guessed [3], the guess landed, then the layer
-    runs needing `needed`."""
+def guessed_then_run(needed: list[int], delay: float, cost_s: float = 1e-3):
+    """A cache whose reads take `delay` s: layer 0 guessed [3] (its routing taking cost_s, here
+    slow), the guess landed, then the layer runs needing `needed`."""
     cache, reader = make_cache(2)
     reader.delay = delay
-    guess(cache, 0, [3], cost_s=1e-3)  # routing, here slow
+    guess(cache, 0, [3], cost_s=cost_s)
     guess_load(cache, 0, 3).job.finished.wait(10)
     step(cache, needed)
     return cache
@@ -696,7 +696,9 @@ def test_a_guess_its_layer_needed_pays_for_itself_and_a_wrong_one_does_not():
 
 
 def test_a_load_quicker_than_the_guess_does_not_pay():
-    cache = guessed_then_run([3], delay=0.0)
+    # routing far slower than a read with no delay (which a busy 2-core machine once stretched
+    # to 1.6 ms, more than a 1 ms routing)
+    cache = guessed_then_run([3], delay=0.0, cost_s=0.05)
     assert cache.payoffs[0].gain < 0 and not cache.due(0)
     cache.close()
 
