@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -77,9 +78,19 @@ def build_lock(where: Path):
         os.close(fd)  # releases the flock
 
 
-@functools.cache
+_extension_lock = threading.Lock()
+
+
 def extension():
-    """The compiled module, or None where it cannot be built (said once, on stderr)."""
+    """The compiled module, or None where it cannot be built (said once, on stderr). Safe to
+    call from several threads at once: a GPU's I/O threads quantizing at load each ask for it
+    first, and a second build beside the first failed on the source's copy."""
+    with _extension_lock:
+        return _extension()
+
+
+@functools.cache
+def _extension():
     if os.environ.get("MOELOCAL_CPU_KERNEL") == "torch":
         return None
     cxx = compiler()
@@ -89,18 +100,18 @@ def extension():
     from torch.utils import cpp_extension
 
     where = build_dir(cxx)
-    where.mkdir(parents=True, exist_ok=True)
-    # compiled from a copy inside the build directory (named by its content): ninja's record of
-    # the source path then stays the same for every checkout and install of this source
-    source = where / SOURCE.name
-    if not source.is_file():
-        tmp = where / f".{SOURCE.name}.{os.getpid()}"
-        tmp.write_bytes(SOURCE.read_bytes())
-        tmp.replace(source)
     # at::parallel_for runs its threads only where the code is compiled with OpenMP; the
     # extension then binds to the libgomp.so.1 torch has loaded: one thread pool, not two
     openmp = ["-fopenmp"] if sys.platform == "linux" else []
-    try:
+    try:  # a build directory that cannot be written falls back too
+        where.mkdir(parents=True, exist_ok=True)
+        # compiled from a copy inside the build directory (named by its content): ninja's record
+        # of the source path then stays the same for every checkout and install of this source
+        source = where / SOURCE.name
+        if not source.is_file():
+            tmp = where / f".{SOURCE.name}.{os.getpid()}"
+            tmp.write_bytes(SOURCE.read_bytes())
+            tmp.replace(source)
         with build_lock(where):
             built = where / f"{NAME}.so"
             if built.is_file():  # the directory's name says it is this source's build

@@ -1,5 +1,7 @@
 """Quantized formats (int8, int4 on the CPU): matmuls, every architecture, offloading, accuracy."""
 
+import time
+
 import pytest
 import torch
 from tiny import ARCHS, VOCAB
@@ -325,6 +327,66 @@ def test_a_killed_build_neither_hangs_nor_breaks_the_next_start(tmp_path):
     rebuilt = subprocess.run(load, capture_output=True, text=True, timeout=600, env=env)
     assert rebuilt.returncode == 0 and rebuilt.stdout == first.stdout, rebuilt.stderr
     assert "compiling the CPU kernels" in rebuilt.stderr
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """cpu_kernels as before its first build, building into tmp_path with `build` (a stand-in
+    for torch's, which records its calls); the real module comes back afterwards."""
+    import functools
+
+    from torch.utils import cpp_extension
+
+    from moelocal import cpu_kernels
+
+    builds = []
+
+    def build(**kwargs):
+        builds.append(kwargs)
+        time.sleep(0.1)  # a compile takes a while: other threads ask meanwhile
+        return object()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    monkeypatch.setattr(cpu_kernels, "compiler", lambda: "c++ (test) 1.0")
+    monkeypatch.setattr(cpp_extension, "load", build)
+    fresh = functools.cache(cpu_kernels._extension.__wrapped__)
+    monkeypatch.setattr(cpu_kernels, "_extension", fresh)
+    return builds
+
+
+def test_threads_asking_for_the_kernels_at_once_get_one_build(fresh_build):
+    """A GPU's I/O threads quantizing at load each ask for the kernels before any other code
+    has: a second build beside the first crashed on the copy of the source."""
+    import threading
+
+    from moelocal import cpu_kernels
+
+    ready, got, errors = threading.Barrier(8), [], []
+
+    def ask():
+        ready.wait()
+        try:
+            got.append(cpu_kernels.extension())
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 8
+    assert len(fresh_build) == 1 and all(module is got[0] for module in got)
+
+
+def test_a_build_directory_that_cannot_be_made_falls_back_to_torch(fresh_build, tmp_path,
+                                                                  monkeypatch, capsys):  # fmt: skip
+    from moelocal import cpu_kernels
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "file"))  # no directory under it
+    assert cpu_kernels.extension() is None and not fresh_build
+    assert "building the CPU kernels failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
