@@ -126,8 +126,9 @@ def quantize_units(w: torch.Tensor, fmt: MatrixFormat, fit=None) -> torch.Tensor
     Np, Kp = fmt.Np, fmt.Kp
     if (Np, Kp) != (fmt.N, fmt.K):
         w = F.pad(w, (0, Kp - fmt.K, 0, Np - fmt.N))
-    units = torch.empty(Np // GROUP, Kp // BLOCK, fmt.unit_bytes, dtype=torch.uint8,
-                        device=w.device)
+    units = torch.empty(
+        Np // GROUP, Kp // BLOCK, fmt.unit_bytes, dtype=torch.uint8, device=w.device
+    )
     # a few groups of rows at a time: the temporaries stay in the CPU's caches
     step = 16
     for g in range(0, Np // GROUP, step):
