@@ -127,7 +127,7 @@ def measure(engine: Engine, config: dict, prompt_tokens: int, gen_tokens: int,
         "cpu_mem": config.get("cpu_mem"),
         "cache_experts": engine.plan.device_slots,
         "cache_slots": engine.plan.cache_slots,  # in all: some layers may have one more
-        "cache_policy": config.get("cache_policy", "lru"),
+        "cache_policy": config.get("cache_policy", "learned"),
         "prefetch": config.get("prefetch", True),
         "prefetch_depth": config.get("prefetch_depth", 1),
         "prompt_tokens": prompt_tokens,

@@ -1,5 +1,6 @@
 """`moelocal calibrate`: run text through a model, recording the hidden state after each layer's
-attention, and fit the prefetcher's guesses of later layers' routing to it (predictor.py)."""
+attention, and fit to it the prefetcher's guesses of later layers' routing and the expert
+cache's guesses of each layer's next steps (predictor.py)."""
 
 from dataclasses import dataclass, replace
 
@@ -11,6 +12,7 @@ from .models.attention import KVCache
 from .models.moe import MoE
 from .plan import OffloadOptions
 from .prefetch import guessed_from
+from .slot_map import simulate
 
 CHUNK = 512  # tokens per forward pass: the text runs as independent passages of this length
 MIN_TOKENS = 256  # fewer leave too few held-out tokens to judge a fit on
@@ -40,6 +42,17 @@ class PairFit:
     kept: bool
 
 
+@dataclass
+class ReuseFit:
+    layer: int
+    lru_hit_rate: float  # held-out, mean over CACHED shares of the layer's experts
+    fitted_hit_rate: float  # evicting by the best fit's scores
+    kept: bool
+
+
+CACHED = (0.25, 0.5, 0.75)  # shares of a layer's experts in slots that a reuse fit is judged at
+
+
 @torch.no_grad()
 def record(model, ids: list[int], device) -> list[torch.Tensor]:
     """Each layer's hidden states after attention for the text, run CHUNK tokens at a time."""
@@ -57,8 +70,8 @@ def record(model, ids: list[int], device) -> list[torch.Tensor]:
 @torch.no_grad()
 def calibrate(engine, text: str, max_tokens: int, depth: int = 1,
               margin: int = OffloadOptions.prefetch_margin):  # fmt: skip
-    """Fits for every pair the prefetcher guesses at depths 1..`depth` -> (RoutePredictors,
-    [PairFit])."""
+    """Fits for every pair the prefetcher guesses at depths 1..`depth`, and for every MoE
+    layer's next steps -> (RoutePredictors, [PairFit], [ReuseFit])."""
     ids = engine.encode(text)[:max_tokens]
     if len(ids) < MIN_TOKENS:
         raise MoelocalError(f"the text is {len(ids)} tokens; calibrating needs at least "
@@ -77,7 +90,15 @@ def calibrate(engine, text: str, max_tokens: int, depth: int = 1,
         if fitted is not None:
             maps[(source, target)] = fitted
         fits.append(PairFit(source, target, router, best, fitted is not None))
-    return predictor.RoutePredictors(maps), fits
+    reuse, reuse_fits = {}, []
+    ends = torch.arange(len(ids)) // CHUNK * CHUNK + CHUNK  # the passage each token ran in
+    ends = ends.clamp(max=len(ids))
+    for i in moe:
+        fitted, lru, best = fit_reuse_of(layers[i], hidden[i], ends)
+        if fitted is not None:
+            reuse[i] = fitted
+        reuse_fits.append(ReuseFit(i, lru, best, fitted is not None))
+    return predictor.RoutePredictors(maps, reuse), fits, reuse_fits
 
 
 def fit_pair(layer, source: torch.Tensor, target: torch.Tensor, margin: int):
@@ -98,3 +119,26 @@ def fit_pair(layer, source: torch.Tensor, target: torch.Tensor, margin: int):
 
     router_bias = None if gate.bias is None else gate.bias.float().cpu()
     return predictor.fit(x, real, gate.weight.float().cpu(), router_bias, judge)
+
+
+def fit_reuse_of(layer, hidden: torch.Tensor, ends: torch.Tensor):
+    """predictor.fit_reuse for MoE layer `layer` from the hidden states after its attention,
+    normed as its experts see them, judged by the hits of its slot map on the held-out tokens'
+    routing at CACHED shares of its experts."""
+    norm, moe = layer.post_attention_layernorm, layer.mlp
+    device, dtype = norm.weight.device, norm.weight.dtype
+    x = norm(hidden.to(device, dtype))
+    ids = moe.route(x)[0].cpu()
+    x = x.float().cpu()
+    E = moe.cfg.num_experts
+    split = len(ids) - max(1, int(len(ids) * predictor.HELD_OUT))  # as fit_reuse splits
+    held = [set(row) for row in ids[split:].tolist()]
+    counts = sorted({min(E - 1, max(1, round(E * share))) for share in CACHED})
+
+    def judge(scores):
+        expected = scores.tolist() if scores is not None else None
+        policy = "learned" if scores is not None else "lru"
+        hits = sum(simulate(held, n, policy, expected) for n in counts)
+        return hits / (sum(map(len, held)) * len(counts))
+
+    return predictor.fit_reuse(x, ids, ends, E, judge)

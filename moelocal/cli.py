@@ -69,7 +69,13 @@ CpuMemOpt = Annotated[
 CacheExpertsOpt = Annotated[
     int | None, typer.Option(help="Expert slots per layer in the fastest tier (overrides budgets).")
 ]
-CachePolicyOpt = Annotated[str, typer.Option(help="Expert cache eviction: lru or lfu.")]
+CachePolicyOpt = Annotated[
+    str,
+    typer.Option(
+        help="Expert cache eviction: learned (the expert a map fitted by moelocal calibrate "
+        "expects least soon; LRU where the model has none), lru or lfu."
+    ),
+]
 PrefetchOpt = Annotated[
     bool, typer.Option(help="Load the experts the next layer's router predicts, ahead of time.")
 ]
@@ -190,7 +196,7 @@ def generate_cmd(
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
-    cache_policy: CachePolicyOpt = "lru",
+    cache_policy: CachePolicyOpt = "learned",
     prefetch: PrefetchOpt = True,
     prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
@@ -370,7 +376,7 @@ def chat_cmd(
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
-    cache_policy: CachePolicyOpt = "lru",
+    cache_policy: CachePolicyOpt = "learned",
     prefetch: PrefetchOpt = True,
     prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
@@ -425,7 +431,7 @@ def serve_cmd(
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
     cache_experts: CacheExpertsOpt = None,
-    cache_policy: CachePolicyOpt = "lru",
+    cache_policy: CachePolicyOpt = "learned",
     prefetch: PrefetchOpt = True,
     prefetch_depth: PrefetchDepthOpt = 1,
     miss_policy: MissPolicyOpt = "auto",
@@ -562,7 +568,9 @@ def bench_cmd(
     cache_experts: Annotated[
         str | None, typer.Option(help="Expert slots per layer, comma-separated.")
     ] = None,
-    cache_policy: Annotated[str | None, typer.Option(help="lru, lfu or lru,lfu.")] = None,
+    cache_policy: Annotated[
+        str | None, typer.Option(help="learned, lru, lfu or lru,learned.")
+    ] = None,
     prefetch: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
     prefetch_depth: Annotated[
         str | None, typer.Option(help="Layers ahead to guess experts, comma-separated.")
@@ -689,11 +697,13 @@ def calibrate_cmd(
     gpu_mem: GpuMemOpt = None,
     cpu_mem: CpuMemOpt = None,
 ):
-    """Fit the prefetcher's guesses of each layer's experts to text the model runs.
+    """Fit the prefetcher's guesses and the expert cache's eviction to text the model runs.
 
     The next layer's router guesses from the current hidden state; where the model changes it
-    a lot between layers, a linear map fitted on this text guesses better. Fits are kept only
-    where they beat the router on the text's last tokens, and used by every later load.
+    a lot between layers, a linear map fitted on this text guesses better. A second map per
+    layer scores which experts the coming tokens will use, for the learned eviction policy.
+    Fits are kept only where they beat the router (or LRU) on the text's last tokens, and used
+    by every later load.
     Example: moelocal calibrate ./Mixtral-8x7B --text notes.txt
     """
     validate.whole("tokens", tokens)
@@ -710,20 +720,27 @@ def calibrate_cmd(
         options = dict(gpu_mem=gpu_mem, cpu_mem=cpu_mem, prefetch=False)
         with engine_mod.load(model, device=device, dtype=dtype, **options) as engine:
             fit = heavy_import("calibrate").calibrate
-            predictors, fits = fit(engine, content, tokens, prefetch_depth)
+            predictors, fits, reuse_fits = fit(engine, content, tokens, prefetch_depth)
             fp = predictor.fingerprint(engine.model)
         path = out if out is not None else predictor.stored_path(fp)
         predictor.write(path, predictors, fp)
-        return fits, path
+        return fits, reuse_fits, path
 
-    fits, path = run(calibrate)
+    fits, reuse_fits, path = run(calibrate)
     for f in fits:  # recall of the k+1 guesses on the text's held-out last tokens
         verdict = "fitted" if f.kept else "the router guesses as well"
         print(
             f"layer {f.source} -> {f.target}: recall {f.router_recall:.3f} by the router, "
             f"{f.fitted_recall:.3f} fitted ({verdict})"
         )
-    print(f"{path}: {sum(f.kept for f in fits)} of {len(fits)} layers' guesses fitted")
+    for f in reuse_fits:  # hit rate at 1/4, 1/2 and 3/4 of the experts cached, held-out tokens
+        verdict = "fitted" if f.kept else "LRU evicts as well"
+        print(
+            f"layer {f.layer} eviction: hit rate {f.lru_hit_rate:.3f} by LRU, "
+            f"{f.fitted_hit_rate:.3f} fitted ({verdict})"
+        )
+    print(f"{path}: {sum(f.kept for f in fits)} of {len(fits)} layers' guesses fitted, "
+          f"{sum(f.kept for f in reuse_fits)} of {len(reuse_fits)} layers' evictions")  # fmt: skip
 
 
 @app.command("pull")

@@ -96,9 +96,9 @@ def load(
 
     threads: CPU threads for torch and the kernels (default: the physical cores).
     Offload options: gpu_mem, cpu_mem (bytes or sizes like "6GiB"), cache_experts (slots per
-    layer), cache_policy ("lru" or "lfu"), prefetch (bool), prefetch_margin, prefetch_depth
-    (layers ahead), miss_policy ("auto", "load" or "cpu"; CUDA), context (tokens of KV cache to
-    plan for).
+    layer), cache_policy ("learned", "lru" or "lfu"), prefetch (bool), prefetch_margin,
+    prefetch_depth (layers ahead), miss_policy ("auto", "load" or "cpu"; CUDA), context (tokens
+    of KV cache to plan for).
     preread: a converted model's experts already being read (preread.start, as the CLI does
     before importing torch); by default they start here, where they can.
     Close the engine (or use it in a `with` block) to release its I/O threads and files.

@@ -74,6 +74,7 @@ class ExpertCache:
         self.payoffs: dict[int, Payoff] = {}  # for each layer the prefetcher guesses
         self.stats = CacheStats()
         self.trace = None  # a trace.RoutingTrace to record each layer's needed experts into
+        self.reuse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see evict_by()
         self.stats.preload_bytes += mover.host_experts * self.expert_bytes
         self._preload(preread)
         release_freed_memory()  # the preload's temporaries, if experts were converted as read
@@ -125,13 +126,27 @@ class ExpertCache:
 
     # ---- the layer's experts -----------------------------------------------------------------
 
-    def experts(self, layer: int, needed: list[int], tokens: dict[int, int]) -> Iterator:
+    def evict_by(self, reuse: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        """Layer -> a map (weight (E, D), bias (E)) from the state a layer call is given to each
+        expert's expected uses in the steps to come (predictor.RoutePredictors.reuse): the
+        layers whose policy is slot_map.Learned evict the lowest."""
+        self.reuse = {i: fit for i, fit in reuse.items()
+                      if i in self.maps and hasattr(self.maps[i].policy, "expected")}  # fmt: skip
+        for m in self.maps.values():  # no layer keeps scores it is no longer given
+            if hasattr(m.policy, "expected"):
+                m.policy.expected = None
+
+    def experts(self, layer: int, needed: list[int], tokens: dict[int, int],
+                state: torch.Tensor | None = None) -> Iterator:  # fmt: skip
         """(expert, views of its blob, their device) for each needed expert once it can be
-        read: hits first, misses as they land. tokens: expert -> tokens routed to it."""
+        read: hits first, misses as they land. tokens: expert -> tokens routed to it; state:
+        each sequence's last token's hidden state as the layer's experts see it (B, D)."""
         m, stats = self.maps[layer], self.stats.layer(layer)
         stats.uses += len(needed)
+        fit = self.reuse.get(layer)
+        expected = expected_uses(*fit, state) if fit is not None and state is not None else None
         if self.trace is not None:
-            self.trace.record(layer, needed, sum(tokens.values()))
+            self.trace.record(layer, needed, sum(tokens.values()), expected)
         if not self.streaming:  # every expert has its slot: nothing to load, evict or guess
             stats.hits += len(needed)
             for e in needed:
@@ -139,6 +154,8 @@ class ExpertCache:
             return
         guessed = self._settle_guesses(layer, set(needed))
         m.reap()
+        if fit is not None:
+            m.policy.expected = expected
         guess = self.guesses.pop(layer, None)
         if guess is not None:
             stats.needed_with_guess += len(needed)
@@ -322,6 +339,20 @@ class ExpertCache:
         """Stop the I/O threads (after the reads in flight) and release files and page-locked
         memory. The cache is unusable afterwards."""
         self.mover.close()
+
+
+def expected_uses(weight: torch.Tensor, bias: torch.Tensor, state: torch.Tensor):
+    """A call -> each expert's expected uses in the steps to come (summed over the sequences),
+    computed at the first call: only a miss that evicts asks (on CUDA, it reads the device)."""
+    scores = None
+
+    def get() -> list[float]:
+        nonlocal scores
+        if scores is None:
+            scores = torch.addmm(bias, state.to(weight.dtype), weight.t()).sum(0).tolist()
+        return scores
+
+    return get
 
 
 class SpareRows:

@@ -375,6 +375,8 @@ def load_model(
             model.model.embed_tokens = embedding
         if cache is not None:
             model.route_predictors = route_predictors(model, device)
+            if model.route_predictors is not None:
+                cache.evict_by(model.route_predictors.reuse)
             if prefetcher is not None:
                 prefetcher.predictors = model.route_predictors
     except BaseException:

@@ -121,7 +121,7 @@ class OffloadOptions:
     gpu_mem: int | None = None  # bytes; on CUDA: resident weights + KV cache + expert slots
     cpu_mem: int | None = None  # bytes; on CUDA: the host store; on CPU: everything
     cache_experts: int | None = None  # expert slots per layer, overriding the budgets
-    cache_policy: str = "lru"
+    cache_policy: str = "learned"  # LRU where the model has no fitted eviction scores
     prefetch: bool = True
     prefetch_margin: int = 1  # extra experts guessed beyond the router's top-k
     prefetch_depth: int = 1  # each layer's experts are guessed this many layers before it runs

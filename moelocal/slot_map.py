@@ -32,6 +32,11 @@ class LRU:
     def victim(self, candidates: set[int]) -> int:
         return next(e for e in self.order if e in candidates)
 
+    def rather_wait(self, candidates: set[int], later: set[int]) -> bool:
+        """Wait for one of `later` (in use now, free once used) rather than evict a candidate?
+        Never: whatever the running step uses is the most recent."""
+        return False
+
 
 class LFU(LRU):
     """Evict the least frequently used expert (uses counted since load); ties go to LRU."""
@@ -53,7 +58,34 @@ class LFU(LRU):
         return min(candidates, key=lambda e: (self.uses.get(e, 0), rank[e]))
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class Learned(LRU):
+    """Evict the expert least expected to be used in the next steps, as scored by a map fitted to
+    the layer's hidden states (predictor.py: `moelocal calibrate`); while the layer has no
+    scores, the least recently used (a model without such a fit is cached by LRU)."""
+
+    def __init__(self):
+        super().__init__()
+        # the running step's scores, one per expert: a call, made only when a victim is chosen
+        # (on CUDA it reads them from the device)
+        self.expected = None
+
+    def victim(self, candidates: set[int]) -> int:
+        if self.expected is None or len(candidates) == 1:  # nothing to score: none or no choice
+            return super().victim(candidates)
+        return min(candidates, key=self.expected().__getitem__)
+
+    def rather_wait(self, candidates: set[int], later: set[int]) -> bool:
+        """Where an expert the step uses is expected less than every candidate, its slot is
+        worth the wait: for its compute, or its read too where it is one of the step's misses
+        (its read, then the next's, share the disk as two at once would; a later miss is a
+        whole read). With 2 slots and top 2 a step has no other choice."""
+        if self.expected is None:
+            return False
+        score = self.expected()
+        return min(score[e] for e in later) < min(score[e] for e in candidates)
+
+
+POLICIES = {"learned": Learned, "lru": LRU, "lfu": LFU}
 
 
 class SlotMap:
@@ -83,12 +115,16 @@ class SlotMap:
 
     def free_slot(self) -> int | None:
         """A slot to load into: an empty one, else the policy's victim among the experts neither
-        in use nor loading (unmapped here); None when every slot is held."""
+        in use nor loading (unmapped here); None when every slot is held, or when the policy
+        would rather have the slot of an expert in use once it has been used (ask again then)."""
         for slot, e in enumerate(self.expert_in):
             if e is None and slot not in self.draining:
                 return slot
         candidates = set(self.slot_of) - self.in_use - set(self.loading)
         if not candidates:
+            return None
+        later = self.in_use & self.slot_of.keys()  # the step's, in a slot (landed or not)
+        if later and self.policy.rather_wait(candidates, later):
             return None
         victim = self.policy.victim(candidates)
         slot = self.slot_of[victim]
@@ -125,3 +161,34 @@ class SlotMap:
         self.loading.pop(e, None)
         self.in_use.discard(e)
         self.policy.remove(e)
+
+
+def simulate(steps: list[set[int]], n_slots: int, policy: str = "lru", expected=None) -> int:
+    """Hits of one layer's slot map on a sequence of needed-expert sets, in the expert cache's
+    order (expert_cache.py): the misses take free slots or victims among the experts the step
+    does not need, the hits are used, and each one used may give its slot to a miss still
+    waiting for one; a miss lands when its turn to be used comes. expected: per step, the
+    scores a Learned policy sees. So a fit is judged by the cache's own rules (calibrate.py)."""
+    m, hits = SlotMap(n_slots, policy), 0
+    for t, needed in enumerate(steps):
+        if expected is not None:
+            m.policy.expected = (lambda row: lambda: row)(expected[t])
+        order = sorted(needed)
+        in_slot = [e for e in order if e in m.slot_of]
+        misses = [e for e in order if e not in m.slot_of]
+        queue = list(misses)  # those still waiting for a slot
+        hits += len(in_slot)
+        m.in_use = set(needed)
+        _start_misses(m, queue)
+        for e in in_slot + misses:
+            m.loading.pop(e, None)  # landed
+            m.in_use.discard(e)
+            m.use(e)
+            _start_misses(m, queue)
+    return hits
+
+
+def _start_misses(m: SlotMap, queue: list[int]):
+    """simulate's misses take slots in order while the slot map gives them."""
+    while queue and (slot := m.free_slot()) is not None:
+        m.start(queue.pop(0), slot, None)  # loading until it is used

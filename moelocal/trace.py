@@ -6,7 +6,8 @@ A trace is JSON lines: a header {"moe_layers", "experts", "top_k", "model"}, the
 MoE layer call {"layer", "experts", "routed", "guesses"} in the order they ran: the experts the
 layer needed (for one sequence's decode, the token's top k), how many (token, expert) pairs were
 routed to them, and the prefetcher's guesses of them (best first) made d layers before, by d
-("1", "2", ...; prefetch.GuessRecorder), for scripts/replay_trace.py to replay.
+("1", "2", ...; prefetch.GuessRecorder), for scripts/replay_trace.py to replay; where the model
+has fitted eviction scores, "expected": each expert's, as the learned policy saw them.
 """
 
 import json
@@ -22,14 +23,25 @@ class RoutingTrace:
     steps: list[tuple[int, list[int], int]] = field(default_factory=list)  # layer, experts, routed
     guesses: list[dict[int, list[int]]] = field(default_factory=list)  # per step: depth -> guess
     pending: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # layer's, until it runs
+    expected: list[list[float] | None] = field(default_factory=list)  # per step: eviction scores
 
     def guess(self, layer: int, depth: int, ranked: list[int]):
         """The prefetcher's guess of layer's experts, made `depth` layers before it runs."""
         self.pending.setdefault(layer, {})[depth] = ranked
 
-    def record(self, layer: int, experts: list[int], routed: int):
+    def record(self, layer: int, experts: list[int], routed: int, expected=None):
+        """expected: the step's eviction scores, a list or a call that makes it, or None."""
         self.steps.append((layer, sorted(experts), routed))
         self.guesses.append(self.pending.pop(layer, {}))
+        scores = expected() if callable(expected) else expected
+        self.expected.append([round(x, 4) for x in scores] if scores is not None else None)
+
+    def expected_by_layer(self) -> dict[int, list[list[float]]]:
+        """Each layer's eviction scores, step by step, for the layers that had them all."""
+        out: dict[int, list] = {}
+        for (layer, _, _), scores in zip(self.steps, self.expected, strict=True):
+            out.setdefault(layer, []).append(scores)
+        return {i: rows for i, rows in out.items() if all(r is not None for r in rows)}
 
     def by_layer(self) -> dict[int, list[set[int]]]:
         """Each layer's sequence of needed-expert sets."""
@@ -56,8 +68,9 @@ class RoutingTrace:
 
     def save(self, path: Path):
         lines = [json.dumps(self.header)]
-        lines += [json.dumps({"layer": layer, "experts": e, "routed": n, "guesses": g})
-                  for (layer, e, n), g in zip(self.steps, self.guesses, strict=True)]  # fmt: skip
+        for (layer, e, n), g, x in zip(self.steps, self.guesses, self.expected, strict=True):
+            step = {"layer": layer, "experts": e, "routed": n, "guesses": g}
+            lines.append(json.dumps(step | ({"expected": x} if x is not None else {})))
         try:
             Path(path).write_text("\n".join(lines) + "\n")
         except OSError as e:
@@ -83,8 +96,10 @@ class RoutingTrace:
                 step = json.loads(line)
                 for depth, ranked in step.get("guesses", {}).items():
                     trace.guess(int(step["layer"]), int(depth), [int(e) for e in ranked])
+                expected = step.get("expected")
+                expected = [float(x) for x in expected] if expected is not None else None
                 trace.record(int(step["layer"]), [int(e) for e in step["experts"]],
-                             int(step["routed"]))  # fmt: skip
+                             int(step["routed"]), expected)  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise MoelocalError(f"{path}: not a routing trace ({e})") from None
         return trace

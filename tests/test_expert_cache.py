@@ -21,7 +21,7 @@ from moelocal.models.common import GLU
 from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
 from moelocal.prefetch import PROBE, Payoff, Prefetcher
-from moelocal.slot_map import SlotMap
+from moelocal.slot_map import SlotMap, simulate
 from moelocal.store import DiskReader, Piece, aligned_buffer, tensor_bytes
 
 D, I, E = 8, 4, 6
@@ -73,6 +73,33 @@ def test_lfu_keeps_the_frequent_expert_and_forgets_an_evicted_one():
     assert m.free_slot() == 0
     m.place(1, 0)  # back after its eviction: its old count is gone
     assert m.policy.uses.get(1, 0) == 0
+
+
+def test_learned_evicts_the_expert_least_expected_and_lru_until_it_has_scores():
+    m, lru = filled(4, "learned"), filled(4)
+    for e in (2, 0, 3):
+        m.use(e)
+        lru.use(e)
+    m.in_use.add(0)
+    lru.in_use.add(0)
+    assert m.free_slot() == lru.free_slot() == 1  # no scores: the least recent
+    m.place(5, 1)  # slots hold 0 (in use), 5, 2, 3
+    calls = []
+    scores = [0.9, 0.0, 0.1, 0.5, 9.0, 0.3]
+    m.policy.expected = lambda: calls.append(1) or scores
+    assert m.free_slot() == 2 and 2 not in m.slot_of  # 0.1 is the lowest not in use
+    assert calls
+    m.place(4, 2)  # slots hold 0 (in use, 0.9), 5 (0.3), 4 (9.0), 3 (0.5)
+    scores[0] = 0.2  # now expected less than any other: its slot is worth waiting for
+    assert m.free_slot() is None and 0 in m.slot_of
+    m.in_use.discard(0)  # used: free to go
+    assert m.free_slot() == 0 and 0 not in m.slot_of
+    m.start(1, 0, Ticket())  # the step's miss, loading: waited for too, never a victim
+    m.in_use.add(1)
+    scores[1] = -1.0
+    assert m.free_slot() is None and 1 in m.slot_of
+    scores[1] = 1.0
+    assert m.free_slot() == 1 and 5 not in m.slot_of
 
 
 def test_in_use_and_loading_experts_are_never_evicted():
@@ -340,7 +367,7 @@ def step(cache, experts, n_tokens=1, layer=0):
     ids = torch.tensor([experts] * n_tokens)
     weights = torch.full(ids.shape, 1.0 / len(experts))
     block = SimpleNamespace(experts=cache, layer=layer, glu=GLU(F.silu))
-    return MoE.routed_experts(block, x, ids, weights), x, ids, weights
+    return MoE.routed_experts(block, x, ids, weights, x[-1:]), x, ids, weights
 
 
 def guess(cache, layer, ranked, cost_s=0.0):
@@ -385,17 +412,46 @@ def test_one_slot_serves_a_top_two_layer():
     cache.close()
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def reuse_map(seed: int = 0) -> dict:
+    """Layer 0's eviction scores: a random map from the state a layer call is given."""
+    gen = torch.Generator().manual_seed(seed)
+    return {0: (torch.randn(E, D, generator=gen), torch.randn(E, generator=gen))}
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "learned"])
 def test_outputs_do_not_depend_on_the_number_of_slots(policy):
     outs = []
     for n_slots in (1, 2, 3, E):
         cache, _ = make_cache(n_slots, policy)
+        cache.evict_by(reuse_map())
         sequence = ([5, 1], [1, 3], [0, 5], [2, 4], [4, 0])
         outs.append([step(cache, experts, n_tokens=2)[0] for experts in sequence])
         cache.close()
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["lru", "learned"])
+@pytest.mark.parametrize("n_slots", [1, 2, 4])
+def test_the_simulated_slot_map_hits_as_the_cache_does(policy, n_slots):
+    """slot_map.simulate, by which calibrate judges a fit, counts the cache's own hits."""
+    rng = torch.Generator().manual_seed(n_slots)
+    cache, _ = make_cache(n_slots, policy, guess_rows=0)
+    weight, bias = reuse_map(n_slots)[0]
+    cache.evict_by({0: (weight, bias)})
+    steps, scores, hot = [], [], [1, 4]
+    for _ in range(60):
+        pool = hot if torch.rand(1, generator=rng) < 0.5 else list(range(E))
+        picks = torch.randperm(len(pool), generator=rng)[:2].tolist()
+        experts = sorted(pool[i] for i in picks)
+        _, x, _, _ = step(cache, experts, n_tokens=int(torch.randint(1, 3, (1,), generator=rng)))
+        steps.append(set(experts))
+        scores.append(torch.addmm(bias, x[-1:], weight.t()).sum(0).tolist())
+    preload = [set(range(n_slots))]  # the cache starts with expert s in slot s (no hit)
+    hits = simulate(preload + steps, n_slots, policy, [[0.0] * E] + scores)
+    assert cache.stats.total().hits == hits
+    cache.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -70,6 +70,37 @@ def test_streaming_gives_identical_results(tiny, resident_runs, arch, setting):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_learned_eviction_gives_identical_results(tiny, resident_runs, arch, prefetch,
+                                                  monkeypatch):  # fmt: skip
+    """Eviction fits (random ones, stored for the model as calibrate stores them) choose every
+    victim, and change no logit or token."""
+    from moelocal import predictor
+    from moelocal.slot_map import Learned
+
+    ids, logits, tokens = resident_runs(arch)
+    plain = moelocal.load(tiny(arch)[0], device="cpu", cache_experts=3, prefetch=prefetch)
+    moe = sorted(plain.expert_cache.n_slots)
+    cfg, gen = plain.config, torch.Generator().manual_seed(0)
+    reuse = {i: (torch.randn(cfg.num_experts, cfg.hidden_size, generator=gen),
+                 torch.randn(cfg.num_experts, generator=gen)) for i in moe}  # fmt: skip
+    fp = predictor.fingerprint(plain.model)
+    stored = predictor.stored_path(fp)
+    predictor.write(stored, predictor.RoutePredictors({}, reuse), fp)
+    scored, victim = [], Learned.victim
+    monkeypatch.setattr(Learned, "victim", lambda self, c: scored.append(
+        self.expected is not None) or victim(self, c))  # fmt: skip
+    try:
+        engine = moelocal.load(tiny(arch)[0], device="cpu", cache_experts=3, prefetch=prefetch)
+        assert engine.expert_cache.reuse.keys() == set(moe)
+        assert torch.equal(engine.logits(ids), logits)
+        assert engine.generate(ids, max_new_tokens=12).token_ids == tokens
+    finally:
+        stored.unlink()
+    assert scored and all(scored)  # every victim chosen by the scores
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("depth", [1, 2])
 def test_guessing_every_layer_every_step_gives_identical_results(
     tiny, resident_runs, arch, depth, monkeypatch

@@ -1,7 +1,8 @@
-"""Fitted guesses of later layers' routing (predictor.py, `moelocal calibrate`): a fit finds a
-map the router does not know, is kept only where it guesses better, is found again by the model
-it was fitted for (and its conversion), never by another; tokens never depend on it; a damaged
-file is set aside, never used, and a user's file is never overwritten."""
+"""Fitted guesses of routing (predictor.py, `moelocal calibrate`): of later layers' for the
+prefetcher, of a layer's next steps for eviction. A fit finds a map the router (or LRU) does not
+know, is kept only where it guesses (or hits) better, is found again by the model it was fitted
+for (and its conversion), never by another; tokens never depend on it; a damaged file is set
+aside, never used, and a user's file is never overwritten."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import moelocal
 from moelocal import predictor
 from moelocal.cli import app
 from moelocal.convert import convert
+from moelocal.slot_map import simulate
 
 runner = CliRunner()
 WORDS = "moon river stone apple cloud green quiet light storm paper wind silver bread".split()
@@ -55,6 +57,84 @@ def test_fit_keeps_the_router_where_it_guesses_as_well():
     assert fitted is None and router_recall == 1.0
 
 
+def test_coming_uses_count_each_experts_next_uses_within_a_passage(monkeypatch):
+    monkeypatch.setattr(predictor, "REUSE_HORIZON", 3)
+    ids = torch.tensor([[0], [1], [0], [2], [0], [1]])  # top 1, 3 experts
+    ends = torch.tensor([4, 4, 4, 4, 6, 6])  # two passages: tokens 0-3, 4-5
+    coming, full = predictor.coming_uses(ids, 3, ends)
+    d = predictor.REUSE_DECAY
+    assert coming[0].tolist() == [d, 1.0, d * d]  # 1 next, 0 the step after, then 2
+    assert coming[1].tolist() == [1.0, 0.0, d]
+    assert full.tolist() == [True, False, False, False, False, False]
+
+
+def reuse_judge(steps: list[set[int]], n_experts: int):
+    """fit_reuse's judge as calibrate makes it: hits of a slot map at 1/4, 1/2 and 3/4 of the
+    experts on the held-out steps, evicting by the scores (or by LRU)."""
+    counts = (n_experts // 4, n_experts // 2, 3 * n_experts // 4)
+    held = steps[len(steps) - int(len(steps) * predictor.HELD_OUT) :]
+
+    def judge(scores):
+        expected, policy = (scores.tolist(), "learned") if scores is not None else (None, "lru")
+        hits = sum(simulate(held, n, policy, expected) for n in counts)
+        return hits / (sum(map(len, held)) * len(counts))
+
+    return judge
+
+
+def routing(n: int, n_experts: int, seed: int) -> torch.Tensor:
+    """Top-2 routing with locality, which LRU uses: 60% of the tokens pick two of a working set
+    of three experts, one of which changes every 5 tokens or so."""
+    gen = torch.Generator().manual_seed(seed)
+    hot, rows = [0, 1, 2], []
+    for _ in range(n):
+        if torch.rand(1, generator=gen) < 0.2:
+            hot[int(torch.randint(3, (1,), generator=gen))] = int(
+                torch.randint(n_experts, (1,), generator=gen))  # fmt: skip
+        pool = sorted(set(hot)) if torch.rand(1, generator=gen) < 0.6 else []
+        pool = pool if len(pool) >= 2 else list(range(n_experts))
+        rows.append([pool[i] for i in torch.randperm(len(pool), generator=gen)[:2].tolist()])
+    return torch.tensor(rows)
+
+
+def test_fit_reuse_learns_a_states_hint_of_the_next_steps_and_keeps_lru_without_one():
+    n, E, d = 4000, 8, 12
+    ids = routing(n, E, seed=0)
+    ends = torch.full((n,), n)
+    steps = [set(r) for r in ids.tolist()]
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(n, d, generator=gen)
+    hint = noise.clone()  # a state that hints at the coming steps' experts, as hidden states do
+    hint[:, :E] += 2 * predictor.coming_uses(ids, E, ends)[0]
+    fitted, lru, best = predictor.fit_reuse(hint, ids, ends, E, reuse_judge(steps, E))
+    assert fitted is not None and best > lru + 0.02
+    weight, bias = fitted
+    assert weight.shape == (E, d) and bias.shape == (E,)
+    fitted, lru, best = predictor.fit_reuse(noise, ids, ends, E, reuse_judge(steps, E))
+    assert fitted is None and best < lru + predictor.MIN_GAIN
+
+
+def test_fits_files_keep_both_kinds_and_read_those_without_eviction_fits(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    maps = {(0, 1): (torch.randn(4, 6, generator=gen), torch.randn(4, generator=gen))}
+    reuse = {1: (torch.randn(4, 6, generator=gen), torch.randn(4, generator=gen))}
+    path = tmp_path / "fits.safetensors"
+    predictor.write(path, predictor.RoutePredictors(maps, reuse), "fp")
+    back = predictor.read(path, "fp")
+    assert back.maps.keys() == maps.keys() and back.reuse.keys() == reuse.keys()
+    assert all(torch.equal(a, b) for a, b in zip(back.reuse[1], reuse[1], strict=True))
+    predictor.write(path, predictor.RoutePredictors(maps), "fp")  # as before eviction fits
+    assert predictor.read(path, "fp").reuse == {}
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    meta = {"format": predictor.FORMAT, "version": predictor.VERSION, "fingerprint": "fp",
+            "pairs": "[[0, 1]]", "reuse": "[1]"}  # fmt: skip
+    save_file(tensors, str(path), metadata=meta)  # names an eviction fit it does not hold
+    with pytest.raises(ValueError, match="incomplete"):
+        predictor.read(path, "fp")
+
+
 def calibrate(path, tmp_path, *extra):
     (tmp_path / "text.txt").write_text(text())
     return runner.invoke(app, ["calibrate", str(path), "--text", str(tmp_path / "text.txt"),
@@ -76,9 +156,11 @@ def test_fits_are_found_again_used_and_change_no_token(tiny, tmp_path, arch, mon
     assert result.exit_code == 0, result.output
     stored = predictor.stored_path(predictor.fingerprint(plain.model))
     assert stored.is_file() and str(stored) in result.stdout
+    assert "eviction: hit rate" in result.stdout
     engine = moelocal.load(path, device="cpu", cache_experts=1)
     fitted = engine.model.route_predictors
     assert fitted is not None and fitted.maps
+    assert fitted.reuse and engine.expert_cache.reuse.keys() == fitted.reuse.keys()
     calls = []
     gate = fitted.gate
     monkeypatch.setattr(fitted, "gate", lambda s, t: calls.append((s, t)) or gate(s, t))

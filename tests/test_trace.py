@@ -33,6 +33,9 @@ def test_bench_records_the_decode_routing(tmp_path):
     assert [layer for layer, _, _ in trace.steps[: len(h["moe_layers"])]] == h["moe_layers"]
     for _, experts, routed in trace.steps:
         assert len(experts) == 2 and routed == 2 and all(0 <= e < 8 for e in experts)
+    # the default model ships eviction fits: the scores the learned policy saw, every step
+    assert all(len(x) == 8 for x in trace.expected)
+    assert trace.expected_by_layer().keys() == trace.by_layer().keys()
     # the prefetcher's guesses of each layer from each of the up to 4 layers before it
     layers = h["moe_layers"]
     for (layer, _, _), guesses in zip(trace.steps, trace.guesses, strict=True):
@@ -43,6 +46,7 @@ def test_bench_records_the_decode_routing(tmp_path):
     assert bench_trace(again, "--cache-experts", "8").exit_code == 0
     assert RoutingTrace.load(again).steps == trace.steps
     assert RoutingTrace.load(again).guesses == trace.guesses
+    assert RoutingTrace.load(again).expected == trace.expected
 
 
 def test_replay_runs_the_trace_through_the_cache(tmp_path):
@@ -111,18 +115,34 @@ def test_the_traces_own_lru_agrees_with_cache_sim(seed):
         assert trace.lru_hit_rate([slots, other]) == pytest.approx(simulated)
 
 
-def test_cache_sim_reads_a_trace(tmp_path):
+def cache_sim_rows(path: Path, steps: list[dict]) -> dict[str, list[str]]:
+    """scripts/cache_sim.py on a one-layer trace of 4 experts, top 1: policy -> its row."""
     import subprocess
 
-    path = tmp_path / "trace.jsonl"
     header = {"model": "m", "experts": 4, "top_k": 1, "moe_layers": [0]}
-    steps = [{"layer": 0, "experts": [e], "routed": 1} for e in (0, 1, 0, 2, 0, 3, 0)]
     path.write_text("\n".join(json.dumps(x) for x in [header, *steps]) + "\n")
     script = Path(__file__).resolve().parent.parent / "scripts" / "cache_sim.py"
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
                          text=True, timeout=60).stdout  # fmt: skip
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+    return {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
             if line.startswith("| ") and "policy" not in line}  # fmt: skip
+
+
+def test_cache_sim_reads_a_trace(tmp_path):
+    steps = [{"layer": 0, "experts": [e], "routed": 1} for e in (0, 1, 0, 2, 0, 3, 0)]
+    rows = cache_sim_rows(tmp_path / "trace.jsonl", steps)
     # 2 slots: expert 0 comes back every other step; LRU keeps it (3 hits of 7), as Belady does
     assert float(rows["LRU"][1]) == pytest.approx(3 / 7, abs=1e-3)
     assert float(rows["Belady"][1]) == pytest.approx(3 / 7, abs=1e-3)
+    assert "learned" not in rows  # no scores in the trace
+
+
+def test_cache_sim_replays_the_learned_scores_a_trace_holds(tmp_path):
+    # 0, 1, 2 in turn thrash LRU's 2 slots; scores that rate 0 highest keep it
+    steps = [{"layer": 0, "experts": [e], "routed": 1, "expected": [1.0, 0.2, 0.1, 0.0]}
+             for e in (0, 1, 2) * 3]  # fmt: skip
+    rows = cache_sim_rows(tmp_path / "trace.jsonl", steps)
+    assert float(rows["LRU"][1]) == 0.0
+    assert float(rows["learned"][1]) == pytest.approx(2 / 9, abs=1e-3)
+    trace = RoutingTrace.load(tmp_path / "trace.jsonl")
+    assert trace.expected_by_layer()[0][0] == [1.0, 0.2, 0.1, 0.0]

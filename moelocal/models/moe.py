@@ -136,8 +136,9 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, D = x.shape
+        state = x[:, -1]  # each sequence's last token: its next steps' routing grows from it
         x = x.reshape(-1, D)
-        y = self.routed_experts(x, *self.route(x))
+        y = self.routed_experts(x, *self.route(x), state)
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(x)
             if hasattr(self, "shared_expert_gate"):
@@ -145,15 +146,16 @@ class MoE(nn.Module):
             y = y + shared
         return y.view(B, T, D)
 
-    def routed_experts(self, x, ids, weights) -> torch.Tensor:
+    def routed_experts(self, x, ids, weights, state=None) -> torch.Tensor:
         """Sum over the K selected experts of weight × expert(x): x (N, D), ids/weights (N, K).
-        Each expert runs where its weights are, as soon as the cache can hand them out."""
+        Each expert runs where its weights are, as soon as the cache can hand them out; state
+        (B, D), each sequence's last row of x, is what the cache may score its evictions by."""
         rows = ids.tolist()
         needed = sorted({e for row in rows for e in row})
         routed = group_by_expert(rows, ids, weights, needed)
         tokens = {e: len(rows) if isinstance(t, slice) else len(t) for e, (t, _) in routed.items()}
         layout, outputs = self.experts.layout, {}
-        for e, views, device in self.experts.experts(self.layer, needed, tokens):
+        for e, views, device in self.experts.experts(self.layer, needed, tokens, state):
             token, weight = routed[e]
             xs = x if isinstance(token, slice) else x[token]
             if device == x.device:
