@@ -1,5 +1,5 @@
-"""Expert cache policies replayed on a routing trace: LRU, LFU, LRU-2, decayed frequency and
-Belady's offline optimum.
+"""Expert cache policies replayed on a routing trace: LRU, LFU, LRU-2, decayed frequency,
+moelocal's learned eviction (where the trace has its scores) and Belady's offline optimum.
 
     python scripts/cache_sim.py TRACE        # a trace from `moelocal bench --trace TRACE`
 
@@ -75,6 +75,23 @@ class Decayed(LRU):
         return min(held, key=lambda e: (self.value(e, t), self.last[e]))
 
 
+class Learned(LRU):
+    """moelocal's learned policy (slot_map.Learned): evict the lowest of the scores a fitted map
+    gave each expert at this token (scores[t], from the trace or from the model's hidden states)."""
+
+    def __init__(self, trace, scores):
+        super().__init__(trace)
+        self.scores = scores
+
+    def victim(self, t: int, held: set[int]) -> int:
+        return min(held, key=self.scores[t].__getitem__)
+
+
+def learned(scores):
+    """The Learned policy for one layer's scores, as hit_rate takes a policy."""
+    return lambda trace: Learned(trace, scores)
+
+
 class Belady:
     """Evict the expert whose next use is farthest away: no policy misses less (Belady 1966)."""
 
@@ -125,13 +142,17 @@ def main():
     ap.add_argument("trace", type=Path)
     args = ap.parse_args()
     trace = RoutingTrace.load(args.trace)
-    layers = trace.by_layer()
+    layers, scores = trace.by_layer(), trace.expected_by_layer()
     E = trace.header["experts"]
-    print(f"{trace.header.get('model')}: {len(trace.steps)} layer calls, {len(layers)} MoE layers")
+    print(f"{trace.header.get('model')}: {len(trace.steps)} layer calls, {len(layers)} MoE layers"
+          f", {len(scores)} with learned eviction scores")  # fmt: skip
     print("| policy | " + " | ".join(f"{s} slots" for s in range(1, E)) + " |")
     print("|---" * E + "|")
-    for name, policy in POLICIES.items():
-        rates = [sum(hit_rate(t, s, policy) for t in layers.values()) / len(layers)
+    policies = {name: {i: p for i in layers} for name, p in POLICIES.items()}
+    if scores:  # the learned policy where the model had fits, LRU elsewhere (as moelocal does)
+        policies["learned"] = {i: learned(scores[i]) if i in scores else LRU for i in layers}
+    for name, by_layer in policies.items():
+        rates = [sum(hit_rate(t, s, by_layer[i]) for i, t in layers.items()) / len(layers)
                  for s in range(1, E)]  # fmt: skip
         print(f"| {name} | " + " | ".join(f"{r:.3f}" for r in rates) + " |")
 

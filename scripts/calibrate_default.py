@@ -1,4 +1,5 @@
-"""Fit the default model's prefetch guesses on its training text and ship them with moelocal.
+"""Fit the default model's prefetch guesses and eviction scores on its training text and ship
+them with moelocal.
 
     python scripts/calibrate_default.py [--tokens N]
 
@@ -34,11 +35,14 @@ def main():
     template = jinja2.Environment().from_string(CHAT_TEMPLATE)
     text = "".join(documents(pairs, random.Random(0), template))
     with load(None, device="cpu", prefetch=False) as engine:
-        predictors, fits = calibrate(engine, text, args.tokens, args.depth)
+        predictors, fits, reuse_fits = calibrate(engine, text, args.tokens, args.depth)
         fp = predictor.fingerprint(engine.model)
     for f in fits:
         print(f"layer {f.source} -> {f.target}: held-out recall {f.router_recall:.3f} by the "
               f"router, {f.fitted_recall:.3f} fitted{'' if f.kept else ' (not kept)'}")  # fmt: skip
+    for f in reuse_fits:
+        print(f"layer {f.layer} eviction: held-out hit rate {f.lru_hit_rate:.3f} by LRU, "
+              f"{f.fitted_hit_rate:.3f} fitted{'' if f.kept else ' (not kept)'}")  # fmt: skip
     path = predictor.SHIPPED / f"{fp}.safetensors"
     predictor.write(path, predictors, fp)
     print(path)

@@ -5,6 +5,8 @@ roles every round (the prefetcher is handed from one to the other), and each two
 are averaged (geometrically): two engines of the same settings can differ by themselves (where
 their memory lies; prefetch off in both gave 0.95 on mixtral-large int4 without the swap).
 `--control` gives neither engine the prefetcher: the spread of its result is the method's noise.
+`--compare policy` pairs the learned eviction (the model's fits, moelocal calibrate) against LRU
+the same way, prefetch on in both ("on" is the learned side).
 
     python scripts/prefetch_paired.py MODEL --cache-experts 4 --rounds 10 -n 256
 
@@ -31,20 +33,28 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", "-p", type=int, default=16)
     ap.add_argument("--gen-tokens", "-n", type=int, default=256)
-    ap.add_argument("--control", action="store_true", help="prefetch off in both (noise)")
+    ap.add_argument("--control", action="store_true", help="neither side on (noise)")
+    ap.add_argument("--compare", choices=("prefetch", "policy"), default="prefetch")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU slots, host store behind)")
     args = ap.parse_args()
     model = None if args.model == "default" else args.model
     engines = [moelocal.load(model, device=args.device, cache_experts=args.cache_experts,
                              prefetch=True) for _ in range(2)]  # fmt: skip
     prefetchers = [None if args.control else engine.model.prefetcher for engine in engines]
+    fits = [engine.expert_cache.reuse for engine in engines]
+    if args.compare == "policy" and not fits[0]:
+        sys.exit(f"{args.model}: no fitted eviction scores (moelocal calibrate)")
     vocab = engines[0].config.vocab_size
     ids = torch.randint(3, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     tok_s = {True: [], False: []}
     for r in range(args.rounds):
-        with_prefetch = r % 2  # the engine that prefetches this round
+        with_prefetch = r % 2  # the engine whose side is on (prefetch, or learned) this round
         for i, engine in enumerate(engines):
-            engine.model.prefetcher = prefetchers[i] if i == with_prefetch else None
+            on = i == with_prefetch and not args.control
+            if args.compare == "prefetch":
+                engine.model.prefetcher = prefetchers[i] if on else None
+            else:
+                engine.expert_cache.evict_by(fits[i] if on else {})
         for i in (0, 1) if r % 4 < 2 else (1, 0):
             stats = Stats()
             for _ in generate(engines[i].model, [Request(ids.tolist(), args.gen_tokens)],

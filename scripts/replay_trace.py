@@ -18,6 +18,10 @@ prefetcher's targets and the cache's switch, each guess costing --route-us. "spe
 time over the row's (paired by round, median), "of oracle's" the row's gain as a share of the
 oracle's. A sleep frees the
 cores, as a GPU's compute would; on the CPU real compute shares them with the I/O threads.
+`--policy lru,learned` replays every row with each eviction policy, in the same alternating
+rounds ("learned" evicts by the scores the trace recorded: the model's fitted eviction, moelocal
+calibrate); speedups are then over the first policy's `off`, and "of oracle's" compares each
+policy's rows with its own `off` and `oracle`.
 
 `--device cuda` replays into GPU slots through the CUDA mover: experts copied from the host store
 (page-locked RAM, `--source host`) or read from disk and copied (`--source disk`); each expert's
@@ -114,6 +118,9 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     mover = make_mover(reader, device, layers, source)
     cache = ExpertCache(layout, mover, layers, trace.header["experts"], slots, policy,
                         guess_rows=guess_rows)  # fmt: skip
+    E = trace.header["experts"]
+    # the recorded scores are handed in as the state, through an identity map
+    cache.evict_by({i: (torch.eye(E), torch.zeros(E)) for i in trace.expected_by_layer()})
     targets = Prefetcher(cache, depth=depth).targets if depth else {}
     try:
         rate = cache.bandwidth(source)
@@ -131,7 +138,9 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
                 if ranked is not None and cache.due(target):
                     time.sleep(route_us / 1e6)
                     cache.prefetch(target, ranked, route_us / 1e6)
-            for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1)):
+            scores = trace.expected[i]
+            state = torch.tensor([scores]) if scores is not None else None
+            for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1), state):
                 if device != "cpu":  # the expert's kernels would wait for its copy
                     torch.cuda.current_stream().synchronize()
                 time.sleep(compute)
@@ -168,7 +177,7 @@ def main():
         help="off, oracle, routerD (the trace's guesses D layers ahead), comma-separated",
     )
     ap.add_argument("--route-us", type=float, default=50.0, help="what making one guess costs")
-    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--policy", default="lru", help="lru, lfu, learned, comma-separated")
     ap.add_argument("--guess-rows", type=int, default=None,
                     help="spare rows guesses are read into, beside the slots (default: as a plan "
                          "gives them, top-k for each layer guessed ahead)")  # fmt: skip
@@ -188,6 +197,10 @@ def main():
     if args.tokens:  # shorter rounds, so that more of them fit
         trace.steps = trace.steps[: args.tokens * len(layers)]
         trace.guesses = trace.guesses[: args.tokens * len(layers)]
+        trace.expected = trace.expected[: args.tokens * len(layers)]
+    policies = args.policy.split(",")
+    if "learned" in policies and not trace.expected_by_layer():
+        sys.exit(f"{args.trace}: no eviction scores (recorded for a model with fitted ones)")
     layout = layout_like(args.like)
     by_layer = trace.by_layer()
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
@@ -201,13 +214,14 @@ def main():
               "Belady's | MiB/token | precision | recall | not guessed |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for slots in [int(s) for s in args.slots.split(",")]:
-            runs = {p: [] for p in args.prefetch.split(",")}
+            rows_of = [(pol, p) for pol in policies for p in args.prefetch.split(",")]
+            runs = {name(pol, p, policies): [] for pol, p in rows_of}
             for _ in range(args.rounds):  # alternating
-                for p in runs:
-                    row = replay(trace, pieces, layout, slots, p, args.policy, args.layer_ms,
+                for pol, p in rows_of:
+                    row = replay(trace, pieces, layout, slots, p, pol, args.layer_ms,
                                  args.route_us, args.guess_rows, args.device,
                                  args.source)  # fmt: skip
-                    runs[p].append(row)
+                    runs[name(pol, p, policies)].append(row)
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)
             # the floor at the source's rate over this setting's runs (it swings from run to run)
@@ -218,20 +232,28 @@ def main():
                     for p, rows in runs.items()}  # fmt: skip
             # speedups paired by round (off's time over the row's in the same round), median:
             # the disk's speed swings between rounds more than prefetch changes a round
+            off = runs.get(name(policies[0], "off", policies))
             speedups = {p: statistics.median(o["s_per_token"] / r["s_per_token"]
-                                             for o, r in zip(runs["off"], rows, strict=True))
-                        for p, rows in runs.items()} if "off" in runs else {}  # fmt: skip
-            oracle = speedups.get("oracle")
+                                             for o, r in zip(off, rows, strict=True))
+                        for p, rows in runs.items()} if off else {}  # fmt: skip
             for p, med in meds.items():
-                speedup = speedups.get(p)
-                gained = speedup and oracle and oracle != 1
-                of_oracle = (speedup - 1) / (oracle - 1) if gained else None
+                # prefetch's share of the oracle's gain, both over the same policy's off
+                prefix = p.rsplit("/", 1)[0] + "/" if "/" in p else ""
+                speedup, own_off = speedups.get(p), speedups.get(prefix + "off")
+                oracle = speedups.get(prefix + "oracle")
+                gained = speedup and oracle and own_off and oracle != own_off
+                of_oracle = (speedup - own_off) / (oracle - own_off) if gained else None
                 print(f"| {slots} | {p} | {med['s_per_token']:.4f} | "
                       f"{med['s_per_token'] / floor:.2f}x | {cell(speedup, '{:.2f}x')} | "
                       f"{cell(of_oracle, '{:.0%}')} | {med['hit_rate']:.3f} | "
                       f"{belady:.3f} | {med['bytes_per_token'] / 2**20:.1f} | "
                       f"{med['precision']:.2f} | {med['recall']:.2f} | "
                       f"{med['skipped']:.0%} |")  # fmt: skip
+
+
+def name(policy: str, prefetch: str, policies: list[str]) -> str:
+    """A row's label: its prefetch setting, after its policy where several are replayed."""
+    return f"{policy}/{prefetch}" if len(policies) > 1 else prefetch
 
 
 def cell(value, fmt: str) -> str:

@@ -11,8 +11,8 @@ records each layer's routing; reported per layer:
 - prediction: layer L+d's router applied to the hidden state after layer L's attention (what
   moelocal's prefetcher sees), its top k and k+1 against L+d's real experts: precision, recall;
   and the k+1 of the map fitted for the pair (moelocal calibrate; shipped for the default model);
-- cache: hit rates of LRU, LFU, LRU-2, decayed frequency and Belady's optimum at 1..E-1 slots
-  per layer (cache_sim.py).
+- cache: hit rates of LRU, LFU, LRU-2, decayed frequency, moelocal's learned eviction (the
+  shipped fits' scores) and Belady's optimum at 1..E-1 slots per layer (cache_sim.py).
 """
 
 import argparse
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from cache_sim import POLICIES, hit_rate
+from cache_sim import POLICIES, hit_rate, learned
 from tokenizers import Tokenizer
 from train_default import FORTUNES, held_out, pack, read_corpus
 
@@ -84,6 +84,11 @@ def study(model, rows: torch.Tensor, depths=(1, 2)) -> dict:
         load = torch.bincount(real.flatten(), minlength=E).float() / real.numel()
         probs = lg.softmax(-1)
         trace = [set(r) for r in real.tolist()]
+        policies = dict(POLICIES)
+        if fitted is not None and L in fitted.reuse:  # the scores the learned policy evicts by
+            weight, bias = fitted.reuse[L]
+            x = model.model.layers[L].post_attention_layernorm(mids[L])
+            policies["learned"] = learned(torch.addmm(bias, x, weight.t()).tolist())
         row = dict(
             layer=L,
             load=load.tolist(),
@@ -92,7 +97,7 @@ def study(model, rows: torch.Tensor, depths=(1, 2)) -> dict:
             reuse=float(overlap(real[1:], real[:-1]).mean() / k),
             cache={
                 name: [hit_rate(trace, slots, policy) for slots in range(1, E)]
-                for name, policy in POLICIES.items()
+                for name, policy in policies.items()
             },
         )
         for d in depths:
@@ -132,7 +137,9 @@ def table(name: str, result: dict) -> str:
     lines += ["", "hit rate, mean over layers, by slots per layer:", "",
               "| policy | " + " | ".join(str(s) for s in range(1, E)) + " |",
               "|---" * E + "|"]  # fmt: skip
-    for name in POLICIES:
+    names = [n for n in result["layers"][0]["cache"]
+             if all(n in r["cache"] for r in result["layers"])]  # fmt: skip
+    for name in names:
         rates = [sum(r["cache"][name][s] for r in result["layers"]) / len(result["layers"])
                  for s in range(E - 1)]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in rates) + " |")
