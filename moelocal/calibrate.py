@@ -12,7 +12,7 @@ from .models.attention import KVCache
 from .models.moe import MoE
 from .plan import OffloadOptions
 from .prefetch import guessed_from
-from .slot_map import simulate
+from .slot_map import READ_BOUND_BYTES, simulate
 
 CHUNK = 512  # tokens per forward pass: the text runs as independent passages of this length
 MIN_TOKENS = 256  # fewer leave too few held-out tokens to judge a fit on
@@ -93,8 +93,10 @@ def calibrate(engine, text: str, max_tokens: int, depth: int = 1,
     reuse, reuse_fits = {}, []
     ends = torch.arange(len(ids)) // CHUNK * CHUNK + CHUNK  # the passage each token ran in
     ends = ends.clamp(max=len(ids))
+    cache = engine.expert_cache
+    waits = cache is None or cache.expert_bytes >= READ_BOUND_BYTES  # as its slot maps do
     for i in moe:
-        fitted, lru, best = fit_reuse_of(layers[i], hidden[i], ends)
+        fitted, lru, best = fit_reuse_of(layers[i], hidden[i], ends, waits)
         if fitted is not None:
             reuse[i] = fitted
         reuse_fits.append(ReuseFit(i, lru, best, fitted is not None))
@@ -121,10 +123,10 @@ def fit_pair(layer, source: torch.Tensor, target: torch.Tensor, margin: int):
     return predictor.fit(x, real, gate.weight.float().cpu(), router_bias, judge)
 
 
-def fit_reuse_of(layer, hidden: torch.Tensor, ends: torch.Tensor):
+def fit_reuse_of(layer, hidden: torch.Tensor, ends: torch.Tensor, wait_for_reads: bool):
     """predictor.fit_reuse for MoE layer `layer` from the hidden states after its attention,
-    normed as its experts see them, judged by the hits of its slot map on the held-out tokens'
-    routing at CACHED shares of its experts."""
+    normed as its experts see them, judged by the hits of its slot map (slot_map.SlotMap's
+    wait_for_reads) on the held-out tokens' routing at CACHED shares of its experts."""
     norm, moe = layer.post_attention_layernorm, layer.mlp
     device, dtype = norm.weight.device, norm.weight.dtype
     x = norm(hidden.to(device, dtype))
@@ -138,7 +140,7 @@ def fit_reuse_of(layer, hidden: torch.Tensor, ends: torch.Tensor):
     def judge(scores):
         expected = scores.tolist() if scores is not None else None
         policy = "learned" if scores is not None else "lru"
-        hits = sum(simulate(held, n, policy, expected) for n in counts)
+        hits = sum(simulate(held, n, policy, expected, wait_for_reads) for n in counts)
         return hits / (sum(map(len, held)) * len(counts))
 
     return predictor.fit_reuse(x, ids, ends, E, judge)

@@ -27,7 +27,7 @@ from .experts import ExpertLayout
 from .io_queue import DEMAND, GUESS
 from .movers import Load
 from .prefetch import GuessRanks, Payoff
-from .slot_map import SlotMap
+from .slot_map import READ_BOUND_BYTES, SlotMap
 from .store import aligned_buffer, release_freed_memory
 
 
@@ -54,7 +54,8 @@ class ExpertCache:
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts = n_experts
         counts = n_slots if isinstance(n_slots, list) else [n_slots] * len(moe_layers)
-        self.maps = {i: SlotMap(n, policy) for i, n in zip(moe_layers, counts, strict=True)}
+        waits = layout.nbytes >= READ_BOUND_BYTES
+        self.maps = {i: SlotMap(n, policy, waits) for i, n in zip(moe_layers, counts, strict=True)}
         self.expert_bytes = layout.nbytes
         memory = preread.memory if preread is not None else {}
         # each layer's slot rows; a guess's row trades places with a slot's

@@ -98,6 +98,10 @@ def test_learned_evicts_the_expert_least_expected_and_lru_until_it_has_scores():
     m.in_use.add(1)
     scores[1] = -1.0
     assert m.free_slot() is None and 1 in m.slot_of
+    m.wait_for_reads = False  # small experts: a read is not waited for, a landed one would be
+    assert m.free_slot() == 1 and 5 not in m.slot_of
+    m.place(5, 1)
+    m.wait_for_reads = True
     scores[1] = 1.0
     assert m.free_slot() == 1 and 5 not in m.slot_of
 
@@ -434,8 +438,11 @@ def test_outputs_do_not_depend_on_the_number_of_slots(policy):
 
 @pytest.mark.parametrize("policy", ["lru", "learned"])
 @pytest.mark.parametrize("n_slots", [1, 2, 4])
-def test_the_simulated_slot_map_hits_as_the_cache_does(policy, n_slots):
+@pytest.mark.parametrize("big_experts", [False, True])  # a miss may wait for a read, or not
+def test_the_simulated_slot_map_hits_as_the_cache_does(policy, n_slots, big_experts, monkeypatch):
     """slot_map.simulate, by which calibrate judges a fit, counts the cache's own hits."""
+    if big_experts:
+        monkeypatch.setattr("moelocal.expert_cache.READ_BOUND_BYTES", LAYOUT.nbytes)
     rng = torch.Generator().manual_seed(n_slots)
     cache, _ = make_cache(n_slots, policy, guess_rows=0)
     weight, bias = reuse_map(n_slots)[0]
@@ -449,7 +456,8 @@ def test_the_simulated_slot_map_hits_as_the_cache_does(policy, n_slots):
         steps.append(set(experts))
         scores.append(torch.addmm(bias, x[-1:], weight.t()).sum(0).tolist())
     preload = [set(range(n_slots))]  # the cache starts with expert s in slot s (no hit)
-    hits = simulate(preload + steps, n_slots, policy, [[0.0] * E] + scores)
+    assert cache.maps[0].wait_for_reads == big_experts
+    hits = simulate(preload + steps, n_slots, policy, [[0.0] * E] + scores, big_experts)
     assert cache.stats.total().hits == hits
     cache.close()
 
