@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoelocalError, reason
+from .slot_map import simulate
 
 
 @dataclass
@@ -53,17 +54,28 @@ class RoutingTrace:
     def lru_hit_rate(self, slots: int | list[int]) -> float:
         """The share of needed experts an LRU cache of `slots` per layer (or each MoE layer's,
         in order) would have held."""
-        hits = uses = 0
         layers = self.by_layer()
         counts = slots if isinstance(slots, list) else [slots] * len(layers)
-        for layer, n in zip(sorted(layers), counts, strict=False):
+        pairs = list(zip(sorted(layers), counts, strict=False))
+        hits = sum(lru_hits(layers[layer], n) for layer, n in pairs)
+        uses = sum(len(needed) for layer, _ in pairs for needed in layers[layer])
+        return hits / uses if uses else 0.0
+
+    def hit_rate(self, slots: list[int], wait_for_reads: bool = True) -> float:
+        """The share of needed experts moelocal's default policy would have held with each MoE
+        layer's `slots` (in order): the learned eviction's where the trace has its scores
+        (slot_map.simulate; wait_for_reads as the cache's slot maps), else LRU's."""
+        layers, scores = self.by_layer(), self.expected_by_layer()
+        if not scores:
+            return self.lru_hit_rate(slots)
+        hits = uses = 0
+        for layer, n in zip(sorted(layers), slots, strict=False):
             steps = layers[layer]
-            recent: list[int] = []  # least recently used first
-            for needed in steps:
-                hits += sum(e in recent for e in needed)
-                uses += len(needed)
-                recent = [e for e in recent if e not in needed] + sorted(needed)
-                recent = recent[max(0, len(recent) - n) :]
+            uses += sum(map(len, steps))
+            if layer in scores:
+                hits += simulate(steps, n, "learned", scores[layer], wait_for_reads)
+            else:
+                hits += lru_hits(steps, n)
         return hits / uses if uses else 0.0
 
     def save(self, path: Path):
@@ -103,3 +115,13 @@ class RoutingTrace:
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise MoelocalError(f"{path}: not a routing trace ({e})") from None
         return trace
+
+
+def lru_hits(steps: list[set[int]], n_slots: int) -> int:
+    """Hits of an LRU cache of n_slots on one layer's needed-expert sets."""
+    hits, recent = 0, []  # least recently used first
+    for needed in steps:
+        hits += sum(e in recent for e in needed)
+        recent = [e for e in recent if e not in needed] + sorted(needed)
+        recent = recent[max(0, len(recent) - n_slots) :]
+    return hits

@@ -365,7 +365,17 @@ def test_plan_takes_the_hit_rate_from_a_trace(tmp_path):
     result = runner.invoke(app, ["plan", "--cache-experts", "3", "--trace", str(trace), "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
-    assert plan["hit_rate"] == RoutingTrace.load(trace).lru_hit_rate(3)
+    recorded = RoutingTrace.load(trace)
+    # the default model's trace holds its eviction scores: the learned policy's hit rate
+    assert recorded.expected_by_layer() and plan["hit_rate"] == recorded.hit_rate([3] * 6, False)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    stripped = tmp_path / "lru.jsonl"  # a trace without scores: LRU's
+    stripped.write_text("\n".join(json.dumps({k: v for k, v in x.items() if k != "expected"})
+                                  for x in lines))  # fmt: skip
+    result = runner.invoke(
+        app, ["plan", "--cache-experts", "3", "--trace", str(stripped), "--json"]
+    )
+    assert json.loads(result.stdout)["hit_rate"] == recorded.lru_hit_rate(3)
     other = json.loads(trace.read_text().splitlines()[0]) | {"experts": 64}
     trace.write_text("\n".join([json.dumps(other), *trace.read_text().splitlines()[1:]]))
     wrong = runner.invoke(app, ["plan", "--cache-experts", "3", "--trace", str(trace)])

@@ -146,3 +146,13 @@ def test_cache_sim_replays_the_learned_scores_a_trace_holds(tmp_path):
     assert float(rows["learned"][1]) == pytest.approx(2 / 9, abs=1e-3)
     trace = RoutingTrace.load(tmp_path / "trace.jsonl")
     assert trace.expected_by_layer()[0][0] == [1.0, 0.2, 0.1, 0.0]
+
+
+def test_a_traces_hit_rate_is_the_learned_policys_where_it_holds_scores():
+    trace = RoutingTrace({"moe_layers": [0, 1]})
+    for e in (0, 1, 2) * 3:  # 0, 1, 2 in turn thrash LRU's 2 slots
+        trace.record(0, [e], 1, [1.0, 0.2, 0.1, 0.0])  # scores that keep 0
+        trace.record(1, [e], 1)
+    assert trace.lru_hit_rate(2) == 0.0
+    # layer 0 keeps expert 0 by its scores (2 hits of 9), layer 1 has none: LRU's (0 of 9)
+    assert trace.hit_rate([2, 2]) == pytest.approx(2 / 18)
