@@ -12,7 +12,7 @@ from .models.attention import KVCache
 from .models.moe import MoE
 from .plan import OffloadOptions
 from .prefetch import guessed_from
-from .slot_map import READ_BOUND_BYTES, simulate
+from .slot_map import simulate, waits_for_reads
 
 CHUNK = 512  # tokens per forward pass: the text runs as independent passages of this length
 MIN_TOKENS = 256  # fewer leave too few held-out tokens to judge a fit on
@@ -94,7 +94,7 @@ def calibrate(engine, text: str, max_tokens: int, depth: int = 1,
     ends = torch.arange(len(ids)) // CHUNK * CHUNK + CHUNK  # the passage each token ran in
     ends = ends.clamp(max=len(ids))
     cache = engine.expert_cache
-    waits = cache is None or cache.expert_bytes >= READ_BOUND_BYTES  # as its slot maps do
+    waits = cache is None or waits_for_reads(cache.expert_bytes)  # as its slot maps do
     for i in moe:
         fitted, lru, best = fit_reuse_of(layers[i], hidden[i], ends, waits)
         if fitted is not None:

@@ -508,7 +508,7 @@ def plan_cmd(
     from .hub import resolve_model
     from .perf_model import measure, predicted_seconds
     from .plan import human
-    from .slot_map import READ_BOUND_BYTES
+    from .slot_map import waits_for_reads
     from .trace import RoutingTrace
 
     if hit_rate is not None and not 0 <= hit_rate <= 1:  # NaN included
@@ -528,7 +528,7 @@ def plan_cmd(
                 raise MoelocalError(f"--trace {trace_path}: routing over "
                                     f"{trace.header.get('experts')} experts a layer, the model "
                                     f"has {p.n_experts}")  # fmt: skip
-            waits = p.expert_bytes >= READ_BOUND_BYTES  # as the cache's slot maps would
+            waits = waits_for_reads(p.expert_bytes)  # as the cache's slot maps would
             rate, source = trace.hit_rate(p.layer_slots(), waits), "the trace's"
         if p.device_slots >= p.n_experts:
             rate, source = 1.0, "a"

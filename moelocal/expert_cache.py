@@ -27,7 +27,7 @@ from .experts import ExpertLayout
 from .io_queue import DEMAND, GUESS
 from .movers import Load
 from .prefetch import GuessRanks, Payoff
-from .slot_map import READ_BOUND_BYTES, SlotMap
+from .slot_map import Learned, SlotMap, waits_for_reads
 from .store import aligned_buffer, release_freed_memory
 
 
@@ -54,7 +54,7 @@ class ExpertCache:
         self.layout, self.mover, self.device = layout, mover, mover.device
         self.n_experts = n_experts
         counts = n_slots if isinstance(n_slots, list) else [n_slots] * len(moe_layers)
-        waits = layout.nbytes >= READ_BOUND_BYTES
+        waits = waits_for_reads(layout.nbytes)
         self.maps = {i: SlotMap(n, policy, waits) for i, n in zip(moe_layers, counts, strict=True)}
         self.expert_bytes = layout.nbytes
         memory = preread.memory if preread is not None else {}
@@ -131,11 +131,10 @@ class ExpertCache:
         """Layer -> a map (weight (E, D), bias (E)) from the state a layer call is given to each
         expert's expected uses in the steps to come (predictor.RoutePredictors.reuse): the
         layers whose policy is slot_map.Learned evict the lowest."""
-        self.reuse = {i: fit for i, fit in reuse.items()
-                      if i in self.maps and hasattr(self.maps[i].policy, "expected")}  # fmt: skip
-        for m in self.maps.values():  # no layer keeps scores it is no longer given
-            if hasattr(m.policy, "expected"):
-                m.policy.expected = None
+        learned = {i for i, m in self.maps.items() if isinstance(m.policy, Learned)}
+        self.reuse = {i: fit for i, fit in reuse.items() if i in learned}
+        for i in learned:  # no layer keeps scores it is no longer given
+            self.maps[i].policy.expected = None
 
     def experts(self, layer: int, needed: list[int], tokens: dict[int, int],
                 state: torch.Tensor | None = None) -> Iterator:  # fmt: skip

@@ -14,8 +14,8 @@ A layer's next steps are guessed from the hidden state its experts see now: a li
 expert's discounted count of uses in the steps to come (REUSE_DECAY per step), fitted on the same
 text and kept only where a cache evicting the lowest count (slot_map.Learned) hits more often
 than LRU on held-out tokens. On the default model it closes a third of LRU's distance to Belady's
-optimum (held-out quotations, 2 / 4 / 6 slots of 8: LRU 0.365 / 0.607 / 0.817, fitted 0.406 /
-0.668 / 0.854, Belady 0.483 / 0.764 / 0.914); knowing the next token's experts exactly and LRU
+optimum (held-out quotations, 2 / 4 / 6 slots of 8: LRU 0.365 / 0.607 / 0.817, fitted 0.402 /
+0.661 / 0.850, Belady 0.483 / 0.764 / 0.914); knowing the next token's experts exactly and LRU
 after that would make 0.462 / 0.679 / 0.850, so the rest is in tokens further ahead.
 
 Fits are stored per model under a fingerprint of its routers, in moelocal's data directory

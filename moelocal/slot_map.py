@@ -93,6 +93,11 @@ POLICIES = {"learned": Learned, "lru": LRU, "lfu": LFU}
 READ_BOUND_BYTES = 1 << 20
 
 
+def waits_for_reads(expert_bytes: int) -> bool:
+    """May a miss wait for another's read (SlotMap's wait_for_reads) with experts this big?"""
+    return expert_bytes >= READ_BOUND_BYTES
+
+
 class SlotMap:
     def __init__(self, n_slots: int, policy: str = "lru", wait_for_reads: bool = True):
         """wait_for_reads: may a miss wait for a read of the running step's to land, rather

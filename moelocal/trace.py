@@ -66,8 +66,6 @@ class RoutingTrace:
         layer's `slots` (in order): the learned eviction's where the trace has its scores
         (slot_map.simulate; wait_for_reads as the cache's slot maps), else LRU's."""
         layers, scores = self.by_layer(), self.expected_by_layer()
-        if not scores:
-            return self.lru_hit_rate(slots)
         hits = uses = 0
         for layer, n in zip(sorted(layers), slots, strict=False):
             steps = layers[layer]

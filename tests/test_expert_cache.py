@@ -442,7 +442,7 @@ def test_outputs_do_not_depend_on_the_number_of_slots(policy):
 def test_the_simulated_slot_map_hits_as_the_cache_does(policy, n_slots, big_experts, monkeypatch):
     """slot_map.simulate, by which calibrate judges a fit, counts the cache's own hits."""
     if big_experts:
-        monkeypatch.setattr("moelocal.expert_cache.READ_BOUND_BYTES", LAYOUT.nbytes)
+        monkeypatch.setattr("moelocal.slot_map.READ_BOUND_BYTES", LAYOUT.nbytes)
     rng = torch.Generator().manual_seed(n_slots)
     cache, _ = make_cache(n_slots, policy, guess_rows=0)
     weight, bias = reuse_map(n_slots)[0]
