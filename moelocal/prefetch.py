@@ -16,7 +16,11 @@ import torch
 # disk with the right guesses' reads: a guess pays when p > 1 - p. (The default model's routing:
 # the top-k ranks are needed 0.7-0.94 of the time, the margin's about 1 in 5.)
 MIN_PRECISION = 1 / 2
-PROBE = 128  # a layer whose guesses do not pay is still guessed every PROBE-th time it runs
+# a layer whose guesses do not pay is guessed again (a probe) FIRST_PROBE runs after its first
+# loss, and each probe that loses again doubles the wait, up to PROBE runs: one unlucky early
+# guess costs a few runs unguessed, a layer that never pays a probe every PROBE-th run
+FIRST_PROBE = 8
+PROBE = 128
 DECAY = 0.9  # the weight of a layer's earlier guesses in its payoff, per run
 TRACE_DEPTH = 4  # a routing trace holds the guesses of each layer from up to this many before
 
@@ -52,15 +56,14 @@ class Payoff:
     CPU time its loads took from compute and the time making the guess took; routing ahead is
     not free, ~50 us a layer on the CPU). Where guessing does not pay (the layer's experts are
     cached already, loads are quicker than routing, take the CPU or wait behind the layers' own
-    misses, or the guesses are wrong) the layer is guessed only every PROBE-th time it runs, to
-    notice when it would. Decided as the layer runs, so that asking costs one attribute: this is
-    asked of every layer, every step."""
+    misses, or the guesses are wrong) the layer is guessed only now and then (a probe, FIRST_PROBE
+    to PROBE runs apart), to notice when it would. Decided as the layer runs, so that asking
+    costs one attribute: this is asked of every layer, every step."""
 
     def __init__(self):
         self.gain = 0.0  # seconds saved by recent guesses, older ones weighing less
-        # runs without a guess since the last one that loaded something (a layer never
-        # guessed is due: as if a probe were)
-        self.passed = PROBE - 1
+        self.passed = 0  # runs without a guess since the last one that loaded something
+        self.wait = 0  # while guessing does not pay: runs from one probe to the next
         self.due = True  # guess the layer's next run (a layer never guessed is guessed)
         self.recorded = False
 
@@ -77,13 +80,17 @@ class Payoff:
         read, -20 ms against the +2 ms a right guess saves, kept mixtral-large's layers from
         guessing for a thousand runs). A probe that loaded nothing found nothing out: the next
         run probes again (else a first guess whose experts were all cached cost only its routing
-        and left its layer unguessed for PROBE runs)."""
+        and left its layer unguessed for PROBE runs). A guess that loaded and lost waits twice as
+        long as the one before it (FIRST_PROBE to PROBE runs): with a fixed PROBE a layer whose
+        first loaded guess lost (one wrong expert) went unguessed for PROBE runs, 1 or 2 of the
+        default model's 6 layers for the whole of a 64-token replay."""
         if not guessed:
             self.passed += 1
             self.gain *= DECAY
         elif loaded:
             self.passed = 0
-        self.due = self.gain >= 0 or self.passed >= PROBE - 1
+            self.wait = 0 if self.gain >= 0 else min(max(2 * self.wait, FIRST_PROBE), PROBE)
+        self.due = self.gain >= 0 or self.passed >= self.wait - 1
 
     def record(self, saved_s: float):
         """What a guess of this layer saved (negative: cost)."""

@@ -20,7 +20,7 @@ from moelocal.io_queue import DEMAND, GUESS, GUESS_CHUNK, Dropped, IOQueue, Job,
 from moelocal.models.common import GLU
 from moelocal.models.moe import MoE
 from moelocal.movers import CpuMover
-from moelocal.prefetch import PROBE, Payoff, Prefetcher
+from moelocal.prefetch import FIRST_PROBE, PROBE, Payoff, Prefetcher
 from moelocal.slot_map import SlotMap, simulate
 from moelocal.store import DiskReader, Piece, aligned_buffer, tensor_bytes
 
@@ -679,6 +679,9 @@ def test_stats_are_consistent(policy):
     d = cache.stats.as_dict(cache.expert_bytes)
     assert s.hits + s.prefetch_used + s.misses == s.uses == 60
     assert 0 <= d["prefetch_precision"] <= 1 and 0 <= d["prefetch_recall"] <= 1
+    # the share of what the cache lacked that guesses read ahead
+    assert s.prefetch_used and s.misses
+    assert d["prefetch_coverage"] == round(s.prefetch_used / (s.prefetch_used + s.misses), 4)
     assert d["demand_bytes"] == s.misses * cache.expert_bytes
     assert d["bytes_moved"] == d["bytes_from_disk"] == d["demand_bytes"] + d["prefetch_bytes"]
     cache.close()
@@ -687,14 +690,17 @@ def test_stats_are_consistent(policy):
 # ---- whether guessing pays -------------------------------------------------------------------
 
 
-def test_a_layer_whose_guesses_cost_is_guessed_only_every_probe_th_run():
-    payoff, due = Payoff(), []
-    for _ in range(3 * PROBE):
-        due.append(payoff.due)  # never guessed: guessed
-        if payoff.due:
+def test_a_layer_whose_guesses_cost_is_probed_ever_less_often_up_to_every_probe_th_run():
+    payoff, guessed = Payoff(), []
+    for run in range(4 * PROBE + 120):
+        if payoff.due:  # never guessed: guessed
+            guessed.append(run)
             payoff.record(-1e-4)  # the routing cost, nothing saved
         payoff.ran(guessed=payoff.due)
-    assert due == [True] + ([False] * (PROBE - 1) + [True]) * 2 + [False] * (PROBE - 1)
+    gaps = [b - a for a, b in zip(guessed, guessed[1:], strict=False)]
+    assert guessed[0] == 0 and gaps[0] == FIRST_PROBE
+    assert gaps == [min(FIRST_PROBE * 2**n, PROBE) for n in range(len(gaps))]
+    assert gaps[-3:] == [PROBE] * 3
 
 
 def test_a_guess_that_saved_time_keeps_its_layer_guessed_through_a_few_that_did_not():
@@ -725,16 +731,26 @@ def test_a_probe_that_loaded_nothing_is_made_again_next_run():
 
 def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
     payoff = Payoff()
+
+    def unguessed_runs() -> int:
+        runs = 0
+        while not payoff.due:
+            payoff.ran(guessed=False)
+            runs += 1
+        return runs
+
     payoff.record(-20e-3)  # wrong guesses whose reads took the CPU
     payoff.ran(guessed=True)
-    runs = 0
-    while not payoff.due:
-        payoff.ran(guessed=False)
-        runs += 1
-    assert runs == PROBE - 1  # guessed again at the probe, not before
-    payoff.record(2e-3)  # the probe hid part of a read
+    assert unguessed_runs() == FIRST_PROBE - 1  # guessed again at the probe, not before
+    payoff.record(-1e-3)  # the probe lost too: the next waits twice as long
+    payoff.ran(guessed=True)
+    assert unguessed_runs() == 2 * FIRST_PROBE - 1
+    payoff.record(30e-3)  # this probe hid a read
     payoff.ran(guessed=True)
     assert payoff.due
+    payoff.record(-60e-3)  # a loss after a gain starts again from the shortest wait
+    payoff.ran(guessed=True)
+    assert unguessed_runs() == FIRST_PROBE - 1
 
 
 def guessed_then_run(needed: list[int], delay: float, cost_s: float = 1e-3):
