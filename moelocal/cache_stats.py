@@ -43,6 +43,9 @@ class LayerStats:
             "guesses_skipped": self.guesses_skipped,
             "prefetch_precision": ratio(self.prefetch_used, self.prefetch_issued),
             "prefetch_recall": ratio(self.predicted_needed, self.needed_with_guess),
+            # of the needed experts the cache did not hold, the share a guess had begun to read:
+            # what prefetch can hide (recall counts cached experts too, the easy ones to guess)
+            "prefetch_coverage": ratio(self.prefetch_used, self.prefetch_used + self.misses),
             "bytes_moved": self.bytes_from_disk + self.bytes_from_host,
             "demand_bytes": (self.misses - self.cpu_computed) * expert_bytes,
             "prefetch_bytes": self.prefetch_issued * expert_bytes,

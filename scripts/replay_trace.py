@@ -156,6 +156,7 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
         "bytes_per_token": stats["bytes_moved"] / tokens,
         "precision": stats["prefetch_precision"],
         "recall": stats["prefetch_recall"],
+        "coverage": stats["prefetch_coverage"],
         "skipped": stats["guesses_skipped"] / max(1, len(steps)),
     }
 
@@ -210,9 +211,10 @@ def main():
         print(f"{trace.header.get('model')} routing, {len(trace.steps) // len(layers)} tokens, "
               f"{len(layers)} layers x {E} experts of {size}, {args.layer_ms} ms a layer, "
               f"policy {args.policy}, {args.device} slots from {args.source}")  # fmt: skip
-        print("| slots | prefetch | s/token | vs floor | speedup | of oracle's | hit rate | "
-              "Belady's | MiB/token | precision | recall | not guessed |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| slots | prefetch | s/token | vs floor | speedup | of oracle's | hit rate "
+              "| Belady's | MiB/token | precision | recall | misses read ahead "
+              "| not guessed |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for slots in [int(s) for s in args.slots.split(",")]:
             rows_of = [(pol, p) for pol in policies for p in args.prefetch.split(",")]
             runs = {name(pol, p, policies): [] for pol, p in rows_of}
@@ -247,7 +249,7 @@ def main():
                       f"{med['s_per_token'] / floor:.2f}x | {cell(speedup, '{:.2f}x')} | "
                       f"{cell(of_oracle, '{:.0%}')} | {med['hit_rate']:.3f} | "
                       f"{belady:.3f} | {med['bytes_per_token'] / 2**20:.1f} | "
-                      f"{med['precision']:.2f} | {med['recall']:.2f} | "
+                      f"{med['precision']:.2f} | {med['recall']:.2f} | {med['coverage']:.2f} | "
                       f"{med['skipped']:.0%} |")  # fmt: skip
 
 
