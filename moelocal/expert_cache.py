@@ -161,9 +161,10 @@ class ExpertCache:
             stats.needed_with_guess += len(needed)
             stats.predicted_needed += len(set(guess.ranked).intersection(needed))
             self.guess_ranks.record(guess.uncached, set(needed))
-            self.payoffs[layer].record(self._saved(guess, set(needed)))
+            lacked = sum(e not in m.slot_of for e in needed)
+            self.payoffs[layer].record(self._saved(guess, set(needed), lacked))
         if layer in self.payoffs:
-            self.payoffs[layer].ran(guess is not None, guess is not None and bool(guess.loaded))
+            self.payoffs[layer].ran(guess is not None)
             stats.guesses_skipped += guess is None
         in_slot = [e for e in needed if e in m.slot_of]
         stats.hits += len(in_slot)
@@ -281,15 +282,21 @@ class ExpertCache:
 
     # ---- prefetch ----------------------------------------------------------------------------
 
-    def _saved(self, guess: Guess, needed: set[int]) -> float:
-        """Seconds a guess saved, its layer running now: each needed guess spared the part of
-        its load done by now; each load took its CPU time from compute (none on CUDA: a miss's
-        is taken while compute waits for it anyway); making the guess took its time. A wrong
-        guess evicted nothing: it was read into a spare row."""
+    def _saved(self, guess: Guess, needed: set[int], lacked: int) -> float:
+        """Seconds a guess saved, its layer running now, which lacked `lacked` of its experts
+        in slots: those misses' reads would have run together, so the wait they would have
+        cost is one miss's load per miss, shared among them (the reads of a miss take longer
+        where several share a disk; where the CPU reads they run side by side), and each needed
+        guess spared its share of the part of its load done by now, at most a whole miss's
+        load (a read beside compute runs slower than one compute waits for). Each load took
+        its CPU time from compute (none on CUDA: a miss's is taken while compute waits for it
+        anyway); making the guess took its time. A wrong guess evicted nothing: it was read
+        into a spare row."""
         now, (wall, cpu) = time.perf_counter(), self.mover.load_seconds()
         saved = -guess.cost_s
         for e, load in guess.loaded:
-            saved += (load.head_start(now, wall) if e in needed else 0.0) - cpu
+            spared = min(load.head_start(now, wall), wall) / max(1, lacked)
+            saved += (spared if e in needed else 0.0) - cpu
         return saved
 
     def due(self, layer: int) -> bool:

@@ -98,8 +98,8 @@ class CpuMover:
         return False  # RAM is the device here
 
     def load_seconds(self) -> tuple[float, float]:
-        """How long loading one expert takes now, and the CPU time it takes from compute (all
-        of its own: compute keeps every core busy). 0 until one has been read."""
+        """How long a miss's load of one expert takes now, and the CPU time a load takes from
+        compute (all of its own: compute keeps every core busy). 0 until one has been read."""
         return self.queue.job_s, self.queue.job_cpu_s
 
     def bandwidth(self, source: str, n_experts: int = 8) -> float:

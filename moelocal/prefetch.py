@@ -73,21 +73,21 @@ class Payoff:
         that finding out costs little (on mixtral-large, 3 wrong 19 MB reads a layer did)."""
         return not self.recorded or self.gain < 0
 
-    def ran(self, guessed: bool, loaded: bool = True):
-        """The layer ran, with or without a guess (which loaded something or named only cached
-        experts): decide about its next run. A run without a guess ages the record too, so that
-        by the next probe an old loss weighs little and the probe decides (else one wrong 19 MB
-        read, -20 ms against the +2 ms a right guess saves, kept mixtral-large's layers from
-        guessing for a thousand runs). A probe that loaded nothing found nothing out: the next
-        run probes again (else a first guess whose experts were all cached cost only its routing
-        and left its layer unguessed for PROBE runs). A guess that loaded and lost waits twice as
-        long as the one before it (FIRST_PROBE to PROBE runs): with a fixed PROBE a layer whose
-        first loaded guess lost (one wrong expert) went unguessed for PROBE runs, 1 or 2 of the
-        default model's 6 layers for the whole of a 64-token replay."""
+    def ran(self, guessed: bool):
+        """The layer ran, with or without a guess: decide about its next run. A run without a
+        guess ages the record too, so that by the next probe an old loss weighs little and the
+        probe decides (else one wrong 19 MB read, -20 ms against the +2 ms a right guess saves,
+        kept mixtral-large's layers from guessing for a thousand runs). A guess that lost, its
+        loads' or only its routing's cost, waits twice as long as the one before it (FIRST_PROBE
+        to PROBE runs): with a fixed PROBE a layer whose first guess lost (one wrong expert)
+        went unguessed for PROBE runs, 1 or 2 of the default model's 6 layers for the whole of
+        a 64-token replay; and where guesses that load nothing were made again at once (to find
+        something out), the default model's layers with their experts cached mostly were
+        guessed at every step for a routing's cost each (on / off 0.91 at 2 slots of 8)."""
         if not guessed:
             self.passed += 1
             self.gain *= DECAY
-        elif loaded:
+        else:
             self.passed = 0
             self.wait = 0 if self.gain >= 0 else min(max(2 * self.wait, FIRST_PROBE), PROBE)
         self.due = self.gain >= 0 or self.passed >= self.wait - 1

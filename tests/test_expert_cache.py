@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moelocal import store
 from moelocal.direct_io import open_uncached, read_fully
 from moelocal.errors import MoelocalError
-from moelocal.expert_cache import ExpertCache
+from moelocal.expert_cache import ExpertCache, Guess
 from moelocal.experts import ExpertLayout
 from moelocal.io_queue import DEMAND, GUESS, GUESS_CHUNK, Dropped, IOQueue, Job, pace
 from moelocal.models.common import GLU
@@ -358,8 +358,12 @@ class FakeReader:
         pass
 
 
-def make_cache(n_slots, policy="lru", layout=LAYOUT, threads=2, layers=(0,), guess_rows=3):
+def make_cache(n_slots, policy="lru", layout=LAYOUT, threads=2, layers=(0,), guess_rows=3,
+               delay=0.0):  # fmt: skip
+    """delay: the seconds each read takes, the preload's included (its reads are the first
+    measure of a miss's)."""
     reader = FakeReader(layout, layers)
+    reader.delay = delay
     mover = CpuMover(reader, IOQueue(threads))
     cache = ExpertCache(layout, mover, list(layers), E, n_slots, policy, guess_rows=guess_rows)
     return cache, reader
@@ -717,16 +721,47 @@ def test_a_guess_that_saved_time_keeps_its_layer_guessed_through_a_few_that_did_
         assert payoff.due
 
 
-def test_a_probe_that_loaded_nothing_is_made_again_next_run():
+def test_a_guess_that_found_its_experts_cached_and_lost_its_routing_waits_like_any_loss():
     payoff = Payoff()
-    for _ in range(3):
-        assert payoff.due
-        payoff.record(-5e-5)  # routing only: every guessed expert was cached
-        payoff.ran(guessed=True, loaded=False)  # found nothing out
-    assert payoff.due
-    payoff.record(-1e-3)  # a load that did not pay
-    payoff.ran(guessed=True, loaded=True)
-    assert not payoff.due
+    payoff.record(-5e-5)  # routing only: every guessed expert was cached
+    payoff.ran(guessed=True)
+    runs = 0
+    while not payoff.due:
+        payoff.ran(guessed=False)
+        runs += 1
+    assert runs == FIRST_PROBE - 1
+
+
+def test_needed_guesses_share_the_wait_of_the_misses_their_layer_lacked():
+    class Landed:
+        def __init__(self, head_s):
+            self.head_s = head_s
+
+        def head_start(self, now, whole):
+            return self.head_s
+
+    wall, cpu, cost = 0.01, 0.001, 0.0005  # a miss's read, a load's CPU time, the routing
+    cache = SimpleNamespace(mover=SimpleNamespace(load_seconds=lambda: (wall, cpu)))
+    loads = [(3, Landed(0.03)), (4, Landed(0.004)), (5, Landed(0.02))]
+    g = Guess([3, 4, 5], [(0, 3), (1, 4), (2, 5)], loads, cost)
+    # 3 ran longer than a miss's read (beside compute) and spares one read at most; 5 was wrong;
+    # the layer lacked 2 experts, whose reads would have run together: each spares half
+    saved = ExpertCache._saved(cache, g, {3, 4}, lacked=2)
+    assert saved == pytest.approx(-cost + (wall / 2 - cpu) + (0.004 / 2 - cpu) - cpu)
+    alone = ExpertCache._saved(cache, g, {3, 4}, lacked=1)
+    assert alone > saved  # a layer lacking only its guessed expert waited for it alone
+
+
+def test_a_misss_read_time_is_not_stretched_by_guesses_read_beside_compute():
+    queue = IOQueue(1)
+    queue.put(Job(time.sleep, 0.03), GUESS).wait()
+    assert queue.job_s >= 0.03  # before any miss, a guess's is all there is
+    queue.put(Job(time.sleep, 0.002)).wait()
+    demand_s = queue.job_s
+    assert demand_s < 0.01
+    queue.put(Job(time.sleep, 0.03), GUESS).wait()
+    assert queue.job_s == demand_s and queue.job_cpu_s > 0  # its CPU time still counts
+    queue.close()
 
 
 def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
@@ -756,8 +791,7 @@ def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
 def guessed_then_run(needed: list[int], delay: float, cost_s: float = 1e-3):
     """A cache whose reads take `delay` s: layer 0 guessed [3] (its routing taking cost_s, here
     slow), the guess landed, then the layer runs needing `needed`."""
-    cache, reader = make_cache(2)
-    reader.delay = delay
+    cache, reader = make_cache(2, delay=delay)
     guess(cache, 0, [3], cost_s=cost_s)
     guess_load(cache, 0, 3).job.finished.wait(10)
     step(cache, needed)
@@ -806,8 +840,7 @@ def test_a_guess_made_at_a_dense_layer_starts_at_once():
 
 
 def test_a_layer_not_known_to_pay_loads_only_its_best_guess():
-    cache, reader = make_cache(3)  # 0, 1, 2 cached
-    reader.delay = 0.02
+    cache, reader = make_cache(3, delay=0.02)  # 0, 1, 2 cached
     cache.prefetch(0, [3, 4, 5])
     cache.start_guesses()  # never guessed before: a probe
     assert [e for e, _ in cache.guesses[0].loaded] == [3]
