@@ -283,15 +283,13 @@ class ExpertCache:
     # ---- prefetch ----------------------------------------------------------------------------
 
     def _saved(self, guess: Guess, needed: set[int], lacked: int) -> float:
-        """Seconds a guess saved, its layer running now, which lacked `lacked` of its experts
-        in slots: those misses' reads would have run together, so the wait they would have
-        cost is one miss's load per miss, shared among them (the reads of a miss take longer
-        where several share a disk; where the CPU reads they run side by side), and each needed
-        guess spared its share of the part of its load done by now, at most a whole miss's
-        load (a read beside compute runs slower than one compute waits for). Each load took
-        its CPU time from compute (none on CUDA: a miss's is taken while compute waits for it
-        anyway); making the guess took its time. A wrong guess evicted nothing: it was read
-        into a spare row."""
+        """Seconds a guess saved, its layer running now with `lacked` of its needed experts
+        not in slots. As misses those would have been read together, costing about one miss's
+        read in all, so each needed guess is credited with the part of its read done by now,
+        at most a miss's whole read (a read beside compute runs slower than one compute waits
+        for), divided among the `lacked`. Each load took its CPU time from compute (none on
+        CUDA: a miss's is taken while compute waits for it anyway); making the guess took its
+        time. A wrong guess evicted nothing: it was read into a spare row."""
         now, (wall, cpu) = time.perf_counter(), self.mover.load_seconds()
         saved = -guess.cost_s
         for e, load in guess.loaded:

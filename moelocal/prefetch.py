@@ -62,7 +62,7 @@ class Payoff:
 
     def __init__(self):
         self.gain = 0.0  # seconds saved by recent guesses, older ones weighing less
-        self.passed = 0  # runs without a guess since the last one that loaded something
+        self.passed = 0  # runs without a guess since the last guess
         self.wait = 0  # while guessing does not pay: runs from one probe to the next
         self.due = True  # guess the layer's next run (a layer never guessed is guessed)
         self.recorded = False
