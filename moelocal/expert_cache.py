@@ -152,21 +152,22 @@ class ExpertCache:
             for e in needed:
                 yield e, self.views[layer][m.slot_of[e]], self.device
             return
-        guessed = self._settle_guesses(layer, set(needed))
+        wanted = set(needed)
+        guessed = self._settle_guesses(layer, wanted)
         m.reap()
         if fit is not None:
             m.policy.expected = expected
+        in_slot = [e for e in needed if e in m.slot_of]
         guess = self.guesses.pop(layer, None)
         if guess is not None:
             stats.needed_with_guess += len(needed)
-            stats.predicted_needed += len(set(guess.ranked).intersection(needed))
-            self.guess_ranks.record(guess.uncached, set(needed))
-            lacked = sum(e not in m.slot_of for e in needed)
-            self.payoffs[layer].record(self._saved(guess, set(needed), lacked))
+            stats.predicted_needed += len(wanted.intersection(guess.ranked))
+            self.guess_ranks.record(guess.uncached, wanted)
+            lacked = len(needed) - len(in_slot)
+            self.payoffs[layer].record(self._saved(guess, wanted, lacked))
         if layer in self.payoffs:
             self.payoffs[layer].ran(guess is not None)
             stats.guesses_skipped += guess is None
-        in_slot = [e for e in needed if e in m.slot_of]
         stats.hits += len(in_slot)
         stats.prefetch_used += len(guessed)
         misses = [e for e in needed if e not in m.slot_of and e not in guessed]
@@ -293,8 +294,9 @@ class ExpertCache:
         now, (wall, cpu) = time.perf_counter(), self.mover.load_seconds()
         saved = -guess.cost_s
         for e, load in guess.loaded:
-            spared = min(load.head_start(now, wall), wall) / max(1, lacked)
-            saved += (spared if e in needed else 0.0) - cpu
+            if e in needed:
+                saved += min(load.head_start(now, wall), wall) / max(1, lacked)
+            saved -= cpu
         return saved
 
     def due(self, layer: int) -> bool:
