@@ -76,9 +76,9 @@ def one_run(engine: Engine, ids: list[int], gen_tokens: int, trace=None) -> dict
                 after_prefill = ec.stats.copy()
                 ec.trace = trace
                 if trace is not None:
-                    model.prefetcher = GuessRecorder(
-                        prefetcher, trace, sorted(ec.slots), margin, model.route_predictors
-                    )
+                    model.prefetcher = GuessRecorder(prefetcher, trace, sorted(ec.slots),
+                                                     margin, model.route_predictors,
+                                                     model)  # fmt: skip
     finally:
         model.prefetcher = prefetcher
         if ec is not None:

@@ -11,7 +11,7 @@ from .errors import MoelocalError
 from .models.attention import KVCache
 from .models.moe import MoE
 from .plan import OffloadOptions
-from .prefetch import guessed_from
+from .prefetch import EMBEDDING, guessed_from, next_token_target
 from .slot_map import simulate, waits_for_reads
 
 CHUNK = 512  # tokens per forward pass: the text runs as independent passages of this length
@@ -20,11 +20,12 @@ MIN_TOKENS = 256  # fewer leave too few held-out tokens to judge a fit on
 
 class HiddenRecorder:
     """Stands in for the model's prefetcher: keeps every layer's hidden state after its attention
-    on the CPU, in the model's dtype (as the prefetcher sees it): tokens x hidden size x layers x
-    2 bytes in bf16, 7 GB for 8192 tokens of a DeepSeek-V3; calibrate such a model on fewer."""
+    (and the embedding, as source EMBEDDING) on the CPU, in the model's dtype (as the prefetcher
+    sees it): tokens x hidden size x layers x 2 bytes in bf16, 7 GB for 8192 tokens of a
+    DeepSeek-V3; calibrate such a model on fewer."""
 
     def __init__(self, n_layers: int):
-        self.rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(EMBEDDING, n_layers)}
 
     def wanted(self, i: int) -> bool:
         return True
@@ -54,17 +55,19 @@ CACHED = (0.25, 0.5, 0.75)  # shares of a layer's experts in slots that a reuse 
 
 
 @torch.no_grad()
-def record(model, ids: list[int], device) -> list[torch.Tensor]:
-    """Each layer's hidden states after attention for the text, run CHUNK tokens at a time."""
+def record(model, ids: list[int], device) -> dict[int, torch.Tensor]:
+    """Each layer's hidden states after attention for the text (and EMBEDDING's), run CHUNK
+    tokens at a time."""
     recorder, prefetcher = HiddenRecorder(model.cfg.num_hidden_layers), model.prefetcher
     model.prefetcher = recorder
     try:
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
-            model(torch.tensor([chunk], device=device), KVCache(len(recorder.rows), len(chunk)))
+            n_layers = model.cfg.num_hidden_layers
+            model(torch.tensor([chunk], device=device), KVCache(n_layers, len(chunk)))
     finally:
         model.prefetcher = prefetcher
-    return [torch.cat(rows) for rows in recorder.rows]
+    return {i: torch.cat(rows) for i, rows in recorder.rows.items()}
 
 
 @torch.no_grad()
@@ -83,8 +86,10 @@ def calibrate(engine, text: str, max_tokens: int, depth: int = 1,
         raise MoelocalError(f"{engine.model_dir}: no routed experts, nothing to guess")
     hidden = record(model, ids, engine.device)
     maps, fits = {}, []
+    # the next token's layer 0 is guessed through the head and the embedding's map: no pair
     pairs = sorted({(s, t) for d in range(1, depth + 1)
-                    for s, targets in guessed_from(moe, d).items() for t in targets})  # fmt: skip
+                    for s, targets in guessed_from(moe, d).items() for t in targets
+                    if not next_token_target(s, t)})  # fmt: skip
     for source, target in pairs:
         fitted, router, best = fit_pair(layers[target], hidden[source], hidden[target], margin)
         if fitted is not None:

@@ -731,8 +731,9 @@ def calibrate_cmd(
     fits, reuse_fits, path = run(calibrate)
     for f in fits:  # recall of the k+1 guesses on the text's held-out last tokens
         verdict = "fitted" if f.kept else "the router guesses as well"
+        source = "the embedding" if f.source < 0 else f"layer {f.source}"
         print(
-            f"layer {f.source} -> {f.target}: recall {f.router_recall:.3f} by the router, "
+            f"{source} -> {f.target}: recall {f.router_recall:.3f} by the router, "
             f"{f.fitted_recall:.3f} fitted ({verdict})"
         )
     for f in reuse_fits:  # hit rate at 1/4, 1/2 and 3/4 of the experts cached, held-out tokens

@@ -307,10 +307,16 @@ class ExpertCache:
     def prefetch(self, layer: int, ranked: list[int], cost_s: float = 0.0):
         """Note a guess of a layer's experts (best first); cost_s: the time making it took. Its
         loads start with start_guesses(), which the running layer calls once it has asked for
-        its own misses: a guess read already running would share the disk with them."""
+        its own misses: a guess read already running would share the disk with them. A second
+        guess of the layer before it runs (layer 0's: the next token's, then its embedding's)
+        replaces the first but for the first's loads, which go on as its lowest ranks."""
         m = self.maps[layer]
+        loaded, earlier = [], self.guesses.get(layer)
+        if earlier is not None:
+            loaded, cost_s = earlier.loaded, cost_s + earlier.cost_s
+            ranked = ranked + [e for e, _ in loaded if e not in ranked]
         uncached = [(r, e) for r, e in enumerate(ranked) if e not in m.slot_of]
-        self.guesses[layer] = Guess(ranked, uncached, [], cost_s)
+        self.guesses[layer] = Guess(ranked, uncached, loaded, cost_s)
         self.payoffs.setdefault(layer, Payoff())
         self.unstarted.append(layer)
 

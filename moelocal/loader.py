@@ -364,6 +364,8 @@ def load_model(
             prefetcher = Prefetcher(cache, options.prefetch_margin, options.prefetch_depth)
         with on_meta():
             model = family.build(cfg, cache, prefetcher)
+        if prefetcher is not None:
+            prefetcher.model = model
         stored = computed_resident(ckpt)
         if stored:
             compute_layout(model, cfg, plan.quant, dtype, empty=True)

@@ -350,7 +350,9 @@ def make_plan(
     name = "--gpu-mem" if cuda else "--cpu-mem"
     extra = guess_rows = 0
     # rows a step's guesses are read into, where experts stream: a guess of each layer in flight
-    wanted_rows = cfg.num_experts_per_tok * options.prefetch_depth if options.prefetch else 0
+    # (during layer 0's attention, a MoE layer 0's from the embedding as well)
+    in_flight = options.prefetch_depth + bool(cfg.moe_layers and cfg.moe_layers[0])
+    wanted_rows = cfg.num_experts_per_tok * in_flight if options.prefetch else 0
     if moe_layers == 0:
         slots = 0
     elif cache_experts is not None:

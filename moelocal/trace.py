@@ -6,8 +6,10 @@ A trace is JSON lines: a header {"moe_layers", "experts", "top_k", "model"}, the
 MoE layer call {"layer", "experts", "routed", "guesses"} in the order they ran: the experts the
 layer needed (for one sequence's decode, the token's top k), how many (token, expert) pairs were
 routed to them, and the prefetcher's guesses of them (best first) made d layers before, by d
-("1", "2", ...; prefetch.GuessRecorder), for scripts/replay_trace.py to replay; where the model
-has fitted eviction scores, "expected": each expert's, as the learned policy saw them.
+("1", "2", ...; layer 0's "0" from the embedding, and d from the head d layers before the
+previous token's end: prefetch.GuessRecorder, prefetch.ahead), for scripts/replay_trace.py to
+replay; where the model has fitted eviction scores, "expected": each expert's, as the learned
+policy saw them.
 """
 
 import json

@@ -6,7 +6,8 @@ are averaged (geometrically): two engines of the same settings can differ by the
 their memory lies; prefetch off in both gave 0.95 on mixtral-large int4 without the swap).
 `--control` gives neither engine the prefetcher: the spread of its result is the method's noise.
 `--compare policy` pairs the learned eviction (the model's fits, moelocal calibrate) against LRU
-the same way, prefetch on in both ("on" is the learned side).
+the same way, prefetch on in both ("on" is the learned side); `--compare head` the prefetcher
+with its guesses of the next token's layer 0 (read off the head) against it without them.
 
     python scripts/prefetch_paired.py MODEL --cache-experts 4 --rounds 10 -n 256
 
@@ -34,7 +35,7 @@ def main():
     ap.add_argument("--prompt-tokens", "-p", type=int, default=16)
     ap.add_argument("--gen-tokens", "-n", type=int, default=256)
     ap.add_argument("--control", action="store_true", help="neither side on (noise)")
-    ap.add_argument("--compare", choices=("prefetch", "policy"), default="prefetch")
+    ap.add_argument("--compare", choices=("prefetch", "policy", "head"), default="prefetch")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU slots, host store behind)")
     args = ap.parse_args()
     model = None if args.model == "default" else args.model
@@ -53,6 +54,8 @@ def main():
             on = i == with_prefetch and not args.control
             if args.compare == "prefetch":
                 engine.model.prefetcher = prefetchers[i] if on else None
+            elif args.compare == "head":  # without the model, no guess of the next token's
+                engine.model.prefetcher.model = engine.model if on else None
             else:
                 engine.expert_cache.evict_by(fits[i] if on else {})
         for i in (0, 1) if r % 4 < 2 else (1, 0):

@@ -14,10 +14,12 @@ disk's, or on a GPU the source's).
 `oracle` prefetches, while a layer computes, exactly the experts the next layer will need (the
 bound any prefetcher is judged against); `routerD` replays the guesses the trace recorded D
 layers ahead (`moelocal bench --trace` records them for every depth up to 4) through the
-prefetcher's targets and the cache's switch, each guess costing --route-us. "speedup" is off's
-time over the row's (paired by round, median), "of oracle's" the row's gain as a share of the
-oracle's. A sleep frees the
-cores, as a GPU's compute would; on the CPU real compute shares them with the I/O threads.
+prefetcher's targets and the cache's switch, each guess costing --route-us, layer 0's included:
+the next token's read off the head D layers before the token's end, then the embedding's
+before its attention (`routerDe`: the embedding's only; `routerDx`: none of layer 0's).
+"speedup" is off's time over the row's (paired by round, median), "of oracle's" the row's gain
+as a share of the oracle's. A sleep frees the cores, as a GPU's compute would; on the CPU
+real compute shares them with the I/O threads.
 `--policy lru,learned` replays every row with each eviction policy, in the same alternating
 rounds ("learned" evicts by the scores the trace recorded: the model's fitted eviction, moelocal
 calibrate); speedups are then over the first policy's `off`, and "of oracle's" compares each
@@ -51,7 +53,7 @@ from moelocal.expert_cache import ExpertCache  # noqa: E402
 from moelocal.experts import ExpertLayout  # noqa: E402
 from moelocal.io_queue import IOQueue  # noqa: E402
 from moelocal.movers import CpuMover, CudaMover  # noqa: E402
-from moelocal.prefetch import Prefetcher  # noqa: E402
+from moelocal.prefetch import EMBEDDING, Prefetcher, ahead, next_token_target  # noqa: E402
 from moelocal.store import DiskReader, Piece  # noqa: E402
 from moelocal.trace import RoutingTrace  # noqa: E402
 
@@ -104,17 +106,21 @@ def make_mover(reader: DiskReader, device: str, layers: list[int], source: str):
 
 def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_ms: float,
            route_us: float, guess_rows: int | None, device: str = "cpu",
-           source: str = "disk") -> dict:  # fmt: skip
+           source: str = "disk", head_us: float = 0.0) -> dict:  # fmt: skip
     """Decode the trace through a fresh cache; seconds per token and the cache's figures.
     prefetch: off, oracle, or routerD: the guesses the trace recorded D layers ahead, through
-    the prefetcher's own choice of targets and the cache's switch (each costs route_us).
+    the prefetcher's own choice of targets and the cache's switch (each costs route_us, the
+    next token's route_us + head_us), with layer 0's from the head (the next token's) and from
+    the embedding; routerDe: layer 0's from the embedding only; routerDx: none of layer 0's.
     guess_rows: the spare rows guesses are read into (None: as many as a plan gives them)."""
     layers = trace.header["moe_layers"]
     position = {layer: n for n, layer in enumerate(layers)}
     reader = DiskReader(pieces, layout)
-    depth = int(prefetch.removeprefix("router")) if prefetch.startswith("router") else 0
+    depth = int(prefetch[6:].rstrip("ex")) if prefetch.startswith("router") else 0
+    layer_0 = "" if prefetch.endswith("x") else "e" if prefetch.endswith("e") else "he"
+    layer_0 = layer_0 if depth and layers[0] == 0 else ""  # what guesses layer 0
     if guess_rows is None:  # as make_plan: top-k a layer guessed ahead
-        guess_rows = trace.header["top_k"] * max(depth, prefetch == "oracle")
+        guess_rows = trace.header["top_k"] * max(depth + bool(layer_0), prefetch == "oracle")
     mover = make_mover(reader, device, layers, source)
     cache = ExpertCache(layout, mover, layers, trace.header["experts"], slots, policy,
                         guess_rows=guess_rows)  # fmt: skip
@@ -122,6 +128,10 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     # the recorded scores are handed in as the state, through an identity map
     cache.evict_by({i: (torch.eye(E), torch.zeros(E)) for i in trace.expected_by_layer()})
     targets = Prefetcher(cache, depth=depth).targets if depth else {}
+    if "e" not in layer_0:
+        targets.pop(EMBEDDING, None)
+    if "h" not in layer_0:  # no guess of the next token's
+        targets = {s: [t for t in ts if not next_token_target(s, t)] for s, ts in targets.items()}
     try:
         rate = cache.bandwidth(source)
         before = cache.stats.copy()
@@ -129,15 +139,19 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
         compute = layer_ms / 1000 / (k + 1)  # attention, then each of k experts
         start = time.perf_counter()
         for i, (layer, experts, _) in enumerate(steps):
+            if layer in targets.get(EMBEDDING, ()):  # guessed before its attention
+                guess_ahead(cache, layer, trace.guesses[i].get(0), route_us)
+                cache.start_guesses()  # no misses of a layer's to go first
             time.sleep(compute)  # attention; then the prefetcher
             if prefetch == "oracle" and i + 1 < len(steps):
                 cache.prefetch(steps[i + 1][0], steps[i + 1][1])
             for target in targets.get(layer, ()):
-                j = i + position[target] - position[layer]  # its step, in this token
-                ranked = trace.guesses[j].get(target - layer) if j < len(steps) else None
-                if ranked is not None and cache.due(target):
-                    time.sleep(route_us / 1e6)
-                    cache.prefetch(target, ranked, route_us / 1e6)
+                # its step, in this token or (layer 0) the next
+                j = i + (position[target] - position[layer]) % len(layers)
+                depth_key = ahead(layer, target, layers[-1])
+                ranked = trace.guesses[j].get(depth_key) if j < len(steps) else None
+                cost_us = route_us + head_us * next_token_target(layer, target)
+                guess_ahead(cache, target, ranked, cost_us)
             scores = trace.expected[i]
             state = torch.tensor([scores]) if scores is not None else None
             for _ in cache.experts(layer, experts, dict.fromkeys(experts, 1), state):
@@ -161,6 +175,14 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     }
 
 
+def guess_ahead(cache, target: int, ranked: list[int] | None, route_us: float):
+    """Replay a recorded guess of layer target's experts (None: none was recorded), as the
+    prefetcher makes it: where the layer's switch says so, at route_us."""
+    if ranked is not None and cache.due(target):
+        time.sleep(route_us / 1e6)
+        cache.prefetch(target, ranked, route_us / 1e6)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace", type=Path)
@@ -175,9 +197,13 @@ def main():
     ap.add_argument(
         "--prefetch",
         default="off,oracle,router1",
-        help="off, oracle, routerD (the trace's guesses D layers ahead), comma-separated",
+        help="off, oracle, routerD (the trace's guesses D layers ahead; routerDe: layer 0's "
+        "from the embedding only, routerDx: none of layer 0's), comma-separated",
     )
     ap.add_argument("--route-us", type=float, default=50.0, help="what making one guess costs")
+    ap.add_argument("--head-us", type=float, default=50.0,
+                    help="what a guess of the next token's layer 0 costs besides: the head's "
+                         "product (the default model's, on the CPU)")  # fmt: skip
     ap.add_argument("--policy", default="lru", help="lru, lfu, learned, comma-separated")
     ap.add_argument("--guess-rows", type=int, default=None,
                     help="spare rows guesses are read into, beside the slots (default: as a plan "
@@ -222,7 +248,7 @@ def main():
                 for pol, p in rows_of:
                     row = replay(trace, pieces, layout, slots, p, pol, args.layer_ms,
                                  args.route_us, args.guess_rows, args.device,
-                                 args.source)  # fmt: skip
+                                 args.source, args.head_us)  # fmt: skip
                     runs[name(pol, p, policies)].append(row)
             belady = sum(hit_rate(t, slots, POLICIES["Belady"]) for t in by_layer.values())
             belady /= len(by_layer)

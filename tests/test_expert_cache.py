@@ -512,6 +512,25 @@ def test_a_guess_is_read_into_a_spare_row_and_a_wrong_one_evicts_nothing():
     cache.close()
 
 
+def test_a_second_guess_of_a_layer_goes_first_and_the_firsts_reads_go_on():
+    """Layer 0 is guessed for the next token (read off the head), then from its embedding: the
+    second guess ranks first, the first's reads go on as the layer's (ranked after it), the
+    first's experts it did not read are forgotten, and the two cost the layer one guess."""
+    cache, reader = make_cache(2, guess_rows=2)  # holds 0, 1
+    reader.gates[0, 4] = reader.gates[0, 5] = gate = threading.Event()
+    guess(cache, 0, [4, 5, 6], 0.001)  # two spare rows: 4 and 5 are read, 6 is not
+    guess(cache, 0, [7, 4, 1], 0.002)  # no spare row left for 7
+    merged = cache.guesses[0]
+    assert merged.ranked == [7, 4, 1, 5] and merged.cost_s == pytest.approx(0.003)
+    assert [e for e, _ in merged.loaded] == [4, 5] and set(cache.guess_reads[0]) == {4, 5}
+    gate.set()
+    out, x, _, weights = step(cache, [4, 5])
+    s = cache.stats.total()
+    assert (s.prefetch_used, s.misses, s.prefetch_issued) == (2, 0, 2)
+    assert torch.equal(out, expected(reader, x, [4, 5], weights))
+    cache.close()
+
+
 def test_without_spare_rows_nothing_is_guessed_into_memory():
     cache, reader = make_cache(2, guess_rows=0)
     guess(cache, 0, [4])
@@ -820,10 +839,12 @@ def test_a_load_quicker_than_the_guess_does_not_pay():
 @pytest.mark.parametrize(
     "moe, depth, targets",
     [
-        ([0, 1, 2, 3], 1, {0: [1], 1: [2], 2: [3]}),
-        ([0, 1, 2, 3], 2, {0: [1, 2], 1: [3], 2: []}),
-        ([0, 2, 3], 1, {0: [], 1: [2], 2: [3]}),  # layer 1 dense: nothing to guess from 0
-        ([1, 2], 3, {0: [1, 2], 1: []}),
+        # layer 0 from the embedding, and the next token's from the last layer, depth - 1 back
+        ([0, 1, 2, 3], 1, {-1: [0], 0: [1], 1: [2], 2: [3], 3: [0]}),
+        ([0, 1, 2, 3], 2, {-1: [0], 0: [1, 2], 1: [3], 2: [0]}),
+        ([0, 2, 3], 1, {-1: [0], 0: [], 1: [2], 2: [3], 3: [0]}),  # 1 dense: nothing from 0
+        ([0], 2, {-1: [0], 0: [0]}),
+        ([1, 2], 3, {0: [1, 2], 1: []}),  # layer 0 dense: the layers before it guess it
     ],
 )
 def test_each_moe_layer_is_guessed_once_a_step_depth_layers_ahead(moe, depth, targets):

@@ -165,17 +165,71 @@ def test_room_short_of_a_slot_a_layer_gives_some_layers_one_more(tiny, arch):
         engine.close()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])  # layer 0 MoE, and dense
+def test_a_moe_layer_0_is_guessed_from_the_embedding_before_its_attention(tiny, arch, monkeypatch):
+    """Nothing earlier in a step can name layer 0's experts, and they follow mostly from the
+    token: its guess is made from the embedding, each forward pass, before any layer runs."""
+    from moelocal.prefetch import EMBEDDING, Prefetcher
+
+    monkeypatch.setattr("moelocal.prefetch.FIRST_PROBE", 1)  # every layer guessed, every step
+    monkeypatch.setattr("moelocal.prefetch.PROBE", 1)
+    calls, call = [], Prefetcher.__call__
+    monkeypatch.setattr(Prefetcher, "__call__",
+                        lambda self, layers, i, h: calls.append((i, h.clone()))
+                        or call(self, layers, i, h))  # fmt: skip
+    engine = moelocal.load(tiny(arch)[0], device="cpu", cache_experts=1)
+    ids = list(range(3, 11))
+    out = engine.generate(ids, max_new_tokens=4)
+    embed = engine.model.model.embed_tokens
+    firsts = [(i, h) for n, (i, h) in enumerate(calls) if n == 0 or calls[n - 1][0] > i]
+    layer_0_moe = engine.model.cfg.moe_layers[0]
+    assert len(firsts) == 4 and all((i == EMBEDDING) == layer_0_moe for i, _ in firsts)
+    if layer_0_moe:  # the prompt's embedding, then each decoded token's
+        assert torch.equal(firsts[0][1], embed(torch.tensor([ids])))
+        for (_, h), token in zip(firsts[1:], out.token_ids, strict=False):
+            assert torch.equal(h, embed(torch.tensor([[token]])))
+    guessed = engine.expert_cache.stats.layer(0).needed_with_guess if layer_0_moe else 0
+    assert (guessed > 0) == layer_0_moe
+    engine.close()
+
+
+def test_the_next_tokens_layer_0_is_guessed_from_the_heads_likeliest_tokens(tiny, monkeypatch):
+    """Read off a hidden state of this step, the head's likeliest next tokens name layer 0's
+    experts through their embeddings: with one token, exactly its top k in layer 0, for each
+    sequence; with more, k + margin of those their top k name."""
+    from moelocal import prefetch
+
+    engine = moelocal.load(tiny("mixtral")[0], device="cpu", cache_experts=1)
+    model, layers = engine.model, engine.model.model.layers
+    h = torch.randn(2, 3, model.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(prefetch, "NEXT_TOKENS", 1)
+    tokens = model.head(h[:, -1]).argmax(-1)  # each sequence's likeliest
+    own = layers[0].route(model.embed(tokens)[:, None], 0)[0].tolist()
+    assert set(prefetch.guess_next(model, layers, h, margin=1)) == {e for r in own for e in r}
+    monkeypatch.setattr(prefetch, "NEXT_TOKENS", 3)
+    likeliest = model.head(h[0, -1]).topk(3).indices
+    named = {e for r in layers[0].route(model.embed(likeliest)[:, None], 0)[0].tolist() for e in r}
+    ranked = prefetch.guess_next(model, layers, h[:1], margin=1)
+    assert set(ranked) <= named and len(ranked) == min(3, len(named))
+    engine.close()
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_a_streaming_budget_gives_the_prefetcher_rows_beside_the_slots(tiny, depth):
     """Guesses are read into rows of their own (a wrong one evicts nothing): top-k for each layer
-    guessed ahead, out of a budget's room for slots but never taking a layer's only slot; none
-    without prefetch or where every expert has its slot."""
+    guessed ahead (and for layer 0, guessed from the embedding during its attention), out of a
+    budget's room for slots but never taking a layer's only slot; none without prefetch or where
+    every expert has its slot."""
     path = tiny("mixtral", num_hidden_layers=4)[0]
     probe = streaming_plan(path, context=40, prefetch_depth=depth)
     L, size, k = probe.moe_layers, probe.expert_bytes, probe.top_k
-    assert probe.guess_rows == k * depth and probe.fixed_bytes >= probe.guess_bytes > 0
+    wanted = k * (depth + 1)  # layer 0 is MoE: its guess is in flight with layers 1..depth's
+    assert probe.guess_rows == wanted and probe.fixed_bytes >= probe.guess_bytes > 0
+    dense_first = streaming_plan(tiny("deepseek_v3", num_hidden_layers=4)[0], context=40,
+                                 prefetch_depth=depth)  # fmt: skip
+    assert dense_first.guess_rows == dense_first.top_k * depth
     room = probe.fixed_bytes - probe.guess_bytes  # what a budget holds besides slots and rows
-    for rows in range(k * depth + 1):  # a slot a layer, and room for `rows` more experts
+    for rows in range(wanted + 1):  # a slot a layer, and room for `rows` more experts
         plan = moelocal.engine.plan(path, device="cpu", cpu_mem=room + (L + rows) * size,
                                     context=40, prefetch_depth=depth)  # fmt: skip
         assert (plan.device_slots, plan.extra_slots, plan.guess_rows) == (1, 0, rows)
@@ -183,7 +237,7 @@ def test_a_streaming_budget_gives_the_prefetcher_rows_beside_the_slots(tiny, dep
                                prefetch=False)  # fmt: skip
     assert (off.device_slots, off.extra_slots, off.guess_rows) == (1, 1, 0)
     assert moelocal.engine.plan(path, device="cpu", context=40).guess_rows == 0  # all resident
-    assert moelocal.engine.plan(path, device="cpu", cache_experts=2).guess_rows == k
+    assert moelocal.engine.plan(path, device="cpu", cache_experts=2).guess_rows == 2 * k
     engine = moelocal.load(path, device="cpu", cpu_mem=room + (L + k) * size, context=40)
     assert len(engine.expert_cache.spares.rows) == engine.plan.guess_rows == k
     engine.close()

@@ -160,6 +160,8 @@ def test_fits_are_found_again_used_and_change_no_token(tiny, tmp_path, arch, mon
     engine = moelocal.load(path, device="cpu", cache_experts=1)
     fitted = engine.model.route_predictors
     assert fitted is not None and fitted.maps
+    # a MoE layer 0 is guessed from the embedding: its map is fitted too
+    assert ((-1, 0) in fitted.maps) == engine.model.cfg.moe_layers[0]
     assert fitted.reuse and engine.expert_cache.reuse.keys() == fitted.reuse.keys()
     calls = []
     gate = fitted.gate

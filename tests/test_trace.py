@@ -36,11 +36,18 @@ def test_bench_records_the_decode_routing(tmp_path):
     # the default model ships eviction fits: the scores the learned policy saw, every step
     assert all(len(x) == 8 for x in trace.expected)
     assert trace.expected_by_layer().keys() == trace.by_layer().keys()
-    # the prefetcher's guesses of each layer from each of the up to 4 layers before it
+    # the prefetcher's guesses of each layer from each of the up to 4 layers before it; layer
+    # 0's from the embedding (0) and, but in the first step, read off the head 1..4 layers
+    # before the previous token's end (as many experts as the head's likeliest tokens name)
     layers = h["moe_layers"]
-    for (layer, _, _), guesses in zip(trace.steps, trace.guesses, strict=True):
-        assert sorted(guesses) == list(range(1, min(layers.index(layer), 4) + 1))
-        assert all(len(g) == 3 and len(set(g)) == 3 for g in guesses.values())  # k + 1
+    for n, ((layer, _, _), guesses) in enumerate(zip(trace.steps, trace.guesses, strict=True)):
+        if layer == 0:
+            assert sorted(guesses) == ([0] if n == 0 else [0, 1, 2, 3, 4])
+            assert all(2 <= len(g) <= 3 and len(set(g)) == len(g) for g in guesses.values())
+            assert len(guesses[0]) == 3
+        else:
+            assert sorted(guesses) == list(range(1, min(layers.index(layer), 4) + 1))
+            assert all(len(g) == 3 and len(set(g)) == 3 for g in guesses.values())  # k + 1
     # greedy decode of the same prompt: the same routing (and guesses) whatever the cache's size
     again = tmp_path / "again.jsonl"
     assert bench_trace(again, "--cache-experts", "8").exit_code == 0
@@ -60,12 +67,12 @@ def test_replay_runs_the_trace_through_the_cache(tmp_path):
     like = str(resolve_model(None))
     out = subprocess.run([sys.executable, str(script), str(path), "--like", like,
                           "--layer-ms", "0.1", "--slots", "2", "--rounds", "1", "--dir",
-                          str(tmp_path), "--prefetch", "off,oracle,router1,router2"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+                          str(tmp_path), "--prefetch", "off,oracle,router1,router2,router1e,"
+                          "router1x"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = {r.split("|")[2].strip(): r.split("|")[1:-1] for r in out.stdout.splitlines()
             if r.startswith("| 2 |")}  # fmt: skip
-    assert list(rows) == ["off", "oracle", "router1", "router2"]
+    assert list(rows) == ["off", "oracle", "router1", "router2", "router1e", "router1x"]
     precision, recall = 9, 10
     assert float(rows["oracle"][precision]) == float(rows["oracle"][recall]) == 1.0
     assert float(rows["off"][recall]) == 0.0 and 0 < float(rows["router1"][recall]) <= 1

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..prefetch import EMBEDDING
 from .attention import Attention, KVCache, attention_mask
 from .common import MLP, Rotary, norm, project
 from .linear_attention import GatedDeltaNet
@@ -85,9 +86,7 @@ class Transformer(nn.Module):
         """tokens (B, T) at positions kv.length.. -> logits (B, T, V) in float32."""
         B, T = tokens.shape
         start = kv.length
-        x = self.model.embed_tokens(tokens)
-        if self.cfg.embedding_multiplier != 1.0:
-            x = x * self.cfg.embedding_multiplier
+        x = self.embed(tokens)
         positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if kv.pads is not None:
             positions = (positions - kv.pads.to(tokens.device)[:, None]).clamp(min=0)
@@ -97,6 +96,8 @@ class Transformer(nn.Module):
         masks = {w: attention_mask(start, T, w, x.device)
                  for w in set(self.cfg.sliding_windows)}  # fmt: skip
         layers = self.model.layers
+        if self.prefetcher is not None and self.prefetcher.wanted(EMBEDDING):
+            self.prefetcher(layers, EMBEDDING, x)  # layer 0's experts, from the embedding
         for i, layer in enumerate(layers):
             guess = None
             if self.prefetcher is not None and self.prefetcher.wanted(i):
@@ -105,7 +106,23 @@ class Transformer(nn.Module):
         kv.length += T
         if last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) -> their embeddings (..., D), as layer 0 is given them."""
+        x = self.model.embed_tokens(tokens)
+        return x * self.cfg.embedding_multiplier if self.cfg.embedding_multiplier != 1.0 else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (..., D) -> logits (..., V) in float32."""
         logits = project(self.lm_head, self.model.norm(x))
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
         return logits.float()
+
+    def likeliest_next(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n likeliest next tokens (B, n) and their probabilities (B, n), read off h (B, D),
+        a hidden state before the last layer's output, by the head (a "logit lens"): the
+        prefetcher's guess of the token to come while this one is still being computed."""
+        probs, ids = self.head(h).softmax(-1).topk(n, -1)
+        return ids, probs
