@@ -146,12 +146,14 @@ def guessed_from(moe_layers: list[int], depth: int) -> dict[int, list[int]]:
     """Layer i -> the MoE layers guessed from the hidden state after its attention: each MoE
     layer `depth` layers before it (layer 0 guesses layers 1..depth). Where layer 0 is MoE:
     EMBEDDING -> [0], and the layer `depth` - 1 before the last MoE layer guesses the next
-    token's layer 0 too (next_token_target)."""
+    token's layer 0 too (next_token_target), layer 1 at the earliest: layer 0's attention comes
+    before this token's layer 0 has run (a model whose only MoE layer is 0 has no such guess)."""
     targets = {i: [t for t in moe_layers if (1 if i == 0 else i + depth) <= t <= i + depth]
                for i in range(max(moe_layers, default=0))}  # fmt: skip
     if 0 not in moe_layers:
         return targets
-    targets.setdefault(max(0, moe_layers[-1] + 1 - depth), []).append(0)
+    if moe_layers[-1] > 0:
+        targets.setdefault(max(1, moe_layers[-1] + 1 - depth), []).append(0)
     return {EMBEDDING: [0]} | targets
 
 

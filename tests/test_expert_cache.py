@@ -843,7 +843,10 @@ def test_a_load_quicker_than_the_guess_does_not_pay():
         ([0, 1, 2, 3], 1, {-1: [0], 0: [1], 1: [2], 2: [3], 3: [0]}),
         ([0, 1, 2, 3], 2, {-1: [0], 0: [1, 2], 1: [3], 2: [0]}),
         ([0, 2, 3], 1, {-1: [0], 0: [], 1: [2], 2: [3], 3: [0]}),  # 1 dense: nothing from 0
-        ([0], 2, {-1: [0], 0: [0]}),
+        # never from layer 0's own attention: this token's layer 0 has not run yet
+        ([0, 1, 2, 3], 4, {-1: [0], 0: [1, 2, 3], 1: [0], 2: []}),
+        ([0, 1], 2, {-1: [0], 0: [1], 1: [0]}),
+        ([0], 2, {-1: [0]}),
         ([1, 2], 3, {0: [1, 2], 1: []}),  # layer 0 dense: the layers before it guess it
     ],
 )
