@@ -120,7 +120,7 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     layer_0 = "" if prefetch.endswith("x") else "e" if prefetch.endswith("e") else "he"
     layer_0 = layer_0 if depth and layers[0] == 0 else ""  # what guesses layer 0
     if guess_rows is None:  # as make_plan: top-k a layer guessed ahead
-        guess_rows = trace.header["top_k"] * max(depth + bool(layer_0), prefetch == "oracle")
+        guess_rows = trace.header["top_k"] * max(depth, prefetch == "oracle")
     mover = make_mover(reader, device, layers, source)
     cache = ExpertCache(layout, mover, layers, trace.header["experts"], slots, policy,
                         guess_rows=guess_rows)  # fmt: skip

@@ -217,13 +217,13 @@ def test_the_next_tokens_layer_0_is_guessed_from_the_heads_likeliest_tokens(tiny
 @pytest.mark.parametrize("depth", [1, 2])
 def test_a_streaming_budget_gives_the_prefetcher_rows_beside_the_slots(tiny, depth):
     """Guesses are read into rows of their own (a wrong one evicts nothing): top-k for each layer
-    guessed ahead (and for layer 0, guessed from the embedding during its attention), out of a
+    guessed ahead (layer 0's guess for the next token among them: dense first or not), out of a
     budget's room for slots but never taking a layer's only slot; none without prefetch or where
     every expert has its slot."""
     path = tiny("mixtral", num_hidden_layers=4)[0]
     probe = streaming_plan(path, context=40, prefetch_depth=depth)
     L, size, k = probe.moe_layers, probe.expert_bytes, probe.top_k
-    wanted = k * (depth + 1)  # layer 0 is MoE: its guess is in flight with layers 1..depth's
+    wanted = k * depth
     assert probe.guess_rows == wanted and probe.fixed_bytes >= probe.guess_bytes > 0
     dense_first = streaming_plan(tiny("deepseek_v3", num_hidden_layers=4)[0], context=40,
                                  prefetch_depth=depth)  # fmt: skip
@@ -237,7 +237,7 @@ def test_a_streaming_budget_gives_the_prefetcher_rows_beside_the_slots(tiny, dep
                                prefetch=False)  # fmt: skip
     assert (off.device_slots, off.extra_slots, off.guess_rows) == (1, 1, 0)
     assert moelocal.engine.plan(path, device="cpu", context=40).guess_rows == 0  # all resident
-    assert moelocal.engine.plan(path, device="cpu", cache_experts=2).guess_rows == 2 * k
+    assert moelocal.engine.plan(path, device="cpu", cache_experts=2).guess_rows == k
     engine = moelocal.load(path, device="cpu", cpu_mem=room + (L + k) * size, context=40)
     assert len(engine.expert_cache.spares.rows) == engine.plan.guess_rows == k
     engine.close()
