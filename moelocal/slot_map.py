@@ -153,6 +153,11 @@ class SlotMap:
         self.loading[e] = ticket
         self.policy.insert(e)
 
+    def add_slot(self):
+        """One more slot, empty (a spare row lent to this layer)."""
+        self.expert_in.append(None)
+        self.n_slots += 1
+
     def place(self, e: int, slot: int):
         """e is in slot, ready (a preload)."""
         self.start(e, slot, None)

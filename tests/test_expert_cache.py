@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moelocal import store
 from moelocal.direct_io import open_uncached, read_fully
 from moelocal.errors import MoelocalError
-from moelocal.expert_cache import ExpertCache, Guess
+from moelocal.expert_cache import LEND_AFTER, LEND_UNGUESSED, ExpertCache, Guess
 from moelocal.experts import ExpertLayout
 from moelocal.io_queue import DEMAND, GUESS, GUESS_CHUNK, Dropped, IOQueue, Job, pace
 from moelocal.models.common import GLU
@@ -509,6 +509,41 @@ def test_a_guess_is_read_into_a_spare_row_and_a_wrong_one_evicts_nothing():
     s = cache.stats.total()
     assert (s.hits, s.misses, s.prefetch_used) == (2, 0, 0)
     assert torch.equal(out, expected(reader, x, [0, 1], weights))
+    cache.close()
+
+
+def run_judged(cache, calls: int, guessed_every: int):
+    """Layer calls the switch decides (the layer has been guessed before), every
+    `guessed_every`-th one with a guess (none: 0), cycling through experts 0-3."""
+    for t in range(calls):
+        if guessed_every and t % guessed_every == 0:
+            guess(cache, 0, [t % 4])
+        else:
+            cache.payoffs.setdefault(0, Payoff())
+        step(cache, [t % 4])
+
+
+def test_spare_rows_become_slots_where_guessing_was_left_off_in_most_layer_calls():
+    cache, reader = make_cache(2, guess_rows=2)
+    run_judged(cache, LEND_AFTER - 1, guessed_every=8)
+    assert cache.n_slots == {0: 2} and len(cache.spares.rows) == 2
+    run_judged(cache, 1, guessed_every=0)  # the LEND_AFTER-th: most were left unguessed
+    assert cache.n_slots == {0: 4} and not cache.spares.rows
+    reads = len(reader.reads)
+    for e in (0, 1, 2, 3, 0, 1, 2, 3):  # four slots now hold them all
+        out, x, _, weights = step(cache, [e])
+        assert torch.equal(out, expected(reader, x, [e], weights))
+    assert len(reader.reads) <= reads + 4 and cached(cache) == {0, 1, 2, 3}
+    guess(cache, 0, [5])  # no row left to read a guess into
+    assert not cache.guess_reads.get(0)
+    cache.close()
+
+
+def test_spare_rows_stay_where_guessing_was_on_often_enough():
+    cache, _ = make_cache(2, guess_rows=2)
+    every = max(2, int(1 / (1 - LEND_UNGUESSED)) - 1)  # guessed more often than that share
+    run_judged(cache, 2 * LEND_AFTER, guessed_every=every)
+    assert cache.n_slots == {0: 2} and len(cache.spares.rows) == 2
     cache.close()
 
 
