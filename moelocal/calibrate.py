@@ -58,12 +58,12 @@ CACHED = (0.25, 0.5, 0.75)  # shares of a layer's experts in slots that a reuse 
 def record(model, ids: list[int], device) -> dict[int, torch.Tensor]:
     """Each layer's hidden states after attention for the text (and EMBEDDING's), run CHUNK
     tokens at a time."""
-    recorder, prefetcher = HiddenRecorder(model.cfg.num_hidden_layers), model.prefetcher
+    n_layers = model.cfg.num_hidden_layers
+    recorder, prefetcher = HiddenRecorder(n_layers), model.prefetcher
     model.prefetcher = recorder
     try:
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
-            n_layers = model.cfg.num_hidden_layers
             model(torch.tensor([chunk], device=device), KVCache(n_layers, len(chunk)))
     finally:
         model.prefetcher = prefetcher

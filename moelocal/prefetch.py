@@ -130,14 +130,11 @@ class Prefetcher:
         """layers: the DecoderLayers; i: the layer whose attention made h, the hidden state after
         it (EMBEDDING: the embedding); the cache is an expert_cache.ExpertCache."""
         for target in self.targets[i]:
-            next_token = next_token_target(i, target)
-            if self.cache.due(target) and not (next_token and self.model is None):
+            if self.cache.due(target):
                 start = time.perf_counter()
-                if next_token:
-                    ranked = guess_next(self.model, layers, h, self.margin, self.predictors)
-                else:
-                    ranked = guess(layers, i, target, h, self.margin, self.predictors)
-                self.cache.prefetch(target, ranked, time.perf_counter() - start)
+                ranked = guess_of(self.model, layers, i, target, h, self.margin, self.predictors)
+                if ranked is not None:
+                    self.cache.prefetch(target, ranked, time.perf_counter() - start)
         if i not in self.cache.slots:  # a dense layer: no misses of its own to go first
             self.cache.start_guesses()
 
@@ -168,6 +165,15 @@ def ahead(source: int, target: int, last: int) -> int:
     if source == EMBEDDING:
         return 0
     return last + 1 - source if next_token_target(source, target) else target - source
+
+
+def guess_of(model, layers, source: int, target: int, h: torch.Tensor, margin: int,
+             predictors=None) -> list[int] | None:  # fmt: skip
+    """The guess of target made from source's h: the next token's through the head (guess_next;
+    None without the model), else from a router (guess)."""
+    if not next_token_target(source, target):
+        return guess(layers, source, target, h, margin, predictors)
+    return guess_next(model, layers, h, margin, predictors) if model is not None else None
 
 
 def guess(layers, source: int, target: int, h: torch.Tensor, margin: int,
@@ -233,10 +239,6 @@ class GuessRecorder:
         if self.prefetcher is not None and self.prefetcher.wanted(i):
             self.prefetcher(layers, i, h)
         for target in self.targets.get(i, ()):
-            if not next_token_target(i, target):
-                ranked = guess(layers, i, target, h, self.margin, self.predictors)
-            elif self.model is not None:
-                ranked = guess_next(self.model, layers, h, self.margin, self.predictors)
-            else:
-                continue
-            self.trace.guess(target, ahead(i, target, self.last), ranked)
+            ranked = guess_of(self.model, layers, i, target, h, self.margin, self.predictors)
+            if ranked is not None:
+                self.trace.guess(target, ahead(i, target, self.last), ranked)

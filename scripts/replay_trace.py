@@ -116,7 +116,8 @@ def replay(trace, pieces, layout, slots: int, prefetch: str, policy: str, layer_
     layers = trace.header["moe_layers"]
     position = {layer: n for n, layer in enumerate(layers)}
     reader = DiskReader(pieces, layout)
-    depth = int(prefetch[6:].rstrip("ex")) if prefetch.startswith("router") else 0
+    name = prefetch.removeprefix("router")
+    depth = int(name.rstrip("ex")) if name != prefetch else 0
     layer_0 = "" if prefetch.endswith("x") else "e" if prefetch.endswith("e") else "he"
     layer_0 = layer_0 if depth and layers[0] == 0 else ""  # what guesses layer 0
     if guess_rows is None:  # as make_plan: top-k a layer guessed ahead
