@@ -11,8 +11,9 @@ only while no miss does: io_queue.py). A guess is read into a spare row outside 
 slots, so that a wrong one evicts nothing: when its layer runs, one it turns out not to need is
 dropped, queued or halfway through its read, and one it needs is promoted to a miss's priority
 and its row swapped with the slot a miss would have taken (the slot's row becomes the spare).
-Where the prefetcher's switch has left guessing off in most of the first LEND_AFTER calls of each
-layer, the spare rows become slots, for good (under a budget they came out of the slots' room).
+After the first LEND_AFTER calls of each layer the spare rows become slots, for good, where they
+would have saved more as slots than the guesses read into them saved (under a budget they came
+out of the slots' room), or where the prefetcher's switch left guessing off in most of the calls.
 All bookkeeping happens on the main thread; I/O threads only fill memory. The cache never decides
 the math, so tokens are the same for every budget, policy and prefetch setting.
 """
@@ -37,7 +38,11 @@ from .store import aligned_buffer, release_freed_memory
 # experts, decides nothing), where it left at least LEND_UNGUESSED of them unguessed, the
 # guesses' spare rows become slots: under a budget the rows come out of the slots' room, and
 # idle they cost hits (mixtral-large int4, random routing, memcap 1024 MiB: 84% unguessed, hit
-# rate 0.397 against prefetch off's 0.423, 0.92x of off)
+# rate 0.397 against prefetch off's 0.423, 0.92x of off). They become slots too where a slot
+# more would have saved more: a miss's read for each of the receiving layers' misses of the
+# expert it last evicted (which one slot more would still hold), against the seconds every
+# guess saved (mixtral-large int4 under memcap 1536 MiB, each layer guessed once its first
+# probe paid, not lent: on / off 0.93-1.01)
 LEND_AFTER = 2 * FIRST_PROBE
 LEND_UNGUESSED = 0.75
 
@@ -85,6 +90,9 @@ class ExpertCache:
         self.guess_ranks = GuessRanks()
         self.payoffs: dict[int, Payoff] = {}  # for each layer the prefetcher guesses
         self.decided = self.unguessed = 0  # layer calls the switch decided, and left unguessed
+        self.lent = False  # the spare rows have become slots (those free then; the rest as freed)
+        self.guesses_saved = 0.0  # seconds the guesses saved in those calls, all layers
+        self.slot_more_hits = dict.fromkeys(self.maps, 0)  # misses one slot more would have hit
         self.stats = CacheStats()
         self.trace = None  # a trace.RoutingTrace to record each layer's needed experts into
         self.reuse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see evict_by()
@@ -167,6 +175,8 @@ class ExpertCache:
         wanted = set(needed)
         guessed = self._settle_guesses(layer, wanted)
         m.reap()
+        if m.evicted in wanted and m.evicted not in m.slot_of:
+            self.slot_more_hits[layer] += 1
         if fit is not None:
             m.policy.expected = expected
         in_slot = [e for e in needed if e in m.slot_of]
@@ -175,12 +185,15 @@ class ExpertCache:
             stats.needed_with_guess += len(needed)
             stats.predicted_needed += len(wanted.intersection(guess.ranked))
             self.guess_ranks.record(guess.uncached, wanted)
-            lacked = len(needed) - len(in_slot)
-            self.payoffs[layer].record(self._saved(guess, wanted, lacked))
+            saved = self._saved(guess, wanted, len(needed) - len(in_slot))
+            self.payoffs[layer].record(saved)
+            self.guesses_saved += saved
         if layer in self.payoffs:
             self.payoffs[layer].ran(guess is not None)
             stats.guesses_skipped += guess is None
             self._judge_rows(guess is None)
+        if self.lent:  # rows a guess was still reading into when they were lent
+            self._lend_rows()
         stats.hits += len(in_slot)
         stats.prefetch_used += len(guessed)
         misses = [e for e in needed if e not in m.slot_of and e not in guessed]
@@ -218,16 +231,34 @@ class ExpertCache:
 
     def _judge_rows(self, unguessed: bool):
         """Once LEND_AFTER layer calls a layer have been decided, lend the spare rows to the
-        layers as slots if guessing was left off in most of them (for good: later guesses find
-        no row and load nothing, so the switch keeps them rare)."""
+        layers as slots if guessing was left off in most of them, or if as slots they would
+        have saved more than the guesses did (for good: later guesses find no row and load
+        nothing, so the switch keeps them rare)."""
         self.decided += 1
         self.unguessed += unguessed
         judged = LEND_AFTER * len(self.maps)
-        if self.decided == judged and self.unguessed >= LEND_UNGUESSED * judged:
+        if self.decided == judged and (self.unguessed >= LEND_UNGUESSED * judged
+                                       or self._as_slots_s() > self.guesses_saved):  # fmt: skip
             self._lend_rows()
+
+    def _receivers(self) -> list[int]:
+        """The layers the spare rows would become slots of, a row each: the fewest slots first."""
+        counts, out = {i: m.n_slots for i, m in self.maps.items()}, []
+        for _ in self.spares.rows:  # as _lend_rows gives them
+            out.append(min(counts, key=counts.__getitem__))
+            counts[out[-1]] += 1
+        return out
+
+    def _as_slots_s(self) -> float:
+        """Seconds the spare rows would have saved as slots so far: a miss's read for each miss
+        of a receiving layer that one slot more would have hit (a layer given two rows counts
+        its one slot more once)."""
+        return sum(self.slot_more_hits[i] for i in set(self._receivers())) * (
+            self.mover.load_seconds()[0])  # fmt: skip
 
     def _lend_rows(self):
         """Each spare row no read is writing becomes a slot of the layer with the fewest."""
+        self.lent = True
         while (row := self.spares.take()) is not None:
             layer = min(self.maps, key=lambda i: self.maps[i].n_slots)
             self.maps[layer].add_slot()
@@ -340,12 +371,22 @@ class ExpertCache:
         loads start with start_guesses(), which the running layer calls once it has asked for
         its own misses: a guess read already running would share the disk with them. A second
         guess of the layer before it runs (layer 0's: the next token's, then its embedding's)
-        replaces the first but for the first's loads, which go on as its lowest ranks."""
+        replaces the first: the first's loads of experts it names go on, the others stop and
+        their rows are spare again for its own. The later guess is made nearer its layer (the
+        default model's embedding names 0.98 of layer 0's experts, the head 0.81), and with
+        k spare rows the head's wrong guesses held the rows the embedding's right ones needed."""
         m = self.maps[layer]
         loaded, earlier = [], self.guesses.get(layer)
         if earlier is not None:
-            loaded, cost_s = earlier.loaded, cost_s + earlier.cost_s
-            ranked = ranked + [e for e, _ in loaded if e not in ranked]
+            loaded = [(e, load) for e, load in earlier.loaded if e in ranked]
+            reads = self.guess_reads.get(layer, {})
+            for e, load in earlier.loaded:
+                if e not in ranked:
+                    load.drop()
+                    self.spares.give(reads.pop(e)[0], load)
+            # the stopped loads took CPU time from compute all the same
+            stopped = len(earlier.loaded) - len(loaded)
+            cost_s += earlier.cost_s + stopped * self.mover.load_seconds()[1]
         uncached = [(r, e) for r, e in enumerate(ranked) if e not in m.slot_of]
         self.guesses[layer] = Guess(ranked, uncached, loaded, cost_s)
         self.payoffs.setdefault(layer, Payoff())

@@ -90,9 +90,13 @@ class CpuMover:
 
     def __init__(self, reader: DiskReader, queue: IOQueue):
         self.reader, self.queue = reader, queue
+        self.written: set[int] = set()  # the slots' memory read into before (their addresses)
 
     def load(self, layer: int, e: int, dest: torch.Tensor) -> Load:
-        return Load(self.queue, Job(self.reader.read, layer, e, dest))
+        job = Job(self.reader.read, layer, e, dest)
+        job.first_touch = dest.data_ptr() not in self.written
+        self.written.add(dest.data_ptr())
+        return Load(self.queue, job)
 
     def on_host(self, layer: int, e: int, n_tokens: int) -> bool:
         return False  # RAM is the device here

@@ -110,6 +110,7 @@ class SlotMap:
         self.draining: dict[int, object] = {}  # slot -> a failed or abandoned load still running
         self.in_use: set[int] = set()  # read by the layer running now
         self.policy = POLICIES[policy]()
+        self.evicted: int | None = None  # the last victim: one slot more would hold it still
 
     def ready(self, e: int) -> bool:
         return e in self.slot_of and e not in self.loading
@@ -141,7 +142,7 @@ class SlotMap:
             later -= self.loading.keys()
         if later and self.policy.rather_wait(candidates, later):
             return None
-        victim = self.policy.victim(candidates)
+        victim = self.evicted = self.policy.victim(candidates)
         slot = self.slot_of[victim]
         self._unmap(victim)
         return slot

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moelocal import store
 from moelocal.direct_io import open_uncached, read_fully
 from moelocal.errors import MoelocalError
-from moelocal.expert_cache import LEND_AFTER, LEND_UNGUESSED, ExpertCache, Guess
+from moelocal.expert_cache import LEND_AFTER, LEND_UNGUESSED, ExpertCache, Guess, slot_rows
 from moelocal.experts import ExpertLayout
 from moelocal.io_queue import DEMAND, GUESS, GUESS_CHUNK, Dropped, IOQueue, Job, pace
 from moelocal.models.common import GLU
@@ -512,15 +512,17 @@ def test_a_guess_is_read_into_a_spare_row_and_a_wrong_one_evicts_nothing():
     cache.close()
 
 
-def run_judged(cache, calls: int, guessed_every: int):
+def run_judged(cache, calls: int, guessed_every: int, cycle: int = 4, lead_s: float = 0.0):
     """Layer calls the switch decides (the layer has been guessed before), every
-    `guessed_every`-th one with a guess (none: 0), cycling through experts 0-3."""
+    `guessed_every`-th one with a guess of its expert made `lead_s` before it (none: 0),
+    cycling through experts 0..cycle-1."""
     for t in range(calls):
         if guessed_every and t % guessed_every == 0:
-            guess(cache, 0, [t % 4])
+            guess(cache, 0, [t % cycle])
+            time.sleep(lead_s)
         else:
             cache.payoffs.setdefault(0, Payoff())
-        step(cache, [t % 4])
+        step(cache, [t % cycle])
 
 
 def test_spare_rows_become_slots_where_guessing_was_left_off_in_most_layer_calls():
@@ -539,30 +541,55 @@ def test_spare_rows_become_slots_where_guessing_was_left_off_in_most_layer_calls
     cache.close()
 
 
-def test_spare_rows_stay_where_guessing_was_on_often_enough():
-    cache, _ = make_cache(2, guess_rows=2)
-    every = max(2, int(1 / (1 - LEND_UNGUESSED)) - 1)  # guessed more often than that share
-    run_judged(cache, 2 * LEND_AFTER, guessed_every=every)
+EVERY = max(2, int(1 / (1 - LEND_UNGUESSED)) - 1)  # guessed more often than LEND_UNGUESSED
+
+
+def test_spare_rows_stay_where_guesses_saved_more_than_a_slot_more_would_have():
+    # 4 experts in turn through 2 slots: one slot more would hit none of them; the guesses,
+    # right and landed before their layer ran, saved their reads
+    cache, _ = make_cache(2, guess_rows=2, delay=0.002)
+    run_judged(cache, 2 * LEND_AFTER, guessed_every=EVERY, lead_s=0.006)
+    assert cache.guesses_saved > 0 and cache.slot_more_hits == {0: 0}
     assert cache.n_slots == {0: 2} and len(cache.spares.rows) == 2
     cache.close()
 
 
-def test_a_second_guess_of_a_layer_goes_first_and_the_firsts_reads_go_on():
+def test_spare_rows_become_slots_where_a_slot_more_would_have_saved_more_than_guesses():
+    # 3 experts in turn through 2 slots: every miss is of the expert evicted last, which a
+    # third slot would have held; the guesses (made as their layers start) saved next to nothing
+    cache, reader = make_cache(2, guess_rows=2, delay=0.002)
+    run_judged(cache, LEND_AFTER, guessed_every=EVERY, cycle=3)
+    assert cache.slot_more_hits[0] > LEND_AFTER / 2 and cache.n_slots[0] > 2
+    step(cache, [0])  # the row the last guess was read into is lent once it is spare again
+    assert cache.n_slots == {0: 4} and not cache.spares.rows
+    step(cache, [1]), step(cache, [2])
+    reads = len(reader.reads)
+    for e in (0, 1, 2, 0, 1, 2):
+        out, x, _, weights = step(cache, [e])
+        assert torch.equal(out, expected(reader, x, [e], weights))
+    assert len(reader.reads) == reads  # all three cached now
+    cache.close()
+
+
+def test_a_second_guess_of_a_layer_replaces_the_first_whose_other_reads_stop():
     """Layer 0 is guessed for the next token (read off the head), then from its embedding: the
-    second guess ranks first, the first's reads go on as the layer's (ranked after it), the
-    first's experts it did not read are forgotten, and the two cost the layer one guess."""
+    second guess replaces the first, the first's reads of experts it names go on, the others
+    stop and give their rows to the second's, and the two cost the layer one guess."""
     cache, reader = make_cache(2, guess_rows=2)  # holds 0, 1
-    reader.gates[0, 4] = reader.gates[0, 5] = gate = threading.Event()
+    reader.gates[0, 4] = gate = threading.Event()
     guess(cache, 0, [4, 5, 6], 0.001)  # two spare rows: 4 and 5 are read, 6 is not
-    guess(cache, 0, [7, 4, 1], 0.002)  # no spare row left for 7
+    five = cache.guess_reads[0][5][1]
+    while not five.done():
+        time.sleep(0.001)
+    guess(cache, 0, [7, 4, 1], 0.002)  # 5 is not named: its row goes to 7
     merged = cache.guesses[0]
-    assert merged.ranked == [7, 4, 1, 5] and merged.cost_s == pytest.approx(0.003)
-    assert [e for e, _ in merged.loaded] == [4, 5] and set(cache.guess_reads[0]) == {4, 5}
+    assert merged.ranked == [7, 4, 1] and merged.cost_s >= 0.003
+    assert [e for e, _ in merged.loaded] == [4, 7] and set(cache.guess_reads[0]) == {4, 7}
     gate.set()
-    out, x, _, weights = step(cache, [4, 5])
+    out, x, _, weights = step(cache, [4, 7])
     s = cache.stats.total()
-    assert (s.prefetch_used, s.misses, s.prefetch_issued) == (2, 0, 2)
-    assert torch.equal(out, expected(reader, x, [4, 5], weights))
+    assert (s.prefetch_used, s.misses, s.prefetch_issued) == (2, 0, 3)
+    assert torch.equal(out, expected(reader, x, [4, 7], weights))
     cache.close()
 
 
@@ -816,6 +843,37 @@ def test_a_misss_read_time_is_not_stretched_by_guesses_read_beside_compute():
     queue.put(Job(time.sleep, 0.03), GUESS).wait()
     assert queue.job_s == demand_s and queue.job_cpu_s > 0  # its CPU time still counts
     queue.close()
+
+
+def spin(seconds: float):
+    """CPU time, as a read faulting in fresh memory takes it."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_first_touchs_cpu_time_is_not_what_a_load_costs():
+    queue = IOQueue(1)
+    first = Job(spin, 0.03)
+    first.first_touch = True  # its memory was never written: page faults, once
+    queue.put(first).wait()
+    assert queue.job_cpu_s == 0 and queue.job_s >= 0.03  # no load's CPU time known yet
+    queue.put(Job(spin, 0.002)).wait()
+    assert 0 < queue.job_cpu_s < 0.01 and queue.job_s < 0.01  # a read into used memory's
+    again = Job(spin, 0.03)
+    again.first_touch = True
+    queue.put(again).wait()
+    assert queue.job_cpu_s < 0.01 and queue.job_s < 0.01
+    queue.close()
+
+
+def test_the_cpu_mover_marks_a_load_into_unwritten_memory_as_a_first_touch():
+    reader = FakeReader()
+    mover = CpuMover(reader, IOQueue(1))
+    rows = slot_rows(2, LAYOUT.nbytes, torch.device("cpu"))
+    marks = [mover.load(0, e, rows[r]).job.first_touch for e, r in ((0, 0), (1, 1), (2, 0))]
+    assert marks == [True, True, False]
+    mover.close()
 
 
 def test_a_costly_wrong_guess_is_forgiven_by_the_next_probe_that_pays():
